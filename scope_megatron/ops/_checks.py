@@ -1,0 +1,108 @@
+"""Input validation shared by the ops: every message names the problem and the fix."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._library import (FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, FLAG_SHARD_LAYOUT,
+                       FLAG_TARGET_OUT_OF_RANGE)
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_logits(op: str, name: str, logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, bfloat16, float16 or float64, got {logits.dtype}"
+        )
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"{op}: {name} must have shape [..., vocab_shard] with a non-empty last dimension, "
+            f"got {tuple(logits.shape)}"
+        )
+
+
+def check_temperature(op: str, name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def resolve_vocab_size(op: str, vocab_size: Optional[int], padded_vocab: int, local_vocab: int,
+                       world_size: int) -> int:
+    """The true vocabulary size; None means no padding (the whole sharded vocabulary)."""
+    if vocab_size is None:
+        return padded_vocab
+    vocab_size = int(vocab_size)
+    if vocab_size <= 0:
+        raise ValueError(f"{op}: vocab_size must be > 0, got {vocab_size}")
+    if vocab_size > padded_vocab:
+        raise ValueError(
+            f"{op}: vocab_size={vocab_size} is larger than the sharded vocabulary "
+            f"{padded_vocab} (= {world_size} tensor-parallel ranks x {local_vocab} columns per "
+            "shard). Pass the true (unpadded) vocabulary size, and the local shard of the "
+            "logits, not the gathered ones."
+        )
+    return vocab_size
+
+
+def flatten_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [rows, V] view (a copy only if the layout requires it)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optional[torch.Tensor] = None,
+                   vocab_size: Optional[int] = None) -> None:
+    """Turns the kernels' per-row error flags into one clear exception. The flags are combined
+    across shards before this check, so every tensor-parallel rank raises the same error (none
+    is left waiting in a collective).
+
+    names: {FLAG_NONFINITE_FIRST: "logits", ...} naming the inputs for the messages.
+    """
+    if not bool(flags.any()):
+        return
+    flags = flags.cpu()
+    rows = flags.numel()
+
+    def first(bit):
+        bad = torch.nonzero(flags & bit).flatten()
+        return bad.numel(), int(bad[0]) if bad.numel() else -1
+
+    count, idx = first(FLAG_TARGET_OUT_OF_RANGE)
+    if count:
+        value = int(target.reshape(-1)[idx]) if target is not None else "?"
+        raise ValueError(
+            f"{op}: target ids must be in [0, vocab_size={vocab_size}); {count} of {rows} tokens "
+            f"are outside it (first: flattened token {idx}, target {value}). Replace padding / "
+            "ignore ids by a valid id and mask those tokens' results instead."
+        )
+    for bit in (FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND):
+        count, idx = first(bit)
+        if count:
+            raise FloatingPointError(
+                f"{op}: {names.get(bit, 'inputs')} contain NaN or Inf in {count} of {rows} tokens "
+                f"(first: flattened token {idx}). The op refuses to return a NaN loss: check the "
+                "model's forward pass (overflow in fp16/bf16, a diverged run, a bad checkpoint) and "
+                "do not mask logits with -inf (mask the result instead)."
+            )
+    count, idx = first(FLAG_SHARD_LAYOUT)
+    if count:
+        raise ValueError(
+            f"{op}: the target of flattened token {idx} is owned by no vocabulary shard or by "
+            "several: every rank of the tensor-parallel group must pass its own equal-sized shard "
+            "(rank r holds ids [r * V_local, (r + 1) * V_local)), as Megatron partitions them."
+        )
+    raise RuntimeError(f"{op}: kernel reported unknown error flags {int(flags.max())}")
+
+
+def check_same_placement(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {a_name} is on {a.device} but {b_name} is on {b.device}; move "
+                         "both to the same device")
