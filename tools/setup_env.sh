@@ -36,7 +36,7 @@ STAMP="$VENV/scope-build.stamp"
 HASH=$(cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
 HASH="$HASH torch=$TORCH_VERSION cuda=${SCOPE_MEGATRON_CUDA:-auto}"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && \
-   "$PY" -c "import scope_megatron._C" >/dev/null 2>&1; then
+   "$PY" -c "import torch, scope_megatron._C" >/dev/null 2>&1; then
   echo "[setup] up to date (torch $TORCH_VERSION, $VENV)"
   exit 0
 fi
@@ -46,5 +46,5 @@ echo "[setup] installing build tools and dependencies (torch pinned to $TORCH_VE
 echo "[setup] building scope_megatron (C++ extension; takes about a minute on 2 cores)"
 (cd "$ROOT" && MAX_JOBS=${MAX_JOBS:-$(nproc)} "${PIP[@]}" install -q -c "$CONSTRAINTS" \
    --no-build-isolation -e ".[dev]")
-"$PY" -c "import scope_megatron._C as C; print('[setup] built: cuda=%s cpu_simd=%s' % (C.built_with_cuda(), C.cpu_simd_flavour()))"
+"$PY" -c "import torch, scope_megatron._C as C; print('[setup] built: cuda=%s cpu_simd=%s' % (C.built_with_cuda(), C.cpu_simd_flavour()))"
 echo "$HASH" > "$STAMP"
