@@ -30,9 +30,8 @@ def load_extension():
 
 def require_device_support(*tensors) -> None:
     """Raises a clear error when a CUDA tensor meets a build without the CUDA kernels."""
-    ext = load_extension()
     for t in tensors:
-        if t is not None and t.is_cuda and not ext.built_with_cuda():
+        if t is not None and t.is_cuda and not load_extension().built_with_cuda():
             raise RuntimeError(
                 "scope_megatron was built without its CUDA kernels but got a CUDA tensor. Rebuild "
                 "on a machine with nvcc and a CUDA-enabled torch: "
