@@ -45,9 +45,12 @@ def _rel(pattern: str) -> list:
 
 with_cuda = _with_cuda()
 sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/registration.cpp", "csrc/torch/ops_cpu.cpp"]
-# -fno-trapping-math lets the compiler if-convert the clamps in the exp polynomial, which the
-# row loops need in order to vectorize; nothing here relies on floating-point exceptions.
-cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp: at::parallel_for is header code that only runs in parallel when compiled with OpenMP
+# (the linker then resolves libgomp.so.1 to the copy torch already loaded).
+# -fno-trapping-math lets the compiler if-convert the clamps in the exp polynomial, which the row
+# loops need in order to vectorize; nothing here relies on floating-point exceptions.
+cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+link_flags = ["-fopenmp"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 define_macros = []
 if with_cuda:
@@ -67,6 +70,7 @@ setup(
             include_dirs=[os.path.join(ROOT, "csrc", "include")],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=link_flags,
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

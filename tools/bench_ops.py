@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""Benchmark of the vocab-parallel ops (forward + backward) against torch eager and torch.compile
+of the same math, measured in the same run on the same device.
+
+For each op (kl = full-vocabulary reverse KL, logprob = token log-prob), size T x V and dtype it
+times `loss = (op(...) * w).sum(); loss.backward()` for three providers:
+  scope    scope_megatron.ops (the C++ / CUDA kernels)
+  eager    scope_megatron.ops.reference in plain PyTorch (float32 upcast, as user code does)
+  compile  torch.compile of that reference
+and reports the p20/p50/p80 time, the peak memory above the inputs, and the ratios. On CUDA it
+also measures the copy bandwidth and reports each op's memory-bandwidth floors:
+  kl:      two-pass 5 x elem bytes (read both logits twice, write the gradient), one-pass 3 x;
+  logprob: two-pass 3 x elem bytes, one-pass 2 x.
+Every case runs in its own process (peak memory is per process, and a baseline that runs out of
+memory loses only its own row).
+
+  python tools/bench_ops.py                         # CPU defaults, writes benchmarks/results/
+  python tools/bench_ops.py --device cuda --sizes 4096x151936,16384x151936 --dtypes bf16
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PROVIDERS = ("scope", "eager", "compile")
+# bytes moved per logits element (in units of the element size) by an ideal implementation
+FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3, "one_pass": 2}}
+
+
+# ----------------------------------------------------------------------------------------------
+# one case, in a child process
+# ----------------------------------------------------------------------------------------------
+def _run_case(case: dict) -> dict:
+    import torch
+
+    from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
+    from scope_megatron.ops.reference import kl_reference, logprob_reference
+    from scope_megatron.utils.memory import PeakMemory
+
+    device = torch.device(case["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    dtype = getattr(torch, DTYPES[case["dtype"]])
+    rows, vocab = case["rows"], case["vocab"]
+    g = torch.Generator(device=device).manual_seed(0)
+    student = torch.empty(rows, vocab, dtype=dtype, device=device).normal_(generator=g).requires_grad_()
+    teacher = torch.empty(rows, vocab, dtype=dtype, device=device).normal_(generator=g)
+    target = torch.randint(0, vocab, (rows,), device=device, generator=g)
+    weights = torch.rand(rows, device=device, generator=g)
+
+    if case["op"] == "kl":
+        ours = lambda s: vocab_parallel_kl(s, teacher)  # noqa: E731
+        ref = lambda s: kl_reference(s, teacher)  # noqa: E731
+    else:
+        ours = lambda s: vocab_parallel_logprob(s, target)  # noqa: E731
+        ref = lambda s: logprob_reference(s, target)  # noqa: E731
+    fn = {"scope": ours, "eager": ref, "compile": torch.compile(ref)}[case["provider"]]
+
+    def step():
+        (fn(student) * weights).sum().backward()
+        student.grad = None
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(case["warmup"]):
+        step()
+    sync()
+    with PeakMemory(device) as peak:
+        step()
+    times = []
+    for _ in range(case["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
+
+
+def _copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), 1 GiB buffers."""
+    import torch
+
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / best
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def _percentile(values, q):
+    values = sorted(values)
+    pos = (len(values) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def _spawn(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+        return {"error": tail[0][:200] if res.returncode > 0 else f"killed (signal {-res.returncode}; out of memory?)"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ops", default="kl,logprob")
+    parser.add_argument("--sizes", default=None, help="comma-separated TxV (default: per device)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    parser.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/ops_<device>.csv)")
+    parser.add_argument("--markdown", default=None, help="Markdown table path (default: next to the CSV)")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.case is not None:  # child process
+        print(json.dumps(_run_case(json.loads(args.case))))
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    cpu = args.device == "cpu"
+    sizes = args.sizes or ("2048x32000,1024x151936" if cpu else "4096x151936,16384x151936")
+    dtypes = args.dtypes or ("fp32,bf16" if cpu else "bf16")
+    repeats = args.repeats or (5 if cpu else 20)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
+    markdown = Path(args.markdown or out.with_suffix(".md"))
+    bandwidth = None if cpu else _copy_bandwidth("cuda")
+
+    meta = {
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": _git_commit(),
+    }
+    rows = []
+    for op in args.ops.split(","):
+        for size in sizes.split(","):
+            t, v = (int(x) for x in size.lower().split("x"))
+            for dtype in dtypes.split(","):
+                results = {}
+                for provider in args.providers.split(","):
+                    case = dict(op=op, rows=t, vocab=v, dtype=dtype, provider=provider, device=args.device,
+                                repeats=repeats, warmup=args.warmup)
+                    print(f"[bench] {op} {t}x{v} {dtype} {provider} ...", end=" ", flush=True)
+                    res = _spawn(case, args.timeout)
+                    results[provider] = res
+                    if "error" in res:
+                        print(res["error"])
+                    else:
+                        print(f"p50 {_percentile(res['times_ms'], 0.5):.2f} ms, "
+                              f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB")
+                elem = torch.empty(0, dtype=getattr(torch, DTYPES[dtype])).element_size()
+                floors = ({k: f * elem * t * v / bandwidth * 1e3 for k, f in FLOOR_FACTORS[op].items()}
+                          if bandwidth else {})
+                ours = results.get("scope", {})
+                ours_p50 = _percentile(ours["times_ms"], 0.5) if "times_ms" in ours else None
+                for provider, res in results.items():
+                    row = dict(op=op, provider=provider, dtype=dtype, tokens=t, vocab=v, **meta)
+                    if "error" in res:
+                        row.update(error=res["error"])
+                    else:
+                        p50 = _percentile(res["times_ms"], 0.5)
+                        row.update(p20_ms=round(_percentile(res["times_ms"], 0.2), 3), p50_ms=round(p50, 3),
+                                   p80_ms=round(_percentile(res["times_ms"], 0.8), 3),
+                                   peak_extra_gib=round(res["peak_extra_bytes"] / 2**30, 3),
+                                   speedup_of_scope=round(p50 / ours_p50, 2) if ours_p50 else "")
+                        for k, floor in floors.items():
+                            row[f"ratio_to_{k}_floor"] = round(p50 / floor, 2)
+                    if floors:
+                        row.update({f"{k}_floor_ms": round(f, 3) for k, f in floors.items()})
+                    if bandwidth:
+                        row["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)
+                    rows.append(row)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown.write_text(_markdown(rows, meta, args, bandwidth))
+    print(f"[bench] wrote {out} and {markdown}")
+    return 0
+
+
+def _markdown(rows, meta, args, bandwidth) -> str:
+    cmd = "python tools/bench_ops.py " + " ".join(a for a in sys.argv[1:])
+    lines = [
+        f"# Op benchmark: forward + backward ({args.device})",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}.",
+        f"Command: `{cmd.strip()}`.",
+        "Time: p50 over repeats of `(op(...) * w).sum().backward()`; memory: peak above the inputs; "
+        "speedup = provider time / scope time (higher = scope faster).",
+    ]
+    if bandwidth:
+        lines.append(f"Copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s.")
+    header = "| op | T x V | dtype | provider | p50 ms | peak extra GiB | scope speedup |"
+    sep = "|---|---|---|---|---|---|---|"
+    if bandwidth:
+        header += " × two-pass floor | × one-pass floor |"
+        sep += "---|---|"
+    lines += ["", header, sep]
+    for r in rows:
+        size = f"{r['tokens']} x {r['vocab']}"
+        if "error" in r:
+            line = f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['error']} | | |"
+            if bandwidth:
+                line += " | |"
+        else:
+            line = (f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['p50_ms']:.2f} | "
+                    f"{r['peak_extra_gib']:.3f} | {r['speedup_of_scope']}× |")
+            if bandwidth:
+                line += f" {r['ratio_to_two_pass_floor']} | {r['ratio_to_one_pass_floor']} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
