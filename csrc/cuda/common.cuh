@@ -1,0 +1,226 @@
+// Device-side building blocks shared by the CUDA kernels: element conversions, 16-byte packed
+// loads and stores, block reductions and launch shapes.
+//
+// Pure CUDA C++ (no torch headers). types.h defines its element conversions for the host only;
+// the device versions here use the cuda_fp16 / cuda_bf16 intrinsics, which stay available when
+// torch's build defines __CUDA_NO_HALF_CONVERSIONS__ and friends.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "scope_kernels/cuda_ops.h"
+
+namespace scope_kernels {
+namespace cuda {
+namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(BFloat16 x) {
+  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
+}
+__device__ __forceinline__ float to_acc(Half x) { return __half2float(__ushort_as_half(x.bits)); }
+
+// Accumulated value -> element, rounding to nearest even (NaN stays NaN), as the CPU kernels do.
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ BFloat16 from_acc<BFloat16>(float v) {
+  return BFloat16{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
+}
+template <>
+__device__ __forceinline__ Half from_acc<Half>(float v) {
+  return Half{__half_as_ushort(__float2half_rn(v))};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Math
+// ---------------------------------------------------------------------------------------------
+template <typename Acc>
+constexpr Acc kLog2e = Acc(1.4426950408889634074);
+template <typename Acc>
+constexpr Acc kLn2 = Acc(0.6931471805599453094);
+
+// 2^x. In float this is one MUFU.EX2 plus denormal scaling, far cheaper than expf's range
+// reduction. The kernels evaluate exp(d) as exp2(d * log2 e) (the partial kernels fold log2 e
+// into their scale factors): the extra rounding of the argument is a relative error of about
+// |d| * 2^-24 on exp(d), negligible wherever exp(d) matters (d near 0) and far below the
+// float32 tolerances elsewhere. float64 (gradcheck) uses the accurate exp2.
+__device__ __forceinline__ float exp2_acc(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_acc(double x) { return exp2(x); }
+
+template <typename Acc>
+__device__ __forceinline__ Acc exp_acc(Acc x) {
+  return exp2_acc(x * kLog2e<Acc>);
+}
+
+// check = nonfinite_check(x, check) stays exactly 0 while every x is finite and becomes NaN for
+// good after a NaN or +-Inf (x * 0 is NaN for those): one FMA per element.
+template <typename Acc>
+__device__ __forceinline__ Acc nonfinite_check(Acc x, Acc check) {
+  return fma(x, Acc(0), check);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed (16-byte) loads and stores
+// ---------------------------------------------------------------------------------------------
+// Elements per 16-byte access: 8 bf16 / fp16, 4 float, 2 double.
+template <typename T>
+constexpr int kPackWidth = 16 / static_cast<int>(sizeof(T));
+
+// N consecutive elements. N == kPackWidth<T> moves as one 16-byte access (the address must be
+// 16-byte aligned); N == 1 is the scalar path for rows that are not aligned.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T e[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  Pack<T, N> out;
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&out, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out.e[i] = p[i];
+  }
+  return out;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    uint4 raw;
+    memcpy(&raw, &v, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = v.e[i];
+  }
+}
+
+// Row traversals: visit(...) is called for this thread's packs p = threadIdx.x + i * blockDim.x
+// < packs of a row. Each thread keeps two 16-byte loads in flight (a streaming kernel needs tens
+// of KB in flight per SM to cover the memory latency): one row is read two packs at a time, two
+// rows (student and teacher) one pack of each at a time.
+template <int N, typename T, typename Visit>
+__device__ __forceinline__ void for_each_pack(const T* __restrict__ row, int64_t packs,
+                                              const Visit& visit) {
+  const int64_t stride = blockDim.x;
+  int64_t p = threadIdx.x;
+  for (; p + stride < packs; p += 2 * stride) {
+    const Pack<T, N> a = load_pack<T, N>(row + p * N);
+    const Pack<T, N> b = load_pack<T, N>(row + (p + stride) * N);
+    visit(a, p);
+    visit(b, p + stride);
+  }
+  if (p < packs) visit(load_pack<T, N>(row + p * N), p);
+}
+
+template <int N, typename T, typename Visit>
+__device__ __forceinline__ void for_each_pack_pair(const T* __restrict__ row_a,
+                                                   const T* __restrict__ row_b, int64_t packs,
+                                                   const Visit& visit) {
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    visit(load_pack<T, N>(row_a + p * N), load_pack<T, N>(row_b + p * N), p);
+  }
+}
+
+// True when every row of a [rows, *] matrix starts on a 16-byte boundary, so that the kernels
+// may use the packed path.
+template <typename T>
+inline bool rows_aligned(const T* data, int64_t rows, int64_t row_stride) {
+  const bool base = reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  const bool stride = rows <= 1 || (row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  return base && stride;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+// ---------------------------------------------------------------------------------------------
+constexpr int kWarpSize = 32;
+constexpr int kMaxBlockThreads = 256;
+constexpr int kMaxWarps = kMaxBlockThreads / kWarpSize;
+// Minimum resident 256-thread blocks per SM promised in the kernels' __launch_bounds__, by
+// accumulation type (ptxas derives its register budget from it; the thread bound alone lets
+// it cap 256-thread kernels at 64 registers, where the float64 kernels spill).
+//   float32 accumulation: 6 blocks = at most 40 registers, 3/4 occupancy, enough loads in
+//     flight for the streaming row kernels;
+//   float64 (used by gradcheck, register pairs): 2 blocks = at most 128 registers, no spills.
+template <typename Acc>
+constexpr int kMinBlocksPerSM = sizeof(Acc) == sizeof(double) ? 2 : 6;
+
+// Shuffles any trivially copyable value of whole 32-bit words (the statistics structs).
+template <typename S>
+__device__ __forceinline__ S shfl_xor(const S& v, int lane_mask) {
+  static_assert(sizeof(S) % 4 == 0, "shuffled values must consist of 32-bit words");
+  constexpr int kWords = sizeof(S) / 4;
+  uint32_t w[kWords];
+  memcpy(w, &v, sizeof(S));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], lane_mask);
+  S out;
+  memcpy(&out, w, sizeof(S));
+  return out;
+}
+
+// Reduces one value per thread with merge(a, b) and returns the block's total to every thread
+// (the same value on all of them: lane 0's warp results are merged in warp order). blockDim.x
+// must be a multiple of 32 and at most kMaxBlockThreads; scratch is a __shared__ array of
+// kMaxWarps values. Safe to call repeatedly with the same scratch (it synchronizes first).
+template <typename S, typename Merge>
+__device__ __forceinline__ S block_allreduce(S v, const Merge& merge, S* scratch) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = merge(v, shfl_xor(v, offset));
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  __syncthreads();  // the previous call's readers are done with scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  S total = scratch[0];
+  const int warps = blockDim.x / kWarpSize;
+  for (int w = 1; w < warps; ++w) total = merge(total, scratch[w]);
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch shapes
+// ---------------------------------------------------------------------------------------------
+// Blocks of a grid with one block (or thread) per item, looping when there are more items than
+// a grid can have blocks (gridDim.x <= 2^31 - 1).
+inline unsigned int grid_size(int64_t items) {
+  constexpr int64_t kMaxGrid = 0x7fffffff;
+  return static_cast<unsigned int>(items < kMaxGrid ? items : kMaxGrid);
+}
+
+// Threads of a one-block-per-row kernel whose rows hold `work` packs: a warp per 128 packs (so
+// that each thread handles a few), from one warp up to kMaxBlockThreads. Short rows thus do not
+// leave most of a 256-thread block idle.
+inline int row_block_threads(int64_t work) {
+  constexpr int64_t kPacksPerWarp = 4 * kWarpSize;
+  const int64_t warps = (work + kPacksPerWarp - 1) / kPacksPerWarp;
+  return kWarpSize * static_cast<int>(warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps));
+}
+
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace scope_kernels
