@@ -13,25 +13,8 @@ template <typename Acc>
 void logprob_combine(const Acc* stats, int64_t shards, int64_t rows, Acc inv_temperature,
                      Acc* logprob, Acc* row_stats, int32_t* flags, int64_t row_begin,
                      int64_t row_end) {
-  using L = LogprobStatsLayout;
-  using R = LogprobRowLayout;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    LseStats<Acc> acc = lse_empty<Acc>();
-    Acc target_logit = 0, owners = 0;
-    int32_t f = 0;
-    for (int64_t s = 0; s < shards; ++s) {
-      const Acc* row = stats + (s * rows + r) * L::kWidth;
-      acc = lse_merge(acc, LseStats<Acc>{row[L::kMax], row[L::kSum]}, inv_temperature);
-      target_logit += row[L::kTarget];  // only the owning shard contributes a non-zero value
-      owners += row[L::kOwner];
-      f |= static_cast<int32_t>(row[L::kFlags]);
-    }
-    if (!(f & kFlagTargetOutOfRange) && owners != Acc(1)) f |= kFlagShardLayout;
-    const Acc log_sum = stats_log(acc.z);
-    logprob[r] = (target_logit - acc.m) * inv_temperature - log_sum;
-    row_stats[r * R::kWidth + R::kMax] = acc.m;
-    row_stats[r * R::kWidth + R::kLogSum] = log_sum;
-    flags[r] = f;
+    combine_logprob_row(stats, shards, rows, r, inv_temperature, logprob, row_stats, flags);
   }
 }
 
@@ -39,27 +22,9 @@ template <typename Acc>
 void kl_combine(const Acc* stats, int64_t shards, int64_t rows, bool reverse,
                 Acc inv_temperature_student, Acc inv_temperature_teacher, Acc* kl, Acc* row_stats,
                 int32_t* flags, int64_t row_begin, int64_t row_end) {
-  using L = KLStatsLayout;
-  using R = KLRowLayout;
-  const Acc inv_w = reverse ? inv_temperature_student : inv_temperature_teacher;
-  const Acc inv_o = reverse ? inv_temperature_teacher : inv_temperature_student;
   for (int64_t r = row_begin; r < row_end; ++r) {
-    PairStats<Acc> acc = pair_empty<Acc>();
-    int32_t f = 0;
-    for (int64_t s = 0; s < shards; ++s) {
-      const Acc* row = stats + (s * rows + r) * L::kWidth;
-      acc = pair_merge(acc, pair_from_kl_stats(row, reverse), inv_w, inv_o);
-      f |= static_cast<int32_t>(row[L::kFlags]);
-    }
-    const Acc k = pair_kl(acc);
-    Acc* out = row_stats + r * R::kWidth;
-    kl[r] = k;
-    out[R::kKL] = k;
-    out[R::kMaxStudent] = reverse ? acc.m_w : acc.m_o;
-    out[R::kLogSumStudent] = stats_log(reverse ? acc.z_w : acc.z_o);
-    out[R::kMaxTeacher] = reverse ? acc.m_o : acc.m_w;
-    out[R::kLogSumTeacher] = stats_log(reverse ? acc.z_o : acc.z_w);
-    flags[r] = f;
+    combine_kl_row(stats, shards, rows, r, reverse, inv_temperature_student,
+                   inv_temperature_teacher, kl, row_stats, flags);
   }
 }
 

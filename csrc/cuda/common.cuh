@@ -143,6 +143,18 @@ __device__ __forceinline__ void for_each_pack_pair(const T* __restrict__ row_a,
   }
 }
 
+// Zeroes a row of `cols` elements with the block's threads (packs of N when N > 1, which then
+// requires the row to be 16-byte aligned).
+template <int N, typename T>
+__device__ __forceinline__ void zero_row(T* __restrict__ out, int64_t cols) {
+  Pack<T, N> zeros;
+#pragma unroll
+  for (int i = 0; i < N; ++i) zeros.e[i] = from_acc<T>(acc_t<T>(0));
+  const int64_t packs = cols / N;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) store_pack(out + p * N, zeros);
+  for (int64_t j = packs * N + threadIdx.x; j < cols; j += blockDim.x) out[j] = zeros.e[0];
+}
+
 // True when every row of a [rows, *] matrix starts on a 16-byte boundary, so that the kernels
 // may use the packed path.
 template <typename T>

@@ -117,15 +117,7 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
     T* __restrict__ out = grad.data + r * grad.row_stride;
     const Acc g = grad_out[r] * inv_t;
     if (g == Acc(0)) {  // masked tokens: nothing to compute
-      Pack<T, N> zeros;
-#pragma unroll
-      for (int i = 0; i < N; ++i) zeros.e[i] = detail::from_acc<T>(Acc(0));
-      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-        detail::store_pack(out + p * N, zeros);
-      }
-      for (int64_t j = packs * N + threadIdx.x; j < cols; j += blockDim.x) {
-        out[j] = zeros.e[0];
-      }
+      detail::zero_row<N>(out, cols);
       continue;
     }
     const T* __restrict__ x = args.logits.data + r * args.logits.row_stride;

@@ -160,4 +160,60 @@ SCOPE_INLINE void pair_to_kl_stats(PairStats<Acc> s, bool reverse, Acc flags, Ac
   row[reverse ? L::kSumTeacher : L::kSumStudent] = s.z_o;
 }
 
+// Combine step of one row (CPU and CUDA): merges the row's statistics over the shards of
+// stats [shards, rows, LogprobStatsLayout::kWidth] and writes its log-prob, its row statistics
+// for the backward and its error flags (an in-range target must be owned by exactly one shard).
+template <typename Acc>
+SCOPE_INLINE void combine_logprob_row(const Acc* stats, int64_t shards, int64_t rows, int64_t r,
+                                      Acc inv_temperature, Acc* logprob, Acc* row_stats,
+                                      int32_t* flags) {
+  using L = LogprobStatsLayout;
+  using R = LogprobRowLayout;
+  LseStats<Acc> acc = lse_empty<Acc>();
+  Acc target_logit = 0, owners = 0;
+  int32_t f = 0;
+  for (int64_t s = 0; s < shards; ++s) {
+    const Acc* row = stats + (s * rows + r) * L::kWidth;
+    acc = lse_merge(acc, LseStats<Acc>{row[L::kMax], row[L::kSum]}, inv_temperature);
+    target_logit += row[L::kTarget];  // only the owning shard contributes a non-zero value
+    owners += row[L::kOwner];
+    f |= static_cast<int32_t>(row[L::kFlags]);
+  }
+  if (!(f & kFlagTargetOutOfRange) && owners != Acc(1)) f |= kFlagShardLayout;
+  const Acc log_sum = stats_log(acc.z);
+  logprob[r] = (target_logit - acc.m) * inv_temperature - log_sum;
+  row_stats[r * R::kWidth + R::kMax] = acc.m;
+  row_stats[r * R::kWidth + R::kLogSum] = log_sum;
+  flags[r] = f;
+}
+
+// Combine step of one row of the KL: merges stats [shards, rows, KLStatsLayout::kWidth] and
+// writes the row's KL, its row statistics for the backward and its error flags.
+template <typename Acc>
+SCOPE_INLINE void combine_kl_row(const Acc* stats, int64_t shards, int64_t rows, int64_t r,
+                                 bool reverse, Acc inv_temperature_student,
+                                 Acc inv_temperature_teacher, Acc* kl, Acc* row_stats,
+                                 int32_t* flags) {
+  using L = KLStatsLayout;
+  using R = KLRowLayout;
+  const Acc inv_w = reverse ? inv_temperature_student : inv_temperature_teacher;
+  const Acc inv_o = reverse ? inv_temperature_teacher : inv_temperature_student;
+  PairStats<Acc> acc = pair_empty<Acc>();
+  int32_t f = 0;
+  for (int64_t s = 0; s < shards; ++s) {
+    const Acc* row = stats + (s * rows + r) * L::kWidth;
+    acc = pair_merge(acc, pair_from_kl_stats(row, reverse), inv_w, inv_o);
+    f |= static_cast<int32_t>(row[L::kFlags]);
+  }
+  const Acc k = pair_kl(acc);
+  Acc* out = row_stats + r * R::kWidth;
+  kl[r] = k;
+  out[R::kKL] = k;
+  out[R::kMaxStudent] = reverse ? acc.m_w : acc.m_o;
+  out[R::kLogSumStudent] = stats_log(reverse ? acc.z_w : acc.z_o);
+  out[R::kMaxTeacher] = reverse ? acc.m_o : acc.m_w;
+  out[R::kLogSumTeacher] = stats_log(reverse ? acc.z_o : acc.z_w);
+  flags[r] = f;
+}
+
 }  // namespace scope_kernels
