@@ -10,8 +10,13 @@ compiled extension (scope_megatron._C) and says how to build it if it is missing
   sequence_perplexity(token_logprobs, mask=None, *, cu_seqlens=None)
   group_normalized_weights(log_ppl, group_ids, member_mask, *, sign, tau, normalize)
 
+default_tp_group() is the group the ops use when tp_group is None (Megatron's tensor-model-
+parallel group when its parallel state is initialized, else None): code built on the ops resolves
+its default with it, so that the two never disagree.
+
 Plain-PyTorch references of the same math: scope_megatron.ops.reference.
 """
+from ._dist import default_tp_group
 from .group_weights import group_normalized_weights
 from .kl import vocab_parallel_kl
 from .logprob import vocab_parallel_logprob
@@ -22,4 +27,5 @@ __all__ = [
     "vocab_parallel_kl",
     "sequence_perplexity",
     "group_normalized_weights",
+    "default_tp_group",
 ]

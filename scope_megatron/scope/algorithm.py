@@ -1,0 +1,246 @@
+"""compute_loss: the one entry point for SCOPE and its baselines (OPD, GRPO) on plain tensors.
+
+    L = sum over groups g of [ sum_{i in Omega_c(g)} w_i^stu L_MLE(y_i)
+                               + sum_{i in Omega_w(g)} w_i^tea L_OPD(y_i) ] / (number of groups)
+
+Every per-rollout loss is a token mean over the rollout's counted response tokens; rollouts are
+combined by their weights (0 off a path) and the sum is divided by the number of groups in the
+batch. OPD: every rollout on the teacher path with uniform weights (1/|group| for "sum", 1 for
+"mean"), no MLE path. GRPO: the PPO-clip surrogate with the group-normalized outcome advantage,
+uniform weights, no teacher. The loss is replicated on every rank of the tensor-parallel group and
+each rank's backward gives the exact gradient of its own logit shard.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from scope_megatron.ops import vocab_parallel_logprob
+
+from ._tp import TensorParallel, resolve_tp
+from .batch import RolloutBatch
+from .config import ScopeConfig
+from .losses import grpo_advantages, grpo_path_loss, opd_path_loss
+from .metrics import collect_metrics
+from .weights import dual_path_weights, path_members, uniform_group_weights
+
+
+def compute_loss(
+    config: ScopeConfig,
+    batch: RolloutBatch,
+    student_logits: torch.Tensor,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The loss of `config.algorithm` on one batch of rollouts, and its metrics.
+
+    Args:
+      config: a ScopeConfig.
+      batch: a RolloutBatch (padded [B, L] or packed [N] responses).
+      student_logits: this rank's vocabulary shard of the student's logits aligned with the
+        response tokens: [B, L, V_local] for a padded batch, [N, V_local] for a packed one, where
+        position t holds the logits that predict response token t (i.e. the model's output at the
+        position before it: drop the prompt positions and shift by one before calling).
+        float32 / bfloat16 / float16 (float64 for tests); gradients flow into it.
+      teacher_logits: the teacher's logits, same shape, dtype and sharding as student_logits
+        (build the teacher with the student's padded vocabulary); required by kl_estimator
+        "full" and "topk", optional otherwise (then it supplies the teacher's token log-probs).
+        Never receives a gradient. Give either this or batch.teacher_logprobs, not both.
+      tp_group: the tensor-parallel group the vocabulary is sharded over; default: Megatron's
+        tensor-model-parallel group if initialized, else none (logits hold the whole vocabulary).
+      vocab_size: the true vocabulary size; logit columns with a global id >= vocab_size
+        (embedding padding) are excluded from every softmax. Default: V_local * tp_size.
+
+    Returns:
+      (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 logits), identical on
+      every rank of tp_group; metrics is a dict of Python floats (scope.metrics lists the keys).
+
+    Raises (never a silent zero or NaN loss):
+      ValueError / TypeError for misaligned or mismatched logits (teacher vs student vocabulary),
+      a missing teacher, or teacher log-probs missing for a rollout on the teacher path;
+      FloatingPointError for NaN / Inf logits, naming the rollout and token.
+    """
+    if not isinstance(config, ScopeConfig):
+        raise TypeError(f"compute_loss: config must be a ScopeConfig, got {type(config).__name__}")
+    if not isinstance(batch, RolloutBatch):
+        raise TypeError(f"compute_loss: batch must be a RolloutBatch, got {type(batch).__name__}")
+    tp = resolve_tp(tp_group)
+    _check_logits(config, batch, student_logits, teacher_logits)
+    ids = batch.safe_response_ids
+    student_lp = _guard_nonfinite(
+        batch, tp, vocab_size, {"student": student_logits},
+        lambda: vocab_parallel_logprob(student_logits, ids, tp_group=tp.group, vocab_size=vocab_size,
+                                       temperature=config.student_temperature))
+    # Differentiable: the MLE loss of every rollout; detached where it weights rollouts.
+    student_log_ppl = batch.log_perplexity(student_lp)
+    dtype = student_lp.dtype
+    if config.algorithm == "grpo":
+        members = batch.nonempty
+        advantages = grpo_advantages(batch, dtype)
+        path = grpo_path_loss(config, batch, members, advantages, student_lp)
+        weights = uniform_group_weights(batch, members, config.normalize, dtype)
+        loss = (weights * path.losses).sum() / batch.num_groups
+        return loss, collect_metrics(batch, loss=loss, student_logprobs=student_lp,
+                                     student_log_ppl=student_log_ppl, policy_path=path,
+                                     advantages=advantages)
+
+    teacher_lp, teacher_rows = _teacher_logprobs(config, batch, teacher_logits, tp, vocab_size)
+    teacher_log_ppl = None
+    if teacher_lp is not None:
+        teacher_log_ppl = batch.log_perplexity(
+            torch.where(batch.counted(teacher_rows), teacher_lp, teacher_lp.new_zeros(())))
+
+    student_members, teacher_members = path_members(config, batch)
+    _require_teacher(config, batch, teacher_members, teacher_lp, teacher_rows)
+    if config.algorithm == "opd":
+        student_weights = torch.zeros(batch.num_rollouts, dtype=dtype, device=ids.device)
+        teacher_weights = uniform_group_weights(batch, teacher_members, config.normalize, dtype)
+    else:
+        weights = dual_path_weights(config, batch, student_log_ppl,
+                                    teacher_log_ppl if config.teacher_path == "weighted" else None)
+        student_weights, teacher_weights = weights.student.to(dtype), weights.teacher.to(dtype)
+
+    loss = (student_weights * student_log_ppl).sum()
+    teacher_path = None
+    if config.uses_teacher:
+        teacher_path = _guard_nonfinite(
+            batch, tp, vocab_size, {"student": student_logits, "teacher": teacher_logits},
+            lambda: opd_path_loss(config, batch, teacher_members, student_logprobs=student_lp,
+                                  teacher_logprobs=teacher_lp, student_logits=student_logits,
+                                  teacher_logits=teacher_logits, tp=tp, vocab_size=vocab_size))
+        loss = loss + (teacher_weights * teacher_path.losses).sum()
+    loss = loss / batch.num_groups
+    return loss, collect_metrics(
+        batch, loss=loss, student_logprobs=student_lp, student_log_ppl=student_log_ppl,
+        teacher_log_ppl=teacher_log_ppl, teacher_rows=teacher_rows,
+        student_members=student_members, student_weights=student_weights,
+        teacher_members=teacher_members, teacher_weights=teacher_weights,
+        teacher_path=teacher_path)
+
+
+def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tensor,
+                  teacher: Optional[torch.Tensor]) -> None:
+    layout = "[N, V_local] (packed)" if batch.packed else "[B, L, V_local] (padded)"
+    ids_shape = tuple(batch.response_ids.shape)
+    if not isinstance(student, torch.Tensor) or not student.dtype.is_floating_point:
+        raise TypeError(f"compute_loss: student_logits must be a floating-point tensor, got "
+                        f"{getattr(student, 'dtype', type(student).__name__)}")
+    if student.dim() != len(ids_shape) + 1 or tuple(student.shape[:-1]) != ids_shape:
+        raise ValueError(
+            f"compute_loss: student_logits has shape {tuple(student.shape)}; it must be {layout} "
+            f"aligned with response_ids {ids_shape}: position t holds the logits that predict "
+            "response token t (drop the prompt positions and shift by one)")
+    if student.device != batch.response_ids.device:
+        raise ValueError(f"compute_loss: student_logits are on {student.device} but the batch is on "
+                         f"{batch.response_ids.device}")
+    if config.algorithm == "grpo":
+        if teacher is not None:
+            raise ValueError("compute_loss: algorithm='grpo' uses no teacher; do not pass "
+                             "teacher_logits (and skip the teacher's forward pass)")
+        return
+    if teacher is None:
+        if config.uses_teacher and config.kl_estimator in ("full", "topk"):
+            raise ValueError(
+                f"compute_loss: kl_estimator={config.kl_estimator!r} needs teacher_logits (a "
+                "colocated teacher's vocabulary shard, aligned and sharded like student_logits). "
+                "With a remote teacher that returns only the sampled tokens' log-probs, use "
+                "kl_estimator='sampled' or 'k3' and batch.teacher_logprobs.")
+        return
+    if batch.teacher_logprobs is not None:
+        raise ValueError("compute_loss: both teacher_logits and batch.teacher_logprobs were given; "
+                         "pass one source of teacher log-probs")
+    if not isinstance(teacher, torch.Tensor) or teacher.dim() != student.dim():
+        raise ValueError(f"compute_loss: teacher_logits must be a tensor shaped like student_logits "
+                         f"{tuple(student.shape)}, got {tuple(getattr(teacher, 'shape', ()))}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"compute_loss: teacher/student vocabulary mismatch: the teacher's logit shard has "
+            f"{teacher.shape[-1]} columns, the student's {student.shape[-1]}. Both models must share "
+            "the tokenizer and be sharded identically: build the teacher with the student's padded "
+            "vocabulary size and the same tensor-parallel size, and pass the true vocabulary as "
+            "vocab_size.")
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"compute_loss: teacher_logits {tuple(teacher.shape)} and student_logits "
+                         f"{tuple(student.shape)} must be aligned token by token")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"compute_loss: teacher_logits ({teacher.dtype}) and student_logits "
+                        f"({student.dtype}) must have the same dtype; cast the teacher's output")
+    if teacher.device != student.device:
+        raise ValueError(f"compute_loss: teacher_logits are on {teacher.device}, student_logits on "
+                         f"{student.device}")
+
+
+def _teacher_logprobs(config, batch, teacher_logits, tp, vocab_size):
+    """log p_T of the sampled tokens (detached, shaped like response_ids) and the [B] bool rows
+    that have them; (None, all False) without a teacher."""
+    if teacher_logits is not None:
+        with torch.no_grad():
+            lp = _guard_nonfinite(
+                batch, tp, vocab_size, {"teacher": teacher_logits},
+                lambda: vocab_parallel_logprob(teacher_logits, batch.safe_response_ids,
+                                               tp_group=tp.group, vocab_size=vocab_size,
+                                               temperature=config.resolved_teacher_temperature))
+        return lp, torch.ones_like(batch.nonempty)
+    if batch.teacher_logprobs is not None:
+        return batch.teacher_logprobs.detach(), batch.has_teacher_logprobs
+    return None, torch.zeros_like(batch.nonempty)
+
+
+def _require_teacher(config, batch, members, teacher_lp, teacher_rows):
+    """Every teacher-path rollout must have teacher token log-probs when the estimator or the
+    teacher weights read them ("full" and "topk" have teacher logits, checked before)."""
+    needs = []
+    if config.uses_teacher and config.kl_estimator in ("sampled", "k3"):
+        needs.append(f"kl_estimator={config.kl_estimator!r} needs log p_T of the sampled tokens")
+    if config.algorithm == "scope" and config.teacher_path == "weighted":
+        needs.append("teacher_path='weighted' needs PPL_T")
+    missing = members & ~teacher_rows
+    if not needs or not bool(missing.any()):
+        return
+    r = int(torch.nonzero(missing)[0])
+    kind = "correct" if bool(batch.correct[r]) else "incorrect"
+    source = ("batch.teacher_logprobs is None and no teacher_logits were given" if teacher_lp is None
+              else f"batch.has_teacher_logprobs is False for {int(missing.sum())} of them")
+    raise ValueError(
+        f"compute_loss: rollout {r} (group {int(batch.group_ids[r])}, {kind}) is on the teacher "
+        f"path but has no teacher log-probs ({source}); {' and '.join(needs)}. Query the teacher "
+        "for every teacher-path rollout (the incorrect ones; all of them for OPD or "
+        "routing=False), or pass teacher_logits.")
+
+
+def _guard_nonfinite(batch: RolloutBatch, tp: TensorParallel, vocab_size: Optional[int],
+                     logits: Dict[str, Optional[torch.Tensor]], fn):
+    """Runs an op call; if it reports non-finite logits, re-raises naming the rollout and token
+    (the ops only know the flattened token index)."""
+    try:
+        return fn()
+    except FloatingPointError as exc:
+        for name, tensor in logits.items():
+            if tensor is None:
+                continue
+            idx = _first_nonfinite_row(tensor, tp, vocab_size)
+            if idx is not None:
+                raise FloatingPointError(
+                    f"compute_loss: the {name} logits are NaN or Inf at "
+                    f"{batch.describe_token(idx)}: {exc}") from exc
+        raise FloatingPointError(f"compute_loss: non-finite logits on another tensor-parallel "
+                                 f"rank's shard: {exc}") from exc
+
+
+def _first_nonfinite_row(logits: torch.Tensor, tp: TensorParallel, vocab_size: Optional[int],
+                         chunk: int = 4096) -> Optional[int]:
+    """First flattened row whose real (non-padding) columns of this shard are not finite;
+    scanned in chunks so that the error path allocates no [tokens, V] mask."""
+    local = logits.shape[-1]
+    vocab = local * tp.world_size if vocab_size is None else int(vocab_size)
+    real = max(0, min(local, vocab - tp.rank * local))
+    rows = logits.detach().reshape(-1, local)[:, :real]
+    for start in range(0, rows.shape[0], chunk):
+        bad = ~torch.isfinite(rows[start:start + chunk]).all(-1)
+        if bool(bad.any()):
+            return start + int(torch.nonzero(bad)[0])
+    return None
