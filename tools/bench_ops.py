@@ -15,6 +15,7 @@ Every case runs in its own process (peak memory is per process, and a baseline t
 memory loses only its own row).
 
   python tools/bench_ops.py                         # CPU defaults, writes benchmarks/results/
+  python tools/bench_ops.py --sizes 2048x32000,4096x151936:bf16 --dtypes fp32,bf16
   python tools/bench_ops.py --device cuda --sizes 4096x151936,16384x151936 --dtypes bf16
 """
 from __future__ import annotations
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ops", default="kl,logprob")
-    parser.add_argument("--sizes", default=None, help="comma-separated TxV (default: per device)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated TxV, optionally TxV:dtype/dtype to override --dtypes "
+                             "for that size (default: per device)")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--repeats", type=int, default=None)
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     cpu = args.device == "cpu"
-    sizes = args.sizes or ("2048x32000,1024x151936" if cpu else "4096x151936,16384x151936")
+    sizes = args.sizes or ("2048x32000,4096x151936:bf16" if cpu else "4096x151936,16384x151936")
     dtypes = args.dtypes or ("fp32,bf16" if cpu else "bf16")
     repeats = args.repeats or (5 if cpu else 20)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
@@ -193,8 +196,9 @@ def main(argv=None) -> int:
     rows = []
     for op in args.ops.split(","):
         for size in sizes.split(","):
+            size, _, size_dtypes = size.partition(":")
             t, v = (int(x) for x in size.lower().split("x"))
-            for dtype in dtypes.split(","):
+            for dtype in (size_dtypes.replace("/", ",") or dtypes).split(","):
                 results = {}
                 for provider in args.providers.split(","):
                     case = dict(op=op, rows=t, vocab=v, dtype=dtype, provider=provider, device=args.device,
