@@ -1,0 +1,130 @@
+"""LocalEngine: samples rollouts from the trainer's own model.
+
+The engine holds the decoding loop (batching, stopping, bookkeeping, log-probs); the model side is
+a small adapter, so that the same loop serves a plain PyTorch model in tests and the Megatron
+student (tensor- and pipeline-parallel) in the trainer (scope_megatron.training).
+
+No KV cache: every step runs the model on the whole prefix (prompt + tokens so far), which costs
+O(length^2) per response instead of O(length). That keeps one code path for every parallel layout
+(pipeline stages included) with no cache to invalidate after each optimizer step, and it is cheap
+for the short responses of the embedded toy task. Long-response training is meant to sample with
+SGLang (the SGLang issue), behind the same RolloutEngine interface.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from .sampling import sample_tokens
+from .types import RolloutEngine, Rollouts, SamplingParams
+
+
+class DecodingModel(Protocol):
+    """What LocalEngine needs from a model.
+
+    next_token_logits(tokens, last): tokens [N, S] int64 (each row left-aligned, pad after its
+      content), last [N] int64 index of each row's last real token. Returns [N, V] float logits of
+      the token after position last[i] over the true vocabulary (padding columns removed), or None
+      on a rank that does not hold them (a non-last pipeline stage). Ranks that return logits for
+      the same rows must return identical values (e.g. gathered over tensor parallelism).
+    share(t): makes the tensor computed on the ranks holding logits available on every rank of
+      the model-parallel group (e.g. a broadcast from the last pipeline stage); receives None where
+      next_token_logits returned None. Identity for a single process.
+    """
+
+    vocab_size: int
+
+    def next_token_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+    def share(self, t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalEngine(RolloutEngine):
+    """Rollouts from a DecodingModel.
+
+    pad_id fills unused positions; device holds the decoding state; stream_seed makes this
+    engine's random streams distinct from another replica's (pass the data-parallel rank: replicas
+    see different prompts, tensor- and pipeline-parallel peers must draw identically).
+    """
+
+    def __init__(self, model: DecodingModel, *, pad_id: int, device: torch.device | str = "cpu",
+                 stream_seed: int = 0):
+        self.model = model
+        self.pad_id = int(pad_id)
+        self.device = torch.device(device)
+        self.stream_seed = int(stream_seed)
+
+    def generator(self, params: SamplingParams, key: int) -> torch.Generator:
+        """The generator of one generate() call: a pure function of (seed, key, stream_seed)."""
+        digest = hashlib.sha256(f"{params.seed}/{key}/{self.stream_seed}".encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 key: int = 0) -> Rollouts:
+        if len(prompts) == 0:
+            raise ValueError("LocalEngine.generate: no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("LocalEngine.generate: an empty prompt; every prompt needs >= 1 token")
+        n, steps = params.n, params.max_new_tokens
+        rows = len(prompts) * n
+        prompt_lengths = torch.tensor([len(p) for p in prompts for _ in range(n)], device=self.device)
+        width = int(prompt_lengths.max()) + steps
+        tokens = torch.full((rows, width), self.pad_id, dtype=torch.int64, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i * n:(i + 1) * n, :len(p)] = torch.tensor(list(p), dtype=torch.int64, device=self.device)
+        lengths = prompt_lengths.clone()
+        logprobs = torch.zeros(rows, steps, dtype=torch.float32, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        stop = torch.tensor(params.stop_token_ids or (-1,), dtype=torch.int64, device=self.device)
+        generator = self.generator(params, key)
+        rows_idx = torch.arange(rows, device=self.device)
+        for t in range(steps):
+            active = torch.nonzero(~done).flatten()
+            current = int((lengths[active]).max())
+            logits = self.model.next_token_logits(tokens[active, :current], lengths[active] - 1)
+            # Noise for every row, finished ones too, on every rank (also those without logits):
+            # a row's samples then depend neither on when other rows finish nor on the rank.
+            noise = (torch.rand((rows, self.model.vocab_size), generator=generator, device=self.device)
+                     if params.temperature > 0 else None)
+            sampled = None
+            if logits is not None:
+                if logits.shape != (active.numel(), self.model.vocab_size):
+                    raise ValueError(f"LocalEngine: next_token_logits returned {tuple(logits.shape)}, "
+                                     f"expected {(active.numel(), self.model.vocab_size)}")
+                tok, lp = sample_tokens(logits, params, None if noise is None else noise[active])
+                sampled = torch.stack([tok.to(torch.float64), lp.to(torch.float64)])
+            shared = self.model.share(sampled, like=torch.empty(2, active.numel(), dtype=torch.float64,
+                                                                device=self.device))
+            tok, lp = shared[0].to(torch.int64), shared[1].to(torch.float32)
+            tokens[active, lengths[active]] = tok
+            logprobs[active, t] = lp
+            lengths[active] += 1
+            hit = (tok.unsqueeze(-1) == stop).any(-1)
+            finished[active] = hit
+            done[active] = hit
+            done |= (lengths - prompt_lengths) >= steps
+            if bool(done.all()):
+                break
+        response_len = lengths - prompt_lengths
+        steps_taken = int(response_len.max())
+        offsets = torch.arange(steps_taken, device=self.device)
+        response_mask = offsets.unsqueeze(0) < response_len.unsqueeze(1)
+        gather_at = (prompt_lengths.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=width - 1)
+        response_ids = torch.where(response_mask, tokens.gather(1, gather_at),
+                                   torch.full_like(gather_at, self.pad_id))
+        prompt_width = int(prompt_lengths.max())
+        prompt_mask = torch.arange(prompt_width, device=self.device).unsqueeze(0) < prompt_lengths.unsqueeze(1)
+        prompt_ids = torch.where(prompt_mask, tokens[:, :prompt_width], torch.full_like(tokens[:, :prompt_width], self.pad_id))
+        return Rollouts(
+            prompt_ids=prompt_ids,
+            prompt_lengths=prompt_lengths,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            logprobs=torch.where(response_mask, logprobs[:, :steps_taken], torch.zeros(())),
+            group_ids=rows_idx // n,
+            finished=finished,
+        )
