@@ -1,0 +1,21 @@
+"""Data: the toy arithmetic world of the embedded default, its tokenizer, and batching helpers.
+
+  CharTokenizer, PAD_ID, BOS_ID, EOS_ID      fixed-vocabulary character tokenizer
+  ToyArithmetic, ToyArithmeticConfig,        the toy addition task: prompts, carry-trace
+  AdditionProblem, TOY_TOKENIZER             solutions, splits, corruption hook
+  make_prompt_batch, PromptBatch             prompts -> [B, P] ids + mask, group ids for G rollouts
+  make_sft_batch, SFTBatch                   prompt + response -> tokens + response mask
+
+No Megatron here: the trainer's glue calls into this package.
+"""
+from .batching import PromptBatch, SFTBatch, make_prompt_batch, make_sft_batch
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CharTokenizer
+from .toy_arithmetic import (TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
+                             ToyArithmetic, ToyArithmeticConfig)
+
+__all__ = [
+    "CharTokenizer", "SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID",
+    "ToyArithmetic", "ToyArithmeticConfig", "AdditionProblem", "TOY_SYMBOLS", "TOY_TOKENIZER",
+    "TRACE_STYLES",
+    "PromptBatch", "make_prompt_batch", "SFTBatch", "make_sft_batch",
+]
