@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from scope_megatron.utils.config_io import option
+
 ALGORITHMS = ("scope", "opd", "grpo")
 PATH_MODES = ("weighted", "uniform", "off")
 NORMALIZATIONS = ("sum", "mean")
@@ -44,20 +46,34 @@ class ScopeConfig:
     teacher_temperature: likewise for every teacher log-prob; None = student_temperature.
     """
 
-    algorithm: str = "scope"
-    routing: bool = True
-    student_path: str = "weighted"
-    teacher_path: str = "weighted"
-    flip_student_direction: bool = False
-    flip_teacher_direction: bool = False
-    tau: float = 1.0
-    normalize: str = "sum"
-    kl_estimator: str = "full"
-    topk_k: int = 64
-    clip_eps: float = 0.2
-    old_logprobs: str = "rollout"
-    student_temperature: float = 1.0
-    teacher_temperature: Optional[float] = None
+    algorithm: str = option("scope", flag="--algorithm", help=(
+        "'scope' (dual-path SCOPE), 'opd' (distillation on every rollout, uniform weights), "
+        "'grpo' (group-normalized outcome advantage with PPO clip, no teacher)"))
+    routing: bool = option(True, help=(
+        "scope: correct rollouts to the MLE path, incorrect ones to the distillation path; "
+        "False sends every rollout to the distillation path (needs student_path='off')"))
+    student_path: str = option("weighted", help="scope: MLE path on the correct rollouts: "
+                               "'weighted' (PPL_S^(+1/tau)), 'uniform' or 'off'")
+    teacher_path: str = option("weighted", help="scope: distillation path on the incorrect "
+                               "rollouts: 'weighted' (PPL_T^(-1/tau)), 'uniform' or 'off'")
+    flip_student_direction: bool = option(False, help="invert the paper's direction of the "
+                                          "student-path weights (favour confident correct rollouts)")
+    flip_teacher_direction: bool = option(False, help="invert the paper's direction of the "
+                                          "teacher-path weights")
+    tau: float = option(1.0, help="weight temperature (> 0); weights are PPL^(+-1/tau) "
+                        "normalized per prompt group and path")
+    normalize: str = option("sum", help="'sum': a path's weights sum to 1 per group (paper); "
+                            "'mean': they average 1 (reference code)")
+    kl_estimator: str = option("full", help="per-token reverse-KL estimator of the distillation "
+                               "path: 'full', 'topk' (need teacher logits), 'k3', 'sampled'")
+    topk_k: int = option(64, help="teacher top ids of the 'topk' estimator")
+    clip_eps: float = option(0.2, help="PPO clip range of 'sampled' and GRPO")
+    old_logprobs: str = option("rollout", help="behaviour policy of the PPO ratio: 'rollout' "
+                               "(the engine's log-probs) or 'recomputed'")
+    student_temperature: float = option(1.0, help="softmax temperature of every student log-prob "
+                                        "(the rollout engine's log-probs must use the same)")
+    teacher_temperature: Optional[float] = option(None, help="softmax temperature of every "
+                                                  "teacher log-prob; null = student_temperature")
 
     def __post_init__(self):
         _choice("algorithm", self.algorithm, ALGORITHMS)
