@@ -63,3 +63,26 @@ def test_round_trip_and_docs(tmp_path):
     table = markdown_table(Outer)
     assert "| `train.lr` | `--lr` | `0.001` | learning rate |" in table
     assert "`--train-steps`" in table
+
+
+@dataclass(frozen=True)
+class Sized:
+    width: int = option(help="required in code, chosen by the parent config")
+    depth: int = option(2, help="depth")
+
+    def __post_init__(self):
+        if self.width < 1:
+            raise ValueError("width must be >= 1")
+
+
+@dataclass(frozen=True)
+class Parent:
+    model: Sized = section(Sized, default_factory=lambda: Sized(width=8))
+
+
+def test_sections_with_required_fields_take_the_parents_defaults():
+    assert parse_config(Parent, []).model == Sized(width=8, depth=2)
+    assert parse_config(Parent, ["--model-depth", "5"]).model == Sized(width=8, depth=5)
+    with pytest.raises(ConfigError, match="config model: width must be >= 1"):
+        parse_config(Parent, ["--model-width", "0"])
+    assert "| `model.width` | `--model-width` | `8` |" in markdown_table(Parent)

@@ -32,9 +32,11 @@ def option(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str]
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def section(cls: type) -> Any:
-    """A nested dataclass field (a config section) with its defaults."""
-    return dataclasses.field(default_factory=cls)
+def section(cls: type, default_factory: Any = None) -> Any:
+    """A nested dataclass field (a config section). Its defaults are cls()'s, or those of the
+    instance default_factory() returns (for a section class with required fields, e.g. a model
+    architecture whose sizes the parent config chooses)."""
+    return dataclasses.field(default_factory=default_factory or cls)
 
 
 class ConfigError(ValueError):
@@ -154,20 +156,32 @@ def _flatten_yaml(data: Dict[str, Any], cls: type, prefix: Tuple[str, ...] = ())
     return out
 
 
-def build(cls: type, values: Dict[str, Any], prefix: Tuple[str, ...] = ()) -> Any:
-    """Instantiates `cls` from flat {"section.name": value} overrides (defaults elsewhere)."""
+def build(cls: type, values: Dict[str, Any]) -> Any:
+    """Instantiates `cls` from flat {"section.name": value} overrides on top of cls()'s defaults."""
+    return _build(cls(), values, ())
+
+
+def _build(default: Any, values: Dict[str, Any], prefix: Tuple[str, ...]) -> Any:
+    cls = type(default)
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    changes = {}
     for f in dataclasses.fields(cls):
         path = prefix + (f.name,)
         if _is_section(hints[f.name]):
-            kwargs[f.name] = build(hints[f.name], values, path)
+            changes[f.name] = _build(getattr(default, f.name), values, path)
         elif ".".join(path) in values:
-            kwargs[f.name] = convert(values[".".join(path)], hints[f.name], ".".join(path))
+            changes[f.name] = convert(values[".".join(path)], hints[f.name], ".".join(path))
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(default, **changes)  # re-runs the section's validation
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"config {'.'.join(prefix) or cls.__name__}: {exc}") from exc
+
+
+def _owner(defaults: Any, leaf: Leaf) -> Any:
+    owner = defaults
+    for p in leaf.path[:-1]:
+        owner = getattr(owner, p)
+    return owner
 
 
 def argument_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
@@ -177,9 +191,7 @@ def argument_parser(cls: type, description: str = "") -> argparse.ArgumentParser
                         "(sections as nested mappings); flags override it")
     defaults = cls()
     for leaf in leaves(cls):
-        owner = defaults
-        for p in leaf.path[:-1]:
-            owner = getattr(owner, p)
+        owner = _owner(defaults, leaf)
         parser.add_argument(leaf.flag, dest=leaf.key, default=argparse.SUPPRESS, metavar="VALUE",
                             help=f"{leaf.help} [{leaf.key}; default: {leaf.default(owner)!r}]")
     return parser
@@ -219,9 +231,6 @@ def markdown_table(cls: type) -> str:
     defaults = cls()
     rows: List[str] = ["| key | flag | default | meaning |", "|---|---|---|---|"]
     for leaf in leaves(cls):
-        owner = defaults
-        for p in leaf.path[:-1]:
-            owner = getattr(owner, p)
-        default = leaf.default(owner)
+        default = leaf.default(_owner(defaults, leaf))
         rows.append(f"| `{leaf.key}` | `{leaf.flag}` | `{default!r}` | {leaf.help} |")
     return "\n".join(rows) + "\n"
