@@ -20,12 +20,14 @@ own model chunks, in the same order.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -52,7 +54,7 @@ _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "gated_linear_unit", "add_bias_linear", "add_qkv_bias", "qk_layernorm")
 # ModelConfig fields that may differ between save and load (they do not change the weights' meaning).
 _FREE_MODEL_FIELDS = ("init_method_std", "hidden_dropout", "attention_dropout",
-                      "max_position_embeddings", "make_vocab_size_divisible_by")
+                      "max_position_embeddings", "make_vocab_size_divisible_by", "padded_vocab")
 
 
 class CheckpointError(RuntimeError):
@@ -230,7 +232,8 @@ def save_checkpoint(root, step: int, model_chunks: Sequence[torch.nn.Module], op
     if optimizer is not None:
         opt_format = _optimizer_format(optimizer, distrib_optim_sharding_type)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=opt_format["sharding_metadata"])
-    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy())
+    with _quiet_torch_dcp():
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy())
 
     _torch_save(platform.rng_state(), tmp / RNG_DIR / f"rank_{_rank():05d}.pt")
     meta = None
@@ -242,6 +245,16 @@ def save_checkpoint(root, step: int, model_chunks: Sequence[torch.nn.Module], op
     dist.barrier()
     _on_rank0("publishing the checkpoint", lambda: _publish(root, tmp, final, meta, keep_last))
     return final
+
+
+@contextlib.contextmanager
+def _quiet_torch_dcp():
+    """Hides torch.distributed.checkpoint's deprecation warnings about the APIs megatron-core
+    calls (ShardedTensor, load_state_dict): they concern megatron's internals, not the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
+        yield
 
 
 def _save_strategy():
@@ -378,9 +391,10 @@ def _check_model(meta: dict, chunks, ckpt: Path) -> None:
         raise CheckpointError(
             f"{ckpt} has a padded vocabulary of {saved['padded_vocab_size']} rows "
             f"(TP={meta['layout']['tp']}) but the model has {now['padded_vocab_size']} "
-            f"(TP={platform.layout().tp}); choose "
-            "make_vocab_size_divisible_by so that both TP sizes pad to the same size (a multiple of "
-            "both paddings), or load at the checkpoint's TP")
+            f"(TP={platform.layout().tp}); give the model config padded_vocab="
+            f"{saved['padded_vocab_size']} (if this TP divides it), or choose "
+            "make_vocab_size_divisible_by so that both TP sizes pad to the same size, or load at the "
+            "checkpoint's TP")
 
 
 def _check_optimizer(meta: dict, optimizer, ckpt: Path) -> None:
@@ -461,7 +475,8 @@ def load_checkpoint(path, model_chunks: Sequence[torch.nn.Module], optimizer=Non
         _prepare_optimizer_for_load(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=meta["optimizer"]["sharding_metadata"])
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    with _quiet_torch_dcp():
+        loaded = dist_checkpointing.load(sharded, str(ckpt))
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         chunk.load_state_dict(loaded[key])
     if optimizer is not None:

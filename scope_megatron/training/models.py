@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
+from scope_megatron.utils.config_io import option
+
 from . import platform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,23 +74,29 @@ class ModelConfig:
       hidden_dropout (0.0), attention_dropout (0.0): dropout rates (RL fine-tuning uses none).
     """
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
-    ffn_hidden_size: Optional[int] = None
-    num_query_groups: Optional[int] = None
-    kv_channels: Optional[int] = None
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 4096
-    rotary_base: float = 10000.0
-    norm_epsilon: float = 1e-5
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    num_layers: int = option(help="transformer layers")
+    hidden_size: int = option(help="model width")
+    num_attention_heads: int = option(help="query heads")
+    vocab_size: int = option(help="the true vocabulary (tokenizer size); the embedding is padded")
+    ffn_hidden_size: Optional[int] = option(None, help="SwiGLU inner width; null = 4 * hidden_size")
+    num_query_groups: Optional[int] = option(None, help="key/value heads (GQA); null = num_attention_heads")
+    kv_channels: Optional[int] = option(None, help="width of one head; null = hidden_size / heads")
+    make_vocab_size_divisible_by: int = option(128, help="the vocabulary is padded to a multiple "
+                                               "of this times TP (Megatron's rule)")
+    padded_vocab: Optional[int] = option(None, help=(
+        "embedding / output-layer rows, fixed; null = Megatron's rule above, which depends on "
+        "TP. A fixed size (divisible by every TP you use) keeps checkpoints loadable at any TP "
+        "and matches a converted checkpoint's rows"))
+    max_position_embeddings: int = option(4096, help="longest sequence (prompt + response)")
+    rotary_base: float = option(10000.0, help="RoPE base theta (the presets set the family's)")
+    norm_epsilon: float = option(1e-5, help="RMSNorm epsilon")
+    add_qkv_bias: bool = option(False, help="bias on the q, k, v projections (Qwen2)")
+    qk_layernorm: bool = option(False, help="RMSNorm on queries and keys per head (Qwen3)")
+    untie_embeddings_and_output_weights: bool = option(False, help="separate output layer "
+                                                       "(False ties it to the input embedding)")
+    init_method_std: float = option(0.02, help="std of the normal weight initialization")
+    hidden_dropout: float = option(0.0, help="hidden dropout (RL fine-tuning uses none)")
+    attention_dropout: float = option(0.0, help="attention dropout")
 
     @classmethod
     def preset(cls, family: str, **overrides) -> "ModelConfig":
@@ -126,6 +134,11 @@ class ModelConfig:
                 f"ModelConfig: num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_query_groups {self.query_groups}; every key/value head must serve the same "
                 "number of query heads")
+        if self.padded_vocab is not None:
+            _require_positive_int("padded_vocab", self.padded_vocab)
+            if self.padded_vocab < self.vocab_size:
+                raise ValueError(f"ModelConfig: padded_vocab {self.padded_vocab} is smaller than "
+                                 f"vocab_size {self.vocab_size}; it must hold every token")
         for name in ("rotary_base", "norm_epsilon", "init_method_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig: {name} must be > 0, got {getattr(self, name)!r}")
@@ -144,12 +157,19 @@ class ModelConfig:
         return self.ffn_hidden_size or 4 * self.hidden_size
 
     def padded_vocab_size(self, tp_size: int) -> int:
-        """Rows of the embedding and output layer at this TP size (see `padded_vocab_size`)."""
+        """Rows of the embedding and output layer at this TP size: padded_vocab if set, else
+        Megatron's rule (see the module function `padded_vocab_size`)."""
+        if self.padded_vocab is not None:
+            if self.padded_vocab % tp_size:
+                raise ValueError(f"padded_vocab {self.padded_vocab} is not divisible by TP={tp_size}; "
+                                 "choose a size divisible by every TP you use (e.g. a multiple of 128)")
+            return self.padded_vocab
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp_size)
 
     def validate_parallel(self, tp: int, pp: int = 1, vpp: Optional[int] = None) -> None:
         """Raises ValueError, naming the field and the fix, when this model cannot be split into
         `tp` tensor-parallel shards and `pp` pipeline stages of `vpp` chunks each."""
+        self.padded_vocab_size(tp)  # a fixed padded_vocab must split into TP shards
         if self.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"TP={tp}: every TP rank holds whole heads; choose a TP that divides it")
@@ -185,8 +205,9 @@ def check_same_vocab(student: ModelConfig, teacher: ModelConfig, tp: int) -> int
         raise ValueError(
             f"student and teacher pad the vocabulary differently at TP={tp} ({s_pad} vs {t_pad} rows; "
             f"make_vocab_size_divisible_by {student.make_vocab_size_divisible_by} vs "
-            f"{teacher.make_vocab_size_divisible_by}), so their logit shards would not line up; set "
-            "make_vocab_size_divisible_by to the same value in both configs")
+            f"{teacher.make_vocab_size_divisible_by}, padded_vocab {student.padded_vocab} vs "
+            f"{teacher.padded_vocab}), so their logit shards would not line up; give both configs the "
+            "same padded_vocab (or the same make_vocab_size_divisible_by)")
     return s_pad
 
 

@@ -33,6 +33,7 @@ import random
 import re
 import sys
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -712,6 +713,10 @@ def apply_cpu_shims() -> Dict[str, ShimReport]:
     if cuda_available():
         raise RuntimeError("apply_cpu_shims: CUDA is available; the CPU shims would move megatron "
                            "onto the CPU. Run without them on a GPU machine")
+    # Megatron warns at import that it falls back from TransformerEngine / Apex kernels; on a
+    # machine without CUDA those cannot exist, so the warnings say nothing there.
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     version = megatron_version()
     for shim in SHIMS:
         if shim.name not in _APPLIED and shim.needed(version):

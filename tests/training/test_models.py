@@ -87,8 +87,17 @@ def test_check_same_vocab():
     assert models.check_same_vocab(student, teacher, tp=2) == 1024
     with pytest.raises(ValueError, match="same tokenizer; set vocab_size"):
         models.check_same_vocab(student, models.ModelConfig(**{**SIZES, "vocab_size": 999}), tp=2)
-    with pytest.raises(ValueError, match="set make_vocab_size_divisible_by to the same value"):
+    with pytest.raises(ValueError, match="give both configs the same padded_vocab"):
         models.check_same_vocab(student, models.ModelConfig(**SIZES, make_vocab_size_divisible_by=384), tp=2)
+
+
+def test_fixed_padded_vocab_is_the_same_at_every_tp():
+    cfg = models.ModelConfig(**SIZES, padded_vocab=1024)
+    assert [cfg.padded_vocab_size(tp) for tp in (1, 2, 4)] == [1024, 1024, 1024]
+    with pytest.raises(ValueError, match="padded_vocab 1024 is not divisible by TP=3"):
+        cfg.padded_vocab_size(3)
+    with pytest.raises(ValueError, match="smaller than vocab_size"):
+        models.ModelConfig(**SIZES, padded_vocab=SIZES["vocab_size"] - 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -1,0 +1,242 @@
+"""The trainer's configuration: every field, its default (the embedded toy run) and its flag.
+
+Sources, later ones winning: these defaults < a YAML file (`--config`) < command-line flags.
+Flags follow Megatron-LM's names where Megatron has the setting (`--tensor-model-parallel-size`,
+`--lr`, `--train-iters`, `--save`, ...); the rest are `--<section>-<field>`. The generated table
+of all fields is docs/training-config.md (`python -m scope_megatron.training.config --markdown`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from scope_megatron.data.toy_arithmetic import TOY_TOKENIZER
+from scope_megatron.scope import ScopeConfig
+from scope_megatron.utils.config_io import ConfigError, markdown_table, option, parse_config, section
+
+from .models import ModelConfig
+
+TOY_CHECKPOINTS = "checkpoints/toy"
+# 18 tokens padded to 32 rows for every TP in {1, 2, 4, 8}: one checkpoint loads at any of them
+TOY_PADDED_VOCAB = 32
+
+
+def toy_student() -> ModelConfig:
+    """The embedded default's student: 2 layers, width 64 (about 0.1M parameters)."""
+    return ModelConfig.preset("llama", num_layers=2, hidden_size=64, num_attention_heads=4,
+                              ffn_hidden_size=256, vocab_size=TOY_TOKENIZER.vocab_size,
+                              max_position_embeddings=64, padded_vocab=TOY_PADDED_VOCAB)
+
+
+def toy_teacher() -> ModelConfig:
+    """The embedded default's teacher: 4 layers, width 128 (about 0.8M parameters)."""
+    return ModelConfig.preset("llama", num_layers=4, hidden_size=128, num_attention_heads=4,
+                              ffn_hidden_size=512, vocab_size=TOY_TOKENIZER.vocab_size,
+                              max_position_embeddings=64, padded_vocab=TOY_PADDED_VOCAB)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = option(1, flag="--tensor-model-parallel-size", help=(
+        "tensor-parallel size (divides the attention heads, query groups and FFN width)"))
+    pipeline_model_parallel_size: int = option(1, flag="--pipeline-model-parallel-size", help=(
+        "pipeline stages (divides both models' num_layers); the data-parallel size is "
+        "world size / (TP * PP)"))
+    sequence_parallel: bool = option(False, flag="--sequence-parallel", help=(
+        "Megatron sequence parallelism (GPU, TP > 1)"))
+    use_distributed_optimizer: bool = option(False, flag="--use-distributed-optimizer", help=(
+        "shard the optimizer state over data-parallel ranks"))
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = option(3e-4, flag="--lr", help=(
+        "peak learning rate (Adam); 1e-3 collapses the toy student"))
+    min_lr: float = option(0.0, flag="--min-lr", help="learning rate at the end of the decay")
+    lr_decay_style: str = option("constant", flag="--lr-decay-style", help=(
+        "'constant', 'linear' or 'cosine' decay over the training iterations"))
+    lr_warmup_iters: int = option(0, flag="--lr-warmup-iters", help="linear warm-up iterations")
+    weight_decay: float = option(0.0, flag="--weight-decay", help="AdamW weight decay")
+    adam_beta1: float = option(0.9, flag="--adam-beta1", help="Adam beta1")
+    adam_beta2: float = option(0.999, flag="--adam-beta2", help="Adam beta2")
+    adam_eps: float = option(1e-8, flag="--adam-eps", help="Adam epsilon")
+    clip_grad: float = option(1.0, flag="--clip-grad", help="global gradient-norm clip (0 = off)")
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_decay_style must be 'constant', 'linear' or 'cosine', got "
+                             f"{self.lr_decay_style!r}")
+        if self.lr_warmup_iters < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("lr_warmup_iters, clip_grad and weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    train_iters: int = option(150, flag="--train-iters", help="optimizer steps")
+    prompts_per_step: int = option(16, flag="--prompts-per-step", help=(
+        "prompts per optimizer step over all data-parallel ranks (each sampled rollout.n times)"))
+    micro_batch_size: int = option(32, flag="--micro-batch-size", help=(
+        "rollouts per micro-batch (a multiple of rollout.n: micro-batches hold whole prompt "
+        "groups, because SCOPE normalizes weights within a group)"))
+    seed: int = option(1234, flag="--seed", help=(
+        "seed of initialization, the prompt stream and sampling (same seed = same prompts)"))
+    precision: str = option("auto", flag="--precision", help=(
+        "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'"))
+    log_interval: int = option(1, flag="--log-interval", help="steps between log lines")
+
+    def __post_init__(self):
+        for name in ("train_iters", "prompts_per_step", "micro_batch_size", "log_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = option("local", flag="--rollout-engine", help=(
+        "'local': sample from the trainer's own student (SGLang: its issue)"))
+    n: int = option(8, flag="--n-samples-per-prompt", help="rollouts per prompt (group size G)")
+    temperature: float = option(1.0, flag="--rollout-temperature", help=(
+        "sampling temperature; log-probs are computed at scope.student_temperature"))
+    top_p: float = option(1.0, flag="--rollout-top-p", help="nucleus sampling (1 = off)")
+    top_k: int = option(0, flag="--rollout-top-k", help="top-k sampling (0 = off)")
+    max_new_tokens: int = option(40, flag="--rollout-max-response-len", help=(
+        "response length limit; a response without EOS by then scores 0"))
+    decode_micro_batch_size: int = option(256, help=(
+        "rows per forward pass while decoding (memory bound, not a semantic setting)"))
+
+    def __post_init__(self):
+        if self.engine != "local":
+            raise ValueError(f"rollout.engine {self.engine!r} is not available yet; use 'local'")
+        if self.n < 2:
+            raise ValueError("rollout.n must be >= 2: SCOPE and GRPO compare rollouts within a group")
+        if self.decode_micro_batch_size < 1:
+            raise ValueError("rollout.decode_micro_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_interval: int = option(25, flag="--eval-interval", help=(
+        "steps between held-out evaluations (also at step 0 and at the end; 0 = never)"))
+    num_prompts: int = option(256, help="held-out problems per evaluation")
+    k: int = option(8, help="samples per problem (Avg@k, Pass@k)")
+    temperature: float = option(1.0, help="sampling temperature of the evaluation")
+    top_p: float = option(1.0, help="nucleus sampling of the evaluation")
+    pass_ks: Tuple[int, ...] = option((1, 8), help="k values reported as Pass@k (each <= k)")
+
+    def __post_init__(self):
+        if self.eval_interval < 0 or self.num_prompts < 1 or self.k < 1:
+            raise ValueError("eval_interval >= 0, num_prompts >= 1 and k >= 1 are required")
+        if any(not 1 <= k <= self.k for k in self.pass_ks):
+            raise ValueError(f"eval.pass_ks {self.pass_ks} must lie in [1, eval.k={self.k}]")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    load: Optional[str] = option(f"{TOY_CHECKPOINTS}/student", flag="--load", help=(
+        "student starting point (a dist_checkpointing directory); null = random init"))
+    teacher_load: Optional[str] = option(f"{TOY_CHECKPOINTS}/teacher", flag="--teacher-load", help=(
+        "teacher checkpoint (required unless algorithm is grpo)"))
+    save: Optional[str] = option("runs/toy_scope/checkpoints", flag="--save", help=(
+        "directory of this run's checkpoints; null = none"))
+    save_interval: int = option(50, flag="--save-interval", help="steps between checkpoints (and the last step)")
+    keep_last: int = option(2, help="checkpoints kept (older ones are deleted)")
+    resume: bool = option(True, flag="--resume", help=(
+        "continue from the latest checkpoint in `save` when there is one"))
+
+    def __post_init__(self):
+        if self.save_interval < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.save_interval and keep_last must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_dir: str = option("runs/toy_scope", flag="--log-dir", help=(
+        "metrics.jsonl, TensorBoard events, curves.png and the resolved config go here"))
+    tensorboard: bool = option(True, help="write TensorBoard events")
+    overwrite: bool = option(False, help="reuse a log_dir that holds another run's logs")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = option("toy_arithmetic", help="the task ('toy_arithmetic' is the embedded one)")
+    digits: int = option(3, help="toy_arithmetic: operand digits")
+    reward_fn: str = option("scope_megatron.rewards.verifier:boxed_match", help=(
+        "reward function, 'module:function' (response_text, reference, *, metadata) -> [0, 1]"))
+
+    def __post_init__(self):
+        if self.name != "toy_arithmetic":
+            raise ValueError(f"task.name {self.name!r} is not available yet; use 'toy_arithmetic'")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole run. `python -m scope_megatron.training.config --markdown` prints every field."""
+
+    student: ModelConfig = section(ModelConfig, default_factory=toy_student)
+    teacher: ModelConfig = section(ModelConfig, default_factory=toy_teacher)
+    parallel: ParallelConfig = section(ParallelConfig)
+    optimizer: OptimizerConfig = section(OptimizerConfig)
+    training: TrainingConfig = section(TrainingConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    scope: ScopeConfig = section(ScopeConfig)
+    eval: EvalConfig = section(EvalConfig)
+    checkpoint: CheckpointConfig = section(CheckpointConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+    task: TaskConfig = section(TaskConfig)
+
+    def __post_init__(self):
+        if self.training.micro_batch_size % self.rollout.n:
+            raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
+                             f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
+                             "prompt groups)")
+        if self.scope.algorithm != "grpo" and self.checkpoint.teacher_load is None:
+            raise ValueError(f"algorithm {self.scope.algorithm!r} distills from a teacher: set "
+                             "checkpoint.teacher_load (--teacher-load)")
+
+    def check_world(self, world_size: int) -> int:
+        """Validates the layout against the number of processes; returns the data-parallel size."""
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}; launch "
+                              f"a multiple of {tp * pp} processes or change the parallel sizes")
+        dp = world_size // (tp * pp)
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            try:
+                model.validate_parallel(tp, pp)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+        per_rank = self.training.prompts_per_step
+        if per_rank % dp:
+            raise ConfigError(f"training.prompts_per_step {per_rank} is not divisible by the "
+                              f"data-parallel size {dp}")
+        rollouts = per_rank // dp * self.rollout.n
+        if rollouts % self.training.micro_batch_size:
+            raise ConfigError(f"each data-parallel rank samples {rollouts} rollouts per step, not a "
+                              f"multiple of training.micro_batch_size "
+                              f"{self.training.micro_batch_size}")
+        return dp
+
+
+def load_config(argv=None) -> TrainConfig:
+    """The run's configuration from the command line (see the module docstring)."""
+    return parse_config(TrainConfig, argv, description="SCOPE training (scope-megatron)")
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown_table(TrainConfig), end="")
+    else:
+        print(dataclasses.asdict(load_config(sys.argv[1:])))

@@ -1,0 +1,156 @@
+"""Running model chunks over micro-batches with Megatron's schedules, and decoding through them.
+
+Every forward pass of the trainer (student decoding, teacher scoring, the training step) goes
+through `get_forward_backward_func()`, so the same code serves PP=1 and pipelined layouts: each
+stage receives its input from the previous one and only the last stage sees the output layer's
+logits. Micro-batches of one call share one shape ([micro_batch_size, seq_length] tokens), as
+the pipeline's point-to-point transfers require.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class MicroBatch:
+    """The model input of one micro-batch (the same on every pipeline stage) plus whatever the
+    last stage's output function needs (`extra`)."""
+
+    tokens: torch.Tensor  # [b, s] int64, right-padded
+    position_ids: torch.Tensor  # [b, s] int64
+    extra: Dict
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    """0..s-1 for every row (right padding needs no special positions)."""
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s).contiguous()
+
+
+def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: List[MicroBatch],
+                     output_fn: Callable, *, forward_only: bool) -> List:
+    """Runs the chunks over the micro-batches with Megatron's schedule for this layout.
+
+    output_fn(micro_batch, output_tensor) runs on the last pipeline stage with the model's output
+    (the logit shard [b, s, V/tp]):
+      forward_only=True: returns anything; the list of its values comes back (last stage only).
+      forward_only=False: returns (loss_sum, count, metrics) where loss_sum is a 0-d tensor summed
+        over `count` units (int tensor); gradients are those of sum(loss_sum) / sum(count) over all
+        micro-batches and data-parallel ranks (the model's config must set
+        calculate_per_token_loss=True). The metrics of every micro-batch come back.
+    Other stages get []. Gradients accumulate in the chunks' DDP buffers.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    b, s = micro_batches[0].tokens.shape
+    for mb in micro_batches:
+        if tuple(mb.tokens.shape) != (b, s):
+            raise ValueError(f"run_microbatches: micro-batches must share one shape, got "
+                             f"{tuple(mb.tokens.shape)} and {(b, s)}")
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb.tokens, mb.position_ids, None)
+        if forward_only:
+            return output, lambda out, non_loss_data=True: output_fn(mb, out)
+        return output, lambda out: output_fn(mb, out)
+
+    chunks = list(model_chunks)
+    # one iterator per model chunk: with virtual pipeline stages every chunk reads every batch
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators[0] if len(chunks) == 1 else iterators,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+        collect_non_loss_data=forward_only,
+    )
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def gather_vocab_shards(shard: torch.Tensor) -> torch.Tensor:
+    """[..., V/tp] on each TP rank -> [..., V] (the padded vocabulary) on every TP rank."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_last_stage(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's tensor on every stage of this pipeline (identity with PP=1)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return t
+    out = t.contiguous() if is_last_stage() else torch.empty_like(like)
+    dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return out
+
+
+def pad_rows(t: torch.Tensor, rows: int, value) -> torch.Tensor:
+    """t with extra rows of `value` appended up to `rows` rows."""
+    if t.shape[0] == rows:
+        return t
+    pad = t.new_full((rows - t.shape[0], *t.shape[1:]), value)
+    return torch.cat([t, pad])
+
+
+class MegatronDecoder:
+    """The trainer's model as a rollout.DecodingModel: next-token logits through the pipeline,
+    gathered over tensor parallelism (every TP rank of the last stage holds the same values),
+    and the sampled tokens broadcast from the last stage to the other stages."""
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], *, vocab_size: int,
+                 micro_batch_size: int, pad_id: int):
+        self.model_chunks = list(model_chunks)
+        self.vocab_size = int(vocab_size)
+        self.micro_batch_size = int(micro_batch_size)
+        self.pad_id = int(pad_id)
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> Optional[torch.Tensor]:
+        n = tokens.shape[0]
+        mbs = min(self.micro_batch_size, n)
+        rows = -(-n // mbs) * mbs
+        tokens = pad_rows(tokens, rows, self.pad_id)
+        last = pad_rows(last, rows, 0)
+        micro_batches = [MicroBatch(tokens[i:i + mbs], position_ids_for(tokens[i:i + mbs]),
+                                    {"last": last[i:i + mbs]}) for i in range(0, rows, mbs)]
+
+        def at_last_position(mb, logits):
+            return logits[torch.arange(logits.shape[0], device=logits.device), mb.extra["last"]].float()
+
+        training = [chunk.training for chunk in self.model_chunks]
+        for chunk in self.model_chunks:
+            chunk.eval()
+        try:
+            outputs = run_microbatches(self.model_chunks, micro_batches, at_last_position, forward_only=True)
+        finally:
+            for chunk, mode in zip(self.model_chunks, training):
+                chunk.train(mode)
+        if not is_last_stage():
+            return None
+        return gather_vocab_shards(torch.cat(outputs))[:n, :self.vocab_size]
+
+    def share(self, t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        return broadcast_from_last_stage(t, like)
+

@@ -1,0 +1,172 @@
+"""One SCOPE training step on Megatron models: rollouts -> model inputs -> teacher scoring ->
+the SCOPE loss through Megatron's schedule -> optimizer step.
+
+Layout of the model input: every row is prompt + response, right-padded. The logits at position
+prompt_len - 1 + t predict response token t, so the loss reads the student's (and teacher's)
+logit shards at those positions: [rows, L, V/tp] aligned with the response tokens, the layout
+scope.compute_loss takes. Micro-batches hold whole prompt groups (SCOPE normalizes weights within
+a group); the loss of a micro-batch is summed over its groups and Megatron divides the gradient
+by the number of groups over all micro-batches and data-parallel ranks
+(calculate_per_token_loss), which makes it the spec's sum over groups / #groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from scope_megatron.ops import vocab_parallel_logprob
+from scope_megatron.rollout import Rollouts
+from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss
+
+from .schedule import MicroBatch, position_ids_for, run_microbatches
+
+
+@dataclass
+class StepInputs:
+    """The rollouts of one step on this data-parallel rank, as model input (on every rank)."""
+
+    tokens: torch.Tensor  # [N, S] prompt + response, right-padded
+    response_index: torch.Tensor  # [N, L] position of the logits predicting response token t
+    response_ids: torch.Tensor  # [N, L]
+    response_mask: torch.Tensor  # [N, L] bool
+    old_logprobs: torch.Tensor  # [N, L] float32, the rollout engine's
+    group_ids: torch.Tensor  # [N] prompt index 0..B-1
+    correct: torch.Tensor  # [N] bool
+
+
+def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int) -> StepInputs:
+    """Concatenates each rollout's prompt and response into one right-padded row."""
+    n, length = rollouts.response_ids.shape
+    plen = rollouts.prompt_lengths
+    width = int((plen + rollouts.response_lengths).max())
+    device = rollouts.response_ids.device
+    tokens = torch.full((n, width), pad_id, dtype=torch.int64, device=device)
+    prompt_width = rollouts.prompt_ids.shape[1]
+    tokens[:, :prompt_width] = rollouts.prompt_ids  # left-aligned, pad after each prompt
+    t = torch.arange(length, device=device).unsqueeze(0)
+    mask = rollouts.response_mask
+    rows = torch.arange(n, device=device).unsqueeze(1).expand(n, length)
+    tokens[rows[mask], (plen.unsqueeze(1) + t)[mask]] = rollouts.response_ids[mask]
+    return StepInputs(
+        tokens=tokens,
+        response_index=(plen.unsqueeze(1) - 1 + t).clamp(max=width - 1),
+        response_ids=rollouts.response_ids,
+        response_mask=rollouts.response_mask,
+        old_logprobs=rollouts.logprobs,
+        group_ids=rollouts.group_ids,
+        correct=correct.to(torch.bool),
+    )
+
+
+def micro_batches(inputs: StepInputs, micro_batch_size: int) -> List[MicroBatch]:
+    """Consecutive rows (whole prompt groups: the caller keeps micro_batch_size a multiple of the
+    group size) with group ids renumbered from 0 within each micro-batch."""
+    n = inputs.tokens.shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_batch_size}")
+    out = []
+    for start in range(0, n, micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        groups = inputs.group_ids[rows]
+        tokens = inputs.tokens[rows]
+        out.append(MicroBatch(tokens, position_ids_for(tokens), {
+            "response_index": inputs.response_index[rows],
+            "response_ids": inputs.response_ids[rows],
+            "response_mask": inputs.response_mask[rows],
+            "old_logprobs": inputs.old_logprobs[rows],
+            "group_ids": groups - groups.min(),
+            "correct": inputs.correct[rows],
+        }))
+    return out
+
+
+def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
+    """[b, s, V/tp] model output -> [b, L, V/tp] aligned with the response tokens."""
+    index = response_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, index)
+
+
+@torch.no_grad()
+def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
+                       scope: ScopeConfig, vocab_size: int) -> None:
+    """Runs the frozen teacher over the micro-batches and stores, on the last pipeline stage, what
+    the loss needs in each micro-batch's `extra`: the teacher's response-aligned logit shards
+    ("teacher_logits", for the full and top-k estimators) or its log-probs of the sampled tokens
+    ("teacher_logprobs")."""
+    need_logits = scope.kl_estimator in ("full", "topk")
+
+    def collect(mb, logits):
+        aligned = response_logits(logits, mb.extra["response_index"])
+        if need_logits:
+            return aligned
+        return vocab_parallel_logprob(aligned, torch.where(mb.extra["response_mask"], mb.extra["response_ids"], 0),
+                                      vocab_size=vocab_size, temperature=scope.resolved_teacher_temperature)
+
+    outputs = run_microbatches(teacher_chunks, batches, collect, forward_only=True)
+    for mb, out in zip(batches, outputs):
+        mb.extra["teacher_logits" if need_logits else "teacher_logprobs"] = out
+
+
+def _scope_loss(scope: ScopeConfig, vocab_size: int):
+    """The per-micro-batch output function of the student: (loss summed over the micro-batch's
+    groups, its number of groups, {"metrics", "groups"})."""
+    def loss_fn(mb, logits):
+        extra = mb.extra
+        batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
+                             correct=extra["correct"], old_logprobs=extra["old_logprobs"],
+                             response_mask=extra["response_mask"],
+                             teacher_logprobs=extra.get("teacher_logprobs"))
+        loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
+                                     teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size)
+        groups = batch.num_groups
+        return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
+            "metrics": metrics, "groups": groups}
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_loss(student_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
+                  scope: ScopeConfig, vocab_size: int) -> Optional[float]:
+    """The SCOPE loss of the micro-batches at the current weights, without an update (sum over
+    groups / groups, this replica only); on the last pipeline stage, else None."""
+    loss_fn = _scope_loss(scope, vocab_size)
+    outputs = run_microbatches(student_chunks, batches, lambda mb, logits: loss_fn(mb, logits),
+                               forward_only=True)
+    if not outputs:
+        return None
+    return float(sum(o[0] for o in outputs) / sum(int(o[1]) for o in outputs))
+
+
+def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
+               batches: List[MicroBatch], *, scope: ScopeConfig, vocab_size: int) -> Dict[str, float]:
+    """Forward + backward of the SCOPE loss over the micro-batches, then one optimizer step.
+
+    Returns, on the last pipeline stage, the metrics of compute_loss averaged over micro-batches
+    (weighted by their groups) plus grad_norm, lr and update_skipped; {} on other stages.
+    """
+    for chunk in student_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reduced = run_microbatches(student_chunks, batches, _scope_loss(scope, vocab_size), forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    if not reduced:
+        return {}
+    total = sum(r["groups"] for r in reduced)
+    keys = set().union(*(r["metrics"] for r in reduced))
+    metrics = {}
+    for key in keys:
+        present = [(r["metrics"][key], r["groups"]) for r in reduced if key in r["metrics"]]
+        metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
+    # counts are sums over micro-batches, not averages
+    for key in ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
+                "groups/total", "groups/all_correct", "groups/all_wrong"):
+        if key in keys:
+            metrics[key] = sum(r["metrics"].get(key, 0.0) for r in reduced)
+    metrics["loss"] = sum(r["metrics"]["loss"] * r["groups"] for r in reduced) / total
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["update_skipped"] = 0.0 if update_successful else 1.0
+    return metrics

@@ -1,0 +1,307 @@
+"""The SCOPE training loop on Megatron-core:
+
+    rollout (LocalEngine on the student) -> reward (verifier) -> teacher scoring (Megatron teacher
+    forward) -> SCOPE loss -> optimizer step -> periodic evaluation (Avg@k, Pass@k on held-out
+    prompts) -> checkpoint
+
+Every rank runs the loop. Data-parallel replicas take disjoint slices of each step's prompts;
+tensor- and pipeline-parallel peers of a replica hold the same rollouts (the decoder shares the
+samples). Rank 0 logs: a progress bar, metrics.jsonl, TensorBoard and curves.png in
+logging.log_dir. Randomness is a pure function of (seed, step) everywhere (prompts, sampling),
+and the model / optimizer / RNG state is in the checkpoints, so a resumed run continues exactly
+as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from scope_megatron.data.toy_arithmetic import AdditionProblem, ToyArithmetic, ToyArithmeticConfig
+from scope_megatron.eval import summarize
+from scope_megatron.rewards import load_reward_fn, score_responses
+from scope_megatron.rollout import LocalEngine, SamplingParams
+from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
+from scope_megatron.utils.logging import MetricsLogger, ProgressBar, plot_curves
+
+from . import checkpoint, models, parallel, platform
+from .config import TrainConfig
+from .schedule import MegatronDecoder, is_last_stage
+from .step import build_inputs, micro_batches, score_with_teacher, train_step
+
+EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
+
+
+@dataclass
+class Task:
+    """The prompts, references and reward function of the run."""
+
+    world: ToyArithmetic
+    reward_fn: object
+
+    @property
+    def tokenizer(self):
+        return self.world.tokenizer
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    world = ToyArithmetic(ToyArithmeticConfig(digits=cfg.task.digits))
+    return Task(world, load_reward_fn(cfg.task.reward_fn))
+
+
+def params_dtype(cfg: TrainConfig) -> torch.dtype:
+    precision = cfg.training.precision
+    if precision == "auto":
+        precision = "bf16" if platform.cuda_available() else "fp32"
+    if precision == "bf16" and not platform.cuda_available():
+        raise ConfigError("training.precision 'bf16' needs a GPU; use 'fp32' (or 'auto') on CPU")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _replica_slice(items: Sequence, dp_rank: int, dp: int) -> list:
+    per = len(items) // dp
+    return list(items[dp_rank * per:(dp_rank + 1) * per])
+
+
+def _reports_metrics() -> bool:
+    """One rank per data-parallel replica reports its metrics: the last pipeline stage's TP rank 0."""
+    from megatron.core import parallel_state
+
+    return is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _gather_to_rank0(value) -> Optional[list]:
+    """Every rank's value (None where a rank has nothing to report) -> the list on rank 0."""
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return [v for v in out if v is not None] if out is not None else None
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> int:
+    """Everything that can be checked before a process group or a model exists: the parallel
+    layout against the world size and both models, the vocabularies (the task's, the student's,
+    the teacher's, padded alike), and the checkpoint paths. Raises ConfigError naming the field
+    and the fix; returns the data-parallel size."""
+    dp = cfg.check_world(world_size)
+    vocab = build_task(cfg).tokenizer.vocab_size
+    if cfg.student.vocab_size != vocab:
+        raise ConfigError(f"student.vocab_size {cfg.student.vocab_size} is not the task tokenizer's "
+                          f"{vocab}; the model must be built for the task's vocabulary")
+    if cfg.scope.algorithm != "grpo":
+        try:
+            models.check_same_vocab(cfg.student, cfg.teacher, cfg.parallel.tensor_model_parallel_size)
+        except ValueError as exc:
+            raise ConfigError(f"student/teacher vocabulary mismatch: {exc}") from exc
+    c = cfg.checkpoint
+    resuming = c.resume and c.save is not None and checkpoint.has_checkpoint(c.save)
+    if c.load is not None and not resuming and not checkpoint.has_checkpoint(c.load):
+        raise ConfigError(f"checkpoint.load {c.load!r} holds no checkpoint; build the toy starting "
+                          "points with tools/make_toy_checkpoints.py, fix the path, or pass "
+                          "--load null to start from random weights")
+    if cfg.scope.algorithm != "grpo" and not checkpoint.has_checkpoint(c.teacher_load):
+        raise ConfigError(f"checkpoint.teacher_load {c.teacher_load!r} holds no checkpoint; the "
+                          f"teacher must be trained (algorithm {cfg.scope.algorithm!r})")
+    return dp
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs the loop (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        platform.init_distributed()
+        if not platform.cuda_available():
+            platform.apply_cpu_shims()
+        dp = preflight(cfg, dist.get_world_size())
+        self.layout = platform.initialize_parallel(cfg.parallel.tensor_model_parallel_size,
+                                                   cfg.parallel.pipeline_model_parallel_size,
+                                                   sequence_parallel=cfg.parallel.sequence_parallel)
+        assert self.layout.dp == dp
+        from megatron.core import parallel_state
+
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.is_rank0 = dist.get_rank() == 0
+        platform.seed_everything(cfg.training.seed)
+        self.task = build_task(cfg)
+        vocab = self.task.tokenizer.vocab_size
+        self.uses_teacher = cfg.scope.algorithm != "grpo"
+        dtype = params_dtype(cfg)
+        self.student = parallel.wrap_ddp(
+            models.build_model_chunks(cfg.student, params_dtype=dtype, calculate_per_token_loss=True),
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        o = cfg.optimizer
+        self.optimizer = parallel.build_optimizer(
+            self.student, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.scheduler = self._scheduler()
+        self.teacher = None
+        if self.uses_teacher:
+            self.teacher = [models.freeze(c) for c in models.build_model_chunks(cfg.teacher, params_dtype=dtype)]
+        self.start_step = self._load()
+        self.engine = LocalEngine(
+            MegatronDecoder(self.student, vocab_size=vocab, micro_batch_size=cfg.rollout.decode_micro_batch_size,
+                            pad_id=self.task.tokenizer.pad_id),
+            pad_id=self.task.tokenizer.pad_id, device=platform.device(), stream_seed=self.dp_rank)
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, iters = self.cfg.optimizer, self.cfg.training.train_iters
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.lr_warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_iters, lr_decay_steps=max(iters, o.lr_warmup_iters + 1),
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=iters, wd_incr_style="constant")
+
+    def _load(self) -> int:
+        """Resumes from this run's latest checkpoint, else loads the starting points. Returns the
+        first step to run."""
+        c = self.cfg.checkpoint
+        if self.teacher is not None:
+            checkpoint.load_checkpoint(c.teacher_load, self.teacher)
+        if c.resume and c.save is not None and checkpoint.has_checkpoint(c.save):
+            # restores this rank's own RNG streams too (a resume)
+            extra = checkpoint.load_checkpoint(c.save, self.student, self.optimizer, self.scheduler)
+            return int(extra["step"])
+        if c.load is not None:
+            checkpoint.load_checkpoint(c.load, self.student)
+        return 0
+
+    def _save(self, step: int) -> None:
+        c = self.cfg.checkpoint
+        if c.save is None:
+            return
+        checkpoint.save_checkpoint(c.save, step, self.student, self.optimizer, self.scheduler,
+                                   extra_state={"config": to_dict(self.cfg)},
+                                   keep_last=c.keep_last)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _sample(self, problems: List[AdditionProblem], params: SamplingParams, key: int):
+        world = self.task.world
+        rollouts = self.engine.generate([world.prompt_ids(p) for p in problems], params, key=key)
+        references = [world.answer(problems[g]) for g in rollouts.group_ids.tolist()]
+        scores = score_responses(rollouts.responses(), references, decode=self.task.tokenizer.decode,
+                                 eos_id=self.task.tokenizer.eos_id, reward_fn=self.task.reward_fn)
+        return rollouts, scores
+
+    def train_sampling(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens,
+                              stop_token_ids=(self.task.tokenizer.eos_id,), seed=self.cfg.training.seed)
+
+    def prepare(self, step: int):
+        """Rollouts of `step` for this replica, rewarded, as micro-batches scored by the teacher.
+        Returns (micro-batches, rollouts, scores)."""
+        cfg = self.cfg
+        problems = _replica_slice(self.task.world.train_problems(step, cfg.training.prompts_per_step,
+                                                                 seed=cfg.training.seed),
+                                  self.dp_rank, self.layout.dp)
+        rollouts, scores = self._sample(problems, self.train_sampling(), key=step)
+        inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device),
+                              self.task.tokenizer.pad_id)
+        batches = micro_batches(inputs, cfg.training.micro_batch_size)
+        if self.teacher is not None:
+            for chunk in self.teacher:
+                models.load_to_device(chunk)
+            score_with_teacher(self.teacher, batches, scope=cfg.scope, vocab_size=cfg.student.vocab_size)
+            for chunk in self.teacher:
+                models.offload_to_cpu(chunk)
+        return batches, rollouts, scores
+
+    def step(self, step: int) -> Dict[str, float]:
+        """One training step; returns this replica's metrics (where it reports them) else {}."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        batches, rollouts, scores = self.prepare(step)
+        prepared = time.perf_counter()
+        metrics = train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
+                             vocab_size=cfg.student.vocab_size)
+        if not _reports_metrics():
+            return {}
+        elapsed = time.perf_counter() - started
+        tokens = int(rollouts.response_lengths.sum())
+        metrics.update({
+            "reward/mean": float(scores.rewards.mean()),
+            "response/length": float(rollouts.response_lengths.float().mean()),
+            "response/truncated": float((~rollouts.finished).float().mean()),
+            "time/step_s": elapsed, "time/rollout_and_teacher_s": prepared - started,
+            "throughput/tokens_per_s": tokens / elapsed, "tokens": tokens,
+        })
+        return metrics
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        """Avg@k and Pass@k on the held-out prompts (split over replicas); the summary on rank 0."""
+        e = self.cfg.eval
+        held_out = list(self.task.world.held_out[: e.num_prompts - e.num_prompts % self.layout.dp])
+        problems = _replica_slice(held_out, self.dp_rank, self.layout.dp)
+        params = SamplingParams(n=e.k, temperature=e.temperature, top_p=e.top_p,
+                                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                stop_token_ids=(self.task.tokenizer.eos_id,), seed=self.cfg.training.seed)
+        rollouts, scores = self._sample(problems, params, key=EVAL_KEY_OFFSET + step)
+        grades = scores.correct.reshape(len(problems), e.k) if _reports_metrics() else None
+        gathered = _gather_to_rank0(grades)
+        if gathered is None:
+            return {}
+        summary = summarize(torch.cat(gathered), ks=e.pass_ks)
+        return {f"eval/{k}": float(v) for k, v in summary.items() if k.startswith(("Avg@", "Pass@"))}
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> Dict[str, float]:
+        """Trains from start_step to training.train_iters; returns rank 0's last metrics."""
+        cfg = self.cfg
+        log_dir = Path(cfg.logging.log_dir)
+        resumed = self.start_step > 0
+        logger = MetricsLogger(log_dir, is_rank0=self.is_rank0,
+                               resume_step=self.start_step if resumed else None,
+                               overwrite=cfg.logging.overwrite, tensorboard=cfg.logging.tensorboard)
+        if self.is_rank0:
+            save_config(cfg, log_dir / "config.yaml")
+        bar = ProgressBar(cfg.training.train_iters, is_rank0=self.is_rank0, initial=self.start_step,
+                          print_every=cfg.training.log_interval)
+        last: Dict[str, float] = {}
+        e = cfg.eval
+        try:
+            if e.eval_interval and not resumed:
+                last.update(self._log(logger, 0, self.evaluate(0)))
+            for step in range(self.start_step, cfg.training.train_iters):
+                reported = _gather_to_rank0(self.step(step) or None)
+                done = step + 1
+                if reported:
+                    metrics = {k: sum(r[k] for r in reported if k in r) / sum(1 for r in reported if k in r)
+                               for k in set().union(*reported)}
+                    metrics["tokens"] = sum(r["tokens"] for r in reported)
+                    last.update(self._log(logger, done, metrics))
+                    bar.update(done, tokens=int(metrics["tokens"]), reward=metrics["reward/mean"],
+                               loss=metrics["loss"], kl=metrics.get("kl/mean", float("nan")))
+                if e.eval_interval and (done % e.eval_interval == 0 or done == cfg.training.train_iters):
+                    last.update(self._log(logger, done, self.evaluate(done)))
+                if done % cfg.checkpoint.save_interval == 0 or done == cfg.training.train_iters:
+                    self._save(done)
+        finally:
+            bar.close()
+            logger.close()
+        if self.is_rank0 and logger.jsonl_path.exists():
+            keys = ["reward/mean", "loss", "kl/mean"] + [f"eval/Avg@{e.k}"] + [f"eval/Pass@{k}" for k in e.pass_ks]
+            plot_curves(logger.jsonl_path, log_dir / "curves.png", keys=keys,
+                        title=f"{cfg.scope.algorithm} on {cfg.task.name}")
+        return last
+
+    def _log(self, logger: MetricsLogger, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
+        if metrics:
+            logger.log(step, metrics)
+        return metrics
+
+    def close(self) -> None:
+        platform.destroy()

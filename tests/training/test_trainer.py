@@ -1,0 +1,112 @@
+"""The trainer end to end (issue 4's tests): the embedded default shortened at TP=2, PP=2 and
+DP=2, resume == uninterrupted, the teacher frozen, the loss falling, and bad configurations
+failing before anything is built. Needs the committed toy checkpoints (checkpoints/toy)."""
+import dataclasses
+
+import pytest
+
+from scope_megatron.training.config import load_config
+from scope_megatron.training.trainer import preflight
+from scope_megatron.utils.config_io import ConfigError
+from tests.conftest import SESSION_SEED
+from tests.distributed import run_workers
+
+_cache = {}
+
+
+def _launch(name):
+    if name not in _cache:
+        try:
+            _cache[name] = run_workers(f"tests.training.trainer_workers:{name}", 2, seed=SESSION_SEED,
+                                       timeout=400)[0]
+        except RuntimeError as exc:
+            _cache[name] = exc
+    if isinstance(_cache[name], Exception):
+        pytest.fail(str(_cache[name]))
+    return _cache[name]
+
+
+@pytest.mark.parametrize("run,layout", [("tp2", [2, 1, 1]), ("pp2", [1, 2, 1]), ("dp2", [1, 1, 2])])
+def test_layouts_train_evaluate_and_checkpoint(run, layout):
+    r = _launch("layouts")[run]
+    assert r["layout"] == layout
+    loss = dict(r["loss"])
+    assert sorted(loss) == [1, 2, 3] and all(v == v for v in loss.values())  # finite
+    assert sorted(dict(r["eval"])) == [0, 2, 3]
+    assert r["checkpoints"] == ["iter_0000002", "iter_0000003"]
+
+
+@pytest.mark.parametrize("run", ["tp2", "pp2", "dp2", "resumed"])
+def test_teacher_gets_no_gradient_and_never_changes(run):
+    r = _launch("layouts")[run]
+    assert r["frozen_teacher"] and r["teacher_unchanged"]
+
+
+def test_resume_equals_uninterrupted():
+    runs = _launch("layouts")
+    full, first, resumed = (runs[k] for k in ("uninterrupted", "first_half", "resumed"))
+    assert [s for s, _ in first["loss"]] == [1, 2]
+    # the resumed run's log keeps steps 1-2 of the first half and adds 3-4 after loading step 2
+    assert [s for s, _ in resumed["loss"]] == [1, 2, 3, 4]
+    for key in ("loss", "kl"):
+        for (step, got), (_, want) in zip(resumed[key], full[key]):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (key, step)
+
+
+def test_loss_decreases_on_the_toy_task():
+    """Each step's update lowers the SCOPE loss of that step's batch (the gradient points the
+    right way through rollouts, teacher scoring, the loss and Megatron's schedule)."""
+    r = _launch("learning")
+    assert all(a < b for a, b in zip(r["after"], r["before"])), r
+
+
+# ---- bad configurations fail before training (no processes needed) ---------------------------
+
+def _cfg(*flags):
+    return load_config(list(flags))
+
+
+@pytest.mark.parametrize("flags,world,match", [
+    (["--tensor-model-parallel-size", "8"], 8, "num_attention_heads 4 is not divisible by TP=8"),
+    (["--tensor-model-parallel-size", "3"], 3, "padded_vocab 32 is not divisible by TP=3"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP=2"),
+    (["--pipeline-model-parallel-size", "2", "--student-num-layers", "3"], 2, "num_layers 3 is not divisible by PP=2"),
+    (["--teacher-vocab-size", "20"], 2, "student/teacher vocabulary mismatch"),
+    (["--teacher-padded-vocab", "64"], 2, "student/teacher vocabulary mismatch"),
+    (["--student-vocab-size", "20", "--teacher-vocab-size", "20"], 2, "not the task tokenizer's 18"),
+    (["--load", "/nonexistent/student"], 2, "checkpoint.load '/nonexistent/student' holds no checkpoint"),
+    (["--teacher-load", "/nonexistent/teacher"], 2, "teacher_load '/nonexistent/teacher' holds no checkpoint"),
+    (["--prompts-per-step", "3"], 2, "not divisible by the data-parallel size 2"),
+])
+def test_bad_configs_fail_in_preflight(flags, world, match):
+    with pytest.raises(ConfigError, match=match):
+        preflight(_cfg(*flags, "--save", "null"), world)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--micro-batch-size", "12"], "multiple of rollout.n"),
+    (["--teacher-load", "null"], "distills from a teacher"),
+    (["--n-samples-per-prompt", "1"], "rollout.n must be >= 2"),
+    (["--lr", "-1"], "lr > 0"),
+])
+def test_bad_configs_fail_when_parsed(flags, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(*flags)
+
+
+def test_default_config_passes_preflight_on_two_processes():
+    cfg = _cfg("--save", "null")
+    assert preflight(cfg, 2) == 2
+    assert dataclasses.asdict(cfg)["scope"]["algorithm"] == "scope"
+
+
+def test_config_docs_are_current():
+    from pathlib import Path
+
+    from scope_megatron.training.config import TrainConfig
+    from scope_megatron.utils.config_io import markdown_table
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training-config.md").read_text()
+    assert doc.endswith(markdown_table(TrainConfig)), (
+        "docs/training-config.md is stale: regenerate the table with "
+        "`python -m scope_megatron.training.config --markdown`")

@@ -1,0 +1,86 @@
+"""Workers of test_trainer.py: whole training runs of the embedded default (shortened) inside
+real gloo process groups (tests/distributed.py). Each returns plain data the test asserts on."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scope_megatron.training.config import load_config
+from scope_megatron.training.trainer import Trainer
+from scope_megatron.utils.logging import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SHORT = ["--prompts-per-step", "4", "--n-samples-per-prompt", "4", "--micro-batch-size", "8",
+         "--eval-num-prompts", "8", "--eval-k", "4", "--eval-pass-ks", "1,4", "--rollout-max-response-len", "36",
+         "--load", str(REPO / "checkpoints/toy/student"), "--teacher-load", str(REPO / "checkpoints/toy/teacher")]
+
+
+def _run_dir(ctx, name: str) -> Path:
+    path = Path(f"/tmp/scope-trainer-test-{ctx.seed}-{name}")
+    if dist.get_rank() == 0 and path.exists():
+        shutil.rmtree(path)
+    dist.barrier()
+    return path
+
+
+def _train(ctx, run_dir: Path, flags, *, iters: int):
+    cfg = load_config(SHORT + ["--train-iters", str(iters), "--log-dir", str(run_dir / "logs"),
+                               "--save", str(run_dir / "ckpt"), "--seed", str(ctx.seed % 100000)] + flags)
+    trainer = Trainer(cfg)
+    teacher = [p.detach().clone() for c in trainer.teacher for p in c.parameters()]
+    try:
+        trainer.run()
+        frozen = all(not p.requires_grad and p.grad is None for c in trainer.teacher for p in c.parameters())
+        unchanged = all(torch.equal(a, b) for a, b in
+                        zip(teacher, [p for c in trainer.teacher for p in c.parameters()]))
+        layout = trainer.layout
+    finally:
+        trainer.close()
+    records = read_metrics(run_dir / "logs" / "metrics.jsonl") if dist.get_rank() == 0 else []
+    return {"frozen_teacher": frozen, "teacher_unchanged": unchanged,
+            "layout": [layout.tp, layout.pp, layout.dp],
+            "loss": [[r["step"], r["loss"]] for r in records if "loss" in r],
+            "kl": [[r["step"], r["kl/mean"]] for r in records if "kl/mean" in r],
+            "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r],
+            "checkpoints": sorted(p.name for p in (run_dir / "ckpt").glob("iter_*"))}
+
+
+def layouts(ctx):
+    """The default run shortened, at TP=2, PP=2 and DP=2 (2 processes), and a resume."""
+    out = {}
+    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
+                        ("pp2", ["--pipeline-model-parallel-size", "2"]),
+                        ("dp2", [])):
+        out[name] = _train(ctx, _run_dir(ctx, name), flags + ["--eval-interval", "2", "--save-interval", "2"],
+                           iters=3)
+    # resume: 2 steps, stop, continue to 4 == 4 steps uninterrupted (TP=2, fresh Trainer objects)
+    tp2 = ["--tensor-model-parallel-size", "2", "--save-interval", "2", "--eval-interval", "0"]
+    out["uninterrupted"] = _train(ctx, _run_dir(ctx, "full"), tp2, iters=4)
+    part = _run_dir(ctx, "part")
+    out["first_half"] = _train(ctx, part, tp2, iters=2)
+    out["resumed"] = _train(ctx, part, tp2, iters=4)
+    return out
+
+
+def learning(ctx):
+    """At DP=2, for 6 steps: the SCOPE loss of each step's batch before and after its update."""
+    from scope_megatron.training.step import evaluate_loss, train_step
+
+    run_dir = _run_dir(ctx, "learn")
+    cfg = load_config(SHORT + ["--log-dir", str(run_dir / "logs"), "--save", "null",
+                               "--seed", str(ctx.seed % 100000)])
+    trainer = Trainer(cfg)
+    before, after = [], []
+    try:
+        for step in range(6):
+            batches, _, _ = trainer.prepare(step)
+            kw = dict(scope=cfg.scope, vocab_size=cfg.student.vocab_size)
+            before.append(evaluate_loss(trainer.student, batches, **kw))
+            train_step(trainer.student, trainer.optimizer, trainer.scheduler, batches, **kw)
+            after.append(evaluate_loss(trainer.student, batches, **kw))
+    finally:
+        trainer.close()
+    return {"before": before, "after": after}
