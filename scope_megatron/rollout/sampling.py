@@ -39,7 +39,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
 
 
 def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Sets the scores outside the top-k / nucleus to -inf (the most likely token always stays)."""
+    """Sets the scores outside the top-k, then outside the nucleus of the renormalized top-k
+    distribution, to -inf (the usual order; the most likely token always stays)."""
     if top_k > 0 and top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -388,13 +388,17 @@ def _check_model(meta: dict, chunks, ckpt: Path) -> None:
         raise CheckpointError(f"{ckpt} was saved from a different model ({'; '.join(diffs)}); build "
                               "the model with the checkpoint's configuration")
     if saved["padded_vocab_size"] != now["padded_vocab_size"]:
-        raise CheckpointError(
-            f"{ckpt} has a padded vocabulary of {saved['padded_vocab_size']} rows "
-            f"(TP={meta['layout']['tp']}) but the model has {now['padded_vocab_size']} "
-            f"(TP={platform.layout().tp}); give the model config padded_vocab="
-            f"{saved['padded_vocab_size']} (if this TP divides it), or choose "
-            "make_vocab_size_divisible_by so that both TP sizes pad to the same size, or load at the "
-            "checkpoint's TP")
+        # Rows at or beyond the true vocabulary are padding: megatron's embedding and output
+        # layer load with allow_shape_mismatch (extra rows zero, missing rows dropped), which is
+        # exact as long as both tables hold every real token.
+        vocab = (saved_cfg or {}).get("vocab_size")
+        if vocab is None or min(saved["padded_vocab_size"], now["padded_vocab_size"]) < vocab:
+            raise CheckpointError(
+                f"{ckpt} has a padded vocabulary of {saved['padded_vocab_size']} rows "
+                f"(TP={meta['layout']['tp']}) but the model has {now['padded_vocab_size']} "
+                f"(TP={platform.layout().tp}), and the true vocabulary size is "
+                f"{'unknown' if vocab is None else vocab}; build the model with padded_vocab="
+                f"{saved['padded_vocab_size']} (if this TP divides it) or load at the checkpoint's TP")
 
 
 def _check_optimizer(meta: dict, optimizer, ckpt: Path) -> None:

@@ -39,14 +39,15 @@ def test_truncation_keeps_only_allowed_tokens(top_k, top_p, gen):
     rows = 20000
     tok, _ = sample_tokens(logits.expand(rows, -1), SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p),
                            _noise((rows, 9), gen))
+    # top-k first, then top-p on the renormalized top-k distribution (the usual convention)
     probs = logits[0].softmax(-1)
     order = probs.argsort(descending=True)
-    allowed = set(order.tolist())
-    if top_k:
-        allowed &= set(order[:top_k].tolist())
+    kept = order[:top_k] if top_k else order
     if top_p < 1:
-        before = probs[order].cumsum(0) - probs[order]
-        allowed &= set(order[before < top_p].tolist())
+        renorm = probs[kept] / probs[kept].sum()
+        before = renorm.cumsum(0) - renorm
+        kept = kept[before < top_p]
+    allowed = set(kept.tolist())
     assert set(tok.unique().tolist()) <= allowed
     # renormalized probabilities over the allowed set
     keep = torch.tensor(sorted(allowed))

@@ -67,7 +67,7 @@ PHASE1 = ["resume_tp2_phase1", "resume_dp2_distributed_optimizer_phase1", "save_
           "save_pp2_for_reshard"]
 PHASE2 = ["resume_tp2_equals_uninterrupted", "resume_dp2_distributed_optimizer_equals_uninterrupted",
           "reshard_tp2_to_tp1_dp2", "reshard_tp2_to_pp2", "reshard_pp2_to_tp2",
-          "load_error_different_model", "load_error_different_vocab_padding",
+          "load_error_different_model", "load_different_vocab_padding",
           "load_error_optimizer_kind_mismatch", "load_error_distributed_optimizer_across_tp",
           "load_weights_only",
           "next_save_removes_interrupted_save", "next_save_replaces_orphaned_checkpoint"]

@@ -110,3 +110,9 @@ def test_config_docs_are_current():
     assert doc.endswith(markdown_table(TrainConfig)), (
         "docs/training-config.md is stale: regenerate the table with "
         "`python -m scope_megatron.training.config --markdown`")
+
+
+def test_checkpoint_loads_into_a_differently_padded_model():
+    r = _launch("paddings")
+    assert r["shapes"] == [[2, 12, 32], [2, 12, 40]]
+    assert r["max_diff"] <= 1e-6 * max(1.0, r["scale"]), r

@@ -84,3 +84,31 @@ def learning(ctx):
     finally:
         trainer.close()
     return {"before": before, "after": after}
+
+
+def paddings(ctx):
+    """The toy teacher checkpoint (32 padded rows) loaded at TP=2 into teachers padded to 32 and
+    to 40 rows: the real vocabulary's logits agree (padding rows may differ between checkpoint and
+    model, e.g. a teacher built with the student's padding)."""
+    import dataclasses
+
+    from scope_megatron.training import checkpoint, models, platform
+    from scope_megatron.training.config import toy_teacher
+    from scope_megatron.training.schedule import gather_vocab_shards
+
+    platform.init_distributed()
+    platform.apply_cpu_shims()
+    platform.initialize_parallel(2, 1)
+    platform.seed_everything(ctx.seed % 100000)
+    try:
+        tokens = torch.randint(3, 18, (2, 12), generator=torch.Generator().manual_seed(ctx.seed))
+        logits = []
+        for padded in (32, 40):
+            chunk = models.freeze(models.build_model_chunks(dataclasses.replace(toy_teacher(), padded_vocab=padded))[0])
+            checkpoint.load_checkpoint(REPO / "checkpoints/toy/teacher", [chunk])
+            logits.append(gather_vocab_shards(models.forward_logits(chunk, tokens)))
+        return {"shapes": [list(x.shape) for x in logits],
+                "max_diff": float((logits[0][..., :18] - logits[1][..., :18]).abs().max()),
+                "scale": float(logits[0][..., :18].abs().max())}
+    finally:
+        platform.destroy_parallel()
