@@ -44,6 +44,16 @@ if [ -x tools/run_cpp_tests.sh ]; then
   tools/run_cpp_tests.sh --build-dir "$OUT/cpp" 2>&1 | tee "$OUT/cpp_tests.log" | tail -15 || status=1
 fi
 
+echo "== trainer smoke (toy run, 1 GPU, bf16: NCCL, TE layers if installed, CUDA kernels)"
+if "$PY" -c "import megatron.core" >/dev/null 2>&1; then
+  timeout 300 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
+    --train-iters 6 --eval-interval 3 --eval-num-prompts 32 --save "$OUT/gpu_run/ckpt" \
+    --save-interval 3 --log-dir "$OUT/gpu_run" --logging-overwrite true \
+    >"$OUT/gpu_run.log" 2>&1 && tail -3 "$OUT/gpu_run.log" || { tail -30 "$OUT/gpu_run.log"; status=1; }
+else
+  echo "megatron-core is not installed here: carry a cp312 wheel in .whl/ (see the device README)"
+fi
+
 echo "== benchmark"
 "$PY" tools/bench_ops.py --device cuda --repeats ${BENCH_REPEATS:-10} --timeout 240 \
   --out "$OUT/ops_cuda.csv" --markdown "$OUT/ops_cuda.md" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[bench\] wrote" || status=1
