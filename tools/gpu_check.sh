@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, in one call of about 8 minutes, build the extension with its
-# CUDA kernels, run the CUDA tests, benchmark the ops against torch eager / torch.compile and the
-# bandwidth floors, and print a short table. Logs and results go to $OUT (default build/gpu_check).
+# CUDA kernels, run the CUDA tests, a short toy training run, benchmark the ops against torch eager /
+# torch.compile and the bandwidth floors, and print a short table. Logs and results (8 files) go
+# to $OUT (default build/gpu_check); bulky outputs (C++ build, the run's checkpoints) to /tmp.
 #
 #   tools/gpu_check.sh                 # H100: TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16 by default
 #
@@ -41,14 +42,14 @@ status=0
   2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
 if [ -x tools/run_cpp_tests.sh ]; then
   echo "== C++ tests (CPU and CUDA kernels)"
-  tools/run_cpp_tests.sh --build-dir "$OUT/cpp" 2>&1 | tee "$OUT/cpp_tests.log" | tail -15 || status=1
+  tools/run_cpp_tests.sh --build-dir /tmp/scope_gpu_check/cpp 2>&1 | tee "$OUT/cpp_tests.log" | tail -15 || status=1
 fi
 
 echo "== trainer smoke (toy run, 1 GPU, bf16: NCCL, TE layers if installed, CUDA kernels)"
 if "$PY" -c "import megatron.core" >/dev/null 2>&1; then
   timeout 300 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
-    --train-iters 6 --eval-interval 3 --eval-num-prompts 32 --save "$OUT/gpu_run/ckpt" \
-    --save-interval 3 --log-dir "$OUT/gpu_run" --logging-overwrite true \
+    --train-iters 6 --eval-interval 3 --eval-num-prompts 32 --save /tmp/scope_gpu_check/run/ckpt \
+    --save-interval 3 --log-dir /tmp/scope_gpu_check/run --logging-overwrite true \
     >"$OUT/gpu_run.log" 2>&1 && tail -3 "$OUT/gpu_run.log" || { tail -30 "$OUT/gpu_run.log"; status=1; }
 else
   echo "megatron-core is not installed here: carry a cp312 wheel in .whl/ (see the device README)"
