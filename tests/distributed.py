@@ -66,6 +66,21 @@ def run_workers(entry: str, world_size: int, *, seed: int, timeout: float = 300.
         return results
 
 
+def run_checks(checks: dict, ctx) -> dict:
+    """Runs each named check(ctx) in order; returns {name: None or the traceback}, for the pytest
+    side to report each check as its own test (a failing check does not hide the others)."""
+    import traceback
+
+    results = {}
+    for name, fn in checks.items():
+        try:
+            fn(ctx)
+            results[name] = None
+        except Exception:  # reported per check by the pytest side
+            results[name] = traceback.format_exc()
+    return results
+
+
 def _worker_main(entry: str, rank: int, world_size: int, tmp: str, seed: int, timeout: float) -> None:
     faulthandler.dump_traceback_later(timeout, exit=True)
     import torch

@@ -8,13 +8,12 @@ size, or missing a cross-shard term, fails these comparisons.
 """
 from __future__ import annotations
 
-import traceback
-
 import torch
 import torch.distributed as dist
 
 from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
 from scope_megatron.ops.reference import kl_reference, logprob_reference
+from tests.distributed import run_checks
 from tests.helpers import assert_grad_close, random_logits, value_tolerance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -255,11 +254,4 @@ def checks_for(world_size: int) -> dict:
 
 def run(ctx) -> dict:
     """Runs every check for this world size; returns {check: None or the error text}."""
-    results = {}
-    for name, fn in checks_for(ctx.world_size).items():
-        try:
-            fn(ctx)
-            results[name] = None
-        except Exception:  # reported per check by the pytest side
-            results[name] = traceback.format_exc()
-    return results
+    return run_checks(checks_for(ctx.world_size), ctx)

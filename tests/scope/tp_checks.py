@@ -9,12 +9,12 @@ shard instead of globally, or a normalizer missing another shard's mass fails th
 """
 from __future__ import annotations
 
-import traceback
 
 import torch
 import torch.distributed as dist
 
 from scope_megatron.scope import ScopeConfig, compute_loss
+from tests.distributed import run_checks
 from tests.scope.problems import (fresh_leaf, layout, make_batch, make_problem, reference_loss,
                                   sampled_kl_policy_gradient_loss)
 
@@ -145,11 +145,4 @@ def run(ctx) -> dict:
     """Runs every check; returns {check: None or the error text}."""
     global GROUP
     GROUP = dist.group.WORLD
-    results = {}
-    for name, fn in checks().items():
-        try:
-            fn(ctx)
-            results[name] = None
-        except Exception:  # reported per check by the pytest side
-            results[name] = traceback.format_exc()
-    return results
+    return run_checks(checks(), ctx)
