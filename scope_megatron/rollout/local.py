@@ -4,11 +4,15 @@ The engine holds the decoding loop (batching, stopping, bookkeeping, log-probs);
 a small adapter, so that the same loop serves a plain PyTorch model in tests and the Megatron
 student (tensor- and pipeline-parallel) in the trainer (scope_megatron.training).
 
-No KV cache: every step runs the model on the whole prefix (prompt + tokens so far), which costs
-O(length^2) per response instead of O(length). That keeps one code path for every parallel layout
-(pipeline stages included) with no cache to invalidate after each optimizer step, and it is cheap
-for the short responses of the embedded toy task. Long-response training is meant to sample with
-SGLang (the SGLang issue), behind the same RolloutEngine interface.
+Two decoding paths:
+- incremental (KV cache), when the model offers it (IncrementalDecodingModel) and every prompt
+  of the call has the same length: the rows advance in lockstep, one token per step, each step
+  reusing the cached keys and values (O(length) per response);
+- full recompute otherwise: every step runs the model on each active row's whole prefix
+  (O(length^2) per response), which needs no cache and serves rows of different lengths.
+Both draw the same noise for the same (seed, key), so they sample the same responses up to
+floating-point rounding of the logits. Long-response training at scale samples with SGLang (the
+SGLang issue) behind the same RolloutEngine interface.
 """
 from __future__ import annotations
 
@@ -39,6 +43,23 @@ class DecodingModel(Protocol):
     def next_token_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> Optional[torch.Tensor]: ...
 
     def share(self, t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor: ...
+
+
+class IncrementalDecodingModel(DecodingModel, Protocol):
+    """A DecodingModel with a KV cache for rows that advance in lockstep.
+
+    begin(prefix, max_new_tokens): prefix [N, P] int64 (no padding: every row has P tokens), at
+      most max_new_tokens to follow; returns the logits of each row's next token [N, V] (or None
+      on ranks without them, as next_token_logits).
+    advance(tokens): tokens [N] int64 appended to every row; returns the next logits likewise.
+    end(): drops the cache.
+    """
+
+    def begin(self, prefix: torch.Tensor, max_new_tokens: int) -> Optional[torch.Tensor]: ...
+
+    def advance(self, tokens: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+    def end(self) -> None: ...
 
 
 class LocalEngine(RolloutEngine):
@@ -82,33 +103,46 @@ class LocalEngine(RolloutEngine):
         stop = torch.tensor(params.stop_token_ids or (-1,), dtype=torch.int64, device=self.device)
         generator = self.generator(params, key)
         rows_idx = torch.arange(rows, device=self.device)
-        for t in range(steps):
-            active = torch.nonzero(~done).flatten()
-            current = int((lengths[active]).max())
-            logits = self.model.next_token_logits(tokens[active, :current], lengths[active] - 1)
-            # Noise for every row, finished ones too, on every rank (also those without logits):
-            # a row's samples then depend neither on when other rows finish nor on the rank.
-            noise = (torch.rand((rows, self.model.vocab_size), generator=generator, device=self.device)
-                     if params.temperature > 0 else None)
-            sampled = None
-            if logits is not None:
-                if logits.shape != (active.numel(), self.model.vocab_size):
-                    raise ValueError(f"LocalEngine: next_token_logits returned {tuple(logits.shape)}, "
-                                     f"expected {(active.numel(), self.model.vocab_size)}")
-                tok, lp = sample_tokens(logits, params, None if noise is None else noise[active])
-                sampled = torch.stack([tok.to(torch.float64), lp.to(torch.float64)])
-            shared = self.model.share(sampled, like=torch.empty(2, active.numel(), dtype=torch.float64,
-                                                                device=self.device))
-            tok, lp = shared[0].to(torch.int64), shared[1].to(torch.float32)
-            tokens[active, lengths[active]] = tok
-            logprobs[active, t] = lp
-            lengths[active] += 1
-            hit = (tok.unsqueeze(-1) == stop).any(-1)
-            finished[active] = hit
-            done[active] = hit
-            done |= (lengths - prompt_lengths) >= steps
-            if bool(done.all()):
-                break
+        incremental = hasattr(self.model, "begin") and bool((prompt_lengths == prompt_lengths[0]).all())
+        if incremental:
+            logits_all = self.model.begin(tokens[:, :int(prompt_lengths[0])], steps)
+        try:
+            for t in range(steps):
+                active = torch.nonzero(~done).flatten()
+                if incremental:
+                    logits = None if logits_all is None else logits_all[active]
+                else:
+                    current = int((lengths[active]).max())
+                    logits = self.model.next_token_logits(tokens[active, :current], lengths[active] - 1)
+                # Noise for every row, finished ones too, on every rank (also those without
+                # logits): a row's samples depend neither on when other rows finish, nor on the
+                # rank, nor on the decoding path.
+                noise = (torch.rand((rows, self.model.vocab_size), generator=generator, device=self.device)
+                         if params.temperature > 0 else None)
+                sampled = None
+                if logits is not None:
+                    if logits.shape != (active.numel(), self.model.vocab_size):
+                        raise ValueError(f"LocalEngine: the model returned logits {tuple(logits.shape)}, "
+                                         f"expected {(active.numel(), self.model.vocab_size)}")
+                    tok, lp = sample_tokens(logits, params, None if noise is None else noise[active])
+                    sampled = torch.stack([tok.to(torch.float64), lp.to(torch.float64)])
+                shared = self.model.share(sampled, like=torch.empty(2, active.numel(), dtype=torch.float64,
+                                                                    device=self.device))
+                tok, lp = shared[0].to(torch.int64), shared[1].to(torch.float32)
+                tokens[active, lengths[active]] = tok
+                logprobs[active, t] = lp
+                lengths[active] += 1
+                hit = (tok.unsqueeze(-1) == stop).any(-1)
+                finished[active] = hit
+                done[active] = hit
+                done |= (lengths - prompt_lengths) >= steps
+                if bool(done.all()):
+                    break
+                if incremental:  # finished rows are fed their last token; their outputs are unused
+                    logits_all = self.model.advance(tokens[rows_idx, lengths - 1])
+        finally:
+            if incremental:
+                self.model.end()
         response_len = lengths - prompt_lengths
         steps_taken = int(response_len.max())
         offsets = torch.arange(steps_taken, device=self.device)

@@ -32,7 +32,7 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: List[MicroBatch],
-                     output_fn: Callable, *, forward_only: bool) -> List:
+                     output_fn: Callable, *, forward_only: bool, model_kwargs: Optional[Dict] = None) -> List:
     """Runs the chunks over the micro-batches with Megatron's schedule for this layout.
 
     output_fn(micro_batch, output_tensor) runs on the last pipeline stage with the model's output
@@ -42,7 +42,8 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         over `count` units (int tensor); gradients are those of sum(loss_sum) / sum(count) over all
         micro-batches and data-parallel ranks (the model's config must set
         calculate_per_token_loss=True). The metrics of every micro-batch come back.
-    Other stages get []. Gradients accumulate in the chunks' DDP buffers.
+    Other stages get []. Gradients accumulate in the chunks' DDP buffers. model_kwargs are passed
+    to every model call (e.g. an inference context).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -56,7 +57,7 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.tokens, mb.position_ids, None)
+        output = model(mb.tokens, mb.position_ids, None, **(model_kwargs or {}))
         if forward_only:
             return output, lambda out, non_loss_data=True: output_fn(mb, out)
         return output, lambda out: output_fn(mb, out)
@@ -116,8 +117,12 @@ def pad_rows(t: torch.Tensor, rows: int, value) -> torch.Tensor:
 
 class MegatronDecoder:
     """The trainer's model as a rollout.DecodingModel: next-token logits through the pipeline,
-    gathered over tensor parallelism (every TP rank of the last stage holds the same values),
-    and the sampled tokens broadcast from the last stage to the other stages."""
+    gathered over tensor parallelism (every TP rank of the last stage holds the same values), and
+    the sampled tokens broadcast from the last stage to the other stages.
+
+    It is also an IncrementalDecodingModel: begin / advance / end decode rows in lockstep with
+    Megatron's static KV cache (StaticInferenceContext), one micro-batch of all rows per step.
+    """
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], *, vocab_size: int,
                  micro_batch_size: int, pad_id: int):
@@ -125,6 +130,18 @@ class MegatronDecoder:
         self.vocab_size = int(vocab_size)
         self.micro_batch_size = int(micro_batch_size)
         self.pad_id = int(pad_id)
+        self._cache = None
+        self._training = None
+
+    def _eval(self) -> None:
+        self._training = [chunk.training for chunk in self.model_chunks]
+        for chunk in self.model_chunks:
+            chunk.eval()
+
+    def _restore(self) -> None:
+        for chunk, mode in zip(self.model_chunks, self._training or []):
+            chunk.train(mode)
+        self._training = None
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> Optional[torch.Tensor]:
@@ -139,18 +156,47 @@ class MegatronDecoder:
         def at_last_position(mb, logits):
             return logits[torch.arange(logits.shape[0], device=logits.device), mb.extra["last"]].float()
 
-        training = [chunk.training for chunk in self.model_chunks]
-        for chunk in self.model_chunks:
-            chunk.eval()
+        self._eval()
         try:
             outputs = run_microbatches(self.model_chunks, micro_batches, at_last_position, forward_only=True)
         finally:
-            for chunk, mode in zip(self.model_chunks, training):
-                chunk.train(mode)
+            self._restore()
         if not is_last_stage():
             return None
         return gather_vocab_shards(torch.cat(outputs))[:n, :self.vocab_size]
 
+    # ---- incremental decoding (KV cache) -------------------------------------------------------
+
+    @torch.no_grad()
+    def begin(self, prefix: torch.Tensor, max_new_tokens: int) -> Optional[torch.Tensor]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        n, p = prefix.shape
+        self._cache = StaticInferenceContext(n, p + max_new_tokens)
+        self._eval()
+        return self._step(prefix, position_ids_for(prefix))
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        offset = self._cache.sequence_len_offset
+        positions = torch.full((tokens.shape[0], 1), offset, dtype=torch.int64, device=tokens.device)
+        return self._step(tokens.unsqueeze(1), positions)
+
+    def end(self) -> None:
+        self._cache = None
+        self._restore()
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """One forward of every row through the cache; the gathered next-token logits."""
+        outputs = run_microbatches(
+            self.model_chunks, [MicroBatch(tokens, positions, {})],
+            lambda mb, logits: logits[:, -1].float(), forward_only=True,
+            model_kwargs={"inference_context": self._cache, "runtime_gather_output": True})
+        self._cache.sequence_len_offset += tokens.shape[1]
+        self._cache.enable_decode_mode()
+        if not is_last_stage():
+            return None
+        return outputs[0][:, :self.vocab_size]
+
     def share(self, t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         return broadcast_from_last_stage(t, like)
-

@@ -118,3 +118,21 @@ def test_ranks_without_logits_get_the_same_rollouts():
                           timeout=120)
     assert all(r["same_as_single_process"] for r in results)
     assert results[0]["ids"] == results[1]["ids"]
+
+
+def test_incremental_path_samples_what_full_recompute_samples(gen):
+    from tests.rollout.toy_models import CachedBigramModel
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    cached = CachedBigramModel(12, 64, torch.Generator().manual_seed(seed))
+    plain = BigramModel(12, 64, torch.Generator().manual_seed(seed))
+    params = SamplingParams(n=4, temperature=1.0, top_k=6, max_new_tokens=10, stop_token_ids=(EOS,), seed=5)
+    a = LocalEngine(cached, pad_id=PAD).generate([[2, 3, 4], [5, 6, 7]], params, key=3)
+    b = LocalEngine(plain, pad_id=PAD).generate([[2, 3, 4], [5, 6, 7]], params, key=3)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs)
+    assert cached.cache is None  # end() ran
+    # prompts of different lengths fall back to full recompute
+    c = LocalEngine(cached, pad_id=PAD).generate([[2, 3], [5, 6, 7]], params, key=3)
+    d = LocalEngine(plain, pad_id=PAD).generate([[2, 3], [5, 6, 7]], params, key=3)
+    assert torch.equal(c.response_ids, d.response_ids)

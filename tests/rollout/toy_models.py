@@ -26,3 +26,26 @@ class BigramModel:
 
     def share(self, t, like):
         return t
+
+
+class CachedBigramModel(BigramModel):
+    """BigramModel with the incremental protocol: the 'cache' is the rows' last token and length."""
+
+    def begin(self, prefix, max_new_tokens):
+        self.cache = {"last": prefix[:, -1].clone(), "length": prefix.shape[1], "limit": prefix.shape[1] + max_new_tokens}
+        self.calls += 1
+        return self._current()
+
+    def advance(self, tokens):
+        assert self.cache["length"] < self.cache["limit"], "advanced past max_new_tokens"
+        self.cache["last"], self.cache["length"] = tokens.clone(), self.cache["length"] + 1
+        self.calls += 1
+        return self._current()
+
+    def end(self):
+        self.cache = None
+
+    def _current(self):
+        last = self.cache["last"]
+        position = torch.full_like(last, self.cache["length"] - 1)
+        return self.table[last] + self.position_bias[position]

@@ -116,3 +116,10 @@ def test_checkpoint_loads_into_a_differently_padded_model():
     r = _launch("paddings")
     assert r["shapes"] == [[2, 12, 32], [2, 12, 40]]
     assert r["max_diff"] <= 1e-6 * max(1.0, r["scale"]), r
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_kv_cache_decoding_matches_full_recompute(layout):
+    r = _launch("decoding")[layout]
+    assert r["same_ids"] and r["logprob_diff"] < 1e-4, r
+    assert r["finished"] > 0.5, r  # the student writes real responses, not noise

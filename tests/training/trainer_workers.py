@@ -112,3 +112,43 @@ def paddings(ctx):
                 "scale": float(logits[0][..., :18].abs().max())}
     finally:
         platform.destroy_parallel()
+
+
+def decoding(ctx):
+    """LocalEngine on the toy student at TP=2 and at PP=2: the KV-cache path samples what full
+    recompute (micro-batched) samples."""
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
+    from scope_megatron.rollout import LocalEngine, SamplingParams
+    from scope_megatron.training import checkpoint, models, platform
+    from scope_megatron.training.config import toy_student
+    from scope_megatron.training.schedule import MegatronDecoder
+
+    platform.init_distributed()
+    platform.apply_cpu_shims()
+    world = ToyArithmetic(ToyArithmeticConfig())
+    prompts = [world.prompt_ids(p) for p in world.held_out[:4]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=34, stop_token_ids=(world.tokenizer.eos_id,),
+                            seed=ctx.seed % 100000)
+    out = {}
+    for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2)}.items():
+        platform.initialize_parallel(tp, pp)
+        platform.seed_everything(0)
+        try:
+            chunks = models.build_model_chunks(toy_student())
+            checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", chunks)
+            decoder = MegatronDecoder(chunks, vocab_size=world.tokenizer.vocab_size, micro_batch_size=5,
+                                      pad_id=world.tokenizer.pad_id)
+
+            class FullRecompute:  # the same decoder without its KV cache
+                vocab_size = decoder.vocab_size
+                next_token_logits = decoder.next_token_logits
+                share = decoder.share
+
+            a = LocalEngine(decoder, pad_id=world.tokenizer.pad_id).generate(prompts, params, key=1)
+            b = LocalEngine(FullRecompute(), pad_id=world.tokenizer.pad_id).generate(prompts, params, key=1)
+            out[name] = {"same_ids": bool(torch.equal(a.response_ids, b.response_ids)),
+                         "logprob_diff": float((a.logprobs - b.logprobs).abs().max()),
+                         "finished": float(a.finished.float().mean())}
+        finally:
+            platform.destroy_parallel()
+    return out
