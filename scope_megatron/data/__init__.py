@@ -3,6 +3,7 @@
   CharTokenizer, PAD_ID, BOS_ID, EOS_ID      fixed-vocabulary character tokenizer
   ToyArithmetic, ToyArithmeticConfig,        the toy addition task: prompts, carry-trace
   AdditionProblem, TOY_TOKENIZER             solutions, splits, corruption hook
+  FAMILIES, family                           named problem families (breakdowns, blind spots)
   make_prompt_batch, PromptBatch             prompts -> [B, P] ids + mask, group ids for G rollouts
   make_sft_batch, SFTBatch                   prompt + response -> tokens + response mask
 
@@ -10,12 +11,12 @@ No Megatron here: the trainer's glue calls into this package.
 """
 from .batching import PromptBatch, SFTBatch, make_prompt_batch, make_sft_batch
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CharTokenizer
-from .toy_arithmetic import (TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
-                             ToyArithmetic, ToyArithmeticConfig)
+from .toy_arithmetic import (FAMILIES, TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
+                             ToyArithmetic, ToyArithmeticConfig, family)
 
 __all__ = [
     "CharTokenizer", "SPECIAL_TOKENS", "PAD_ID", "BOS_ID", "EOS_ID",
     "ToyArithmetic", "ToyArithmeticConfig", "AdditionProblem", "TOY_SYMBOLS", "TOY_TOKENIZER",
-    "TRACE_STYLES",
+    "TRACE_STYLES", "FAMILIES", "family",
     "PromptBatch", "make_prompt_batch", "SFTBatch", "make_sft_batch",
 ]

@@ -110,6 +110,29 @@ def _column_sums(p: AdditionProblem,
     return rows
 
 
+def _odd_hundreds_carry(p: AdditionProblem) -> bool:
+    return (p.a // 100) % 2 == 1 and ToyArithmetic.carry_into(p, 2) == 1
+
+
+# Named families of problems: evaluation breakdowns, and blind spots of a deliberately wrong
+# teacher (tools/make_toy_checkpoints.py --teacher-blind-spot). A family is a rule a model can
+# read off the prompt, so a teacher trained to get it wrong is confidently wrong there.
+FAMILIES = {
+    # the carry into the hundreds column when a's hundreds digit is odd (about 1 problem in 4)
+    "odd_hundreds_carry": _odd_hundreds_carry,
+    "carry_into_hundreds": lambda p: ToyArithmetic.carry_into(p, 2) == 1,
+}
+# The column whose carry a blind-spot teacher drops, per family.
+BLIND_SPOT_COLUMN = {"odd_hundreds_carry": 2, "carry_into_hundreds": 2}
+
+
+def family(name: str):
+    """The predicate AdditionProblem -> bool of a named family (FAMILIES)."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown problem family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
 class ToyArithmetic:
     """Problems, splits and token ids of the toy addition world (see the module docstring)."""
 

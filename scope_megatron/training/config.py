@@ -148,7 +148,7 @@ class CheckpointConfig:
     load: Optional[str] = option(f"{TOY_CHECKPOINTS}/student", flag="--load", help=(
         "student starting point (a dist_checkpointing directory); null = random init"))
     teacher_load: Optional[str] = option(f"{TOY_CHECKPOINTS}/teacher", flag="--teacher-load", help=(
-        "teacher checkpoint (required unless algorithm is grpo)"))
+        "teacher checkpoint (required when the loss has a distillation term; unused otherwise)"))
     save: Optional[str] = option("runs/toy_scope/checkpoints", flag="--save", help=(
         "directory of this run's checkpoints; null = none"))
     save_interval: int = option(50, flag="--save-interval", help="steps between checkpoints (and the last step)")
@@ -175,10 +175,18 @@ class TaskConfig:
     digits: int = option(3, help="toy_arithmetic: operand digits")
     reward_fn: str = option("scope_megatron.rewards.verifier:boxed_match", help=(
         "reward function, 'module:function' (response_text, reference, *, metadata) -> [0, 1]"))
+    eval_families: Tuple[str, ...] = option((), help=(
+        "toy_arithmetic: problem families (scope_megatron.data.FAMILIES) whose held-out Avg@k / "
+        "Pass@k are also reported, with their complements"))
 
     def __post_init__(self):
         if self.name != "toy_arithmetic":
             raise ValueError(f"task.name {self.name!r} is not available yet; use 'toy_arithmetic'")
+        from scope_megatron.data import FAMILIES
+
+        unknown = [f for f in self.eval_families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"task.eval_families: unknown {unknown}; choose from {sorted(FAMILIES)}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,7 @@ class TrainConfig:
             raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups)")
-        if self.scope.algorithm != "grpo" and self.checkpoint.teacher_load is None:
+        if self.scope.uses_teacher and self.checkpoint.teacher_load is None:
             raise ValueError(f"algorithm {self.scope.algorithm!r} distills from a teacher: set "
                              "checkpoint.teacher_load (--teacher-load)")
 

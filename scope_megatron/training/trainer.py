@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from scope_megatron.data.toy_arithmetic import AdditionProblem, ToyArithmetic, ToyArithmeticConfig
+from scope_megatron.data.toy_arithmetic import AdditionProblem, ToyArithmetic, ToyArithmeticConfig, family
 from scope_megatron.eval import summarize
 from scope_megatron.rewards import load_reward_fn, score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
@@ -91,7 +91,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> int:
     if cfg.student.vocab_size != vocab:
         raise ConfigError(f"student.vocab_size {cfg.student.vocab_size} is not the task tokenizer's "
                           f"{vocab}; the model must be built for the task's vocabulary")
-    if cfg.scope.algorithm != "grpo":
+    if cfg.scope.uses_teacher:
         try:
             models.check_same_vocab(cfg.student, cfg.teacher, cfg.parallel.tensor_model_parallel_size)
         except ValueError as exc:
@@ -102,7 +102,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"checkpoint.load {c.load!r} holds no checkpoint; build the toy starting "
                           "points with tools/make_toy_checkpoints.py, fix the path, or pass "
                           "--load null to start from random weights")
-    if cfg.scope.algorithm != "grpo" and not checkpoint.has_checkpoint(c.teacher_load):
+    if cfg.scope.uses_teacher and not checkpoint.has_checkpoint(c.teacher_load):
         raise ConfigError(f"checkpoint.teacher_load {c.teacher_load!r} holds no checkpoint; the "
                           f"teacher must be trained (algorithm {cfg.scope.algorithm!r})")
     return dp
@@ -128,7 +128,7 @@ class Trainer:
         platform.seed_everything(cfg.training.seed)
         self.task = build_task(cfg)
         vocab = self.task.tokenizer.vocab_size
-        self.uses_teacher = cfg.scope.algorithm != "grpo"
+        self.uses_teacher = cfg.scope.uses_teacher
         dtype = params_dtype(cfg)
         self.student = parallel.wrap_ddp(
             models.build_model_chunks(cfg.student, params_dtype=dtype, calculate_per_token_loss=True),
@@ -253,8 +253,19 @@ class Trainer:
         gathered = _gather_to_rank0(grades)
         if gathered is None:
             return {}
-        summary = summarize(torch.cat(gathered), ks=e.pass_ks)
-        return {f"eval/{k}": float(v) for k, v in summary.items() if k.startswith(("Avg@", "Pass@"))}
+        grades = torch.cat(gathered)  # [problems, k] in held_out order (replicas in rank order)
+        out = self._summary("eval", grades)
+        for name in self.cfg.task.eval_families:
+            inside = torch.tensor([family(name)(p) for p in held_out])
+            out.update(self._summary(f"eval/{name}", grades[inside]))
+            out.update(self._summary(f"eval/not_{name}", grades[~inside]))
+        return out
+
+    def _summary(self, prefix: str, grades: torch.Tensor) -> Dict[str, float]:
+        if grades.shape[0] == 0:
+            return {}
+        summary = summarize(grades, ks=self.cfg.eval.pass_ks)
+        return {f"{prefix}/{k}": float(v) for k, v in summary.items() if k.startswith(("Avg@", "Pass@"))}
 
     # ---- the loop ------------------------------------------------------------------------------
 

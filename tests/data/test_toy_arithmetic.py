@@ -121,3 +121,18 @@ def test_bad_arguments_fail_with_the_fix():
         TASK.solution_text(AdditionProblem(10, 10), drop_carry_into=0)
     with pytest.raises(ValueError, match="trace style"):
         TASK.solution_text(AdditionProblem(10, 10), style="long")
+
+
+def test_families_are_rules_on_the_prompt():
+    from scope_megatron.data import FAMILIES, family
+    from scope_megatron.data.toy_arithmetic import AdditionProblem
+
+    odd = family("odd_hundreds_carry")
+    assert odd(AdditionProblem(150, 160)) and not odd(AdditionProblem(250, 160))  # 5+6 carries; a's 1 odd / 2 even
+    assert not odd(AdditionProblem(110, 120))  # no carry into the hundreds
+    world = ToyArithmetic(ToyArithmeticConfig())
+    share = sum(odd(p) for p in world.held_out) / len(world.held_out)
+    assert 0.15 < share < 0.35, share
+    assert set(FAMILIES) >= {"odd_hundreds_carry", "carry_into_hundreds"}
+    with pytest.raises(ValueError, match="unknown problem family"):
+        family("nope")
