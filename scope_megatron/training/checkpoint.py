@@ -297,6 +297,12 @@ def _metadata(step: int, chunks, opt_format, has_scheduler: bool) -> dict:
     }
 
 
+def describe(step: int, model_chunks: Sequence[torch.nn.Module]) -> dict:
+    """The scope_checkpoint.json record of a weights-only checkpoint of these chunks, for writers
+    that produce this format without save_checkpoint (the Hugging Face converter)."""
+    return _metadata(step, model_chunks, None, False)
+
+
 def _publish(root: Path, tmp: Path, final: Path, meta: dict, keep_last: Optional[int]) -> None:
     """Rank 0, after every rank wrote its part: metadata, fsync, rename, `latest`, pruning."""
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=str))

@@ -252,7 +252,8 @@ def transformer_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.fl
     return TransformerConfig(**fields)
 
 
-def _layer_spec(cfg: ModelConfig, use_te: bool):
+def layer_spec(cfg: ModelConfig, use_te: bool):
+    """The transformer layer spec of `cfg`: TransformerEngine layers or Megatron's local ones."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -294,7 +295,7 @@ def build_gpt_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
-        config=config, transformer_layer_spec=_layer_spec(cfg, use_te),
+        config=config, transformer_layer_spec=layer_spec(cfg, use_te),
         vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, parallel_output=True,

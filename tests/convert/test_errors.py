@@ -1,0 +1,99 @@
+"""Bad inputs: each is a ConversionError naming the problem, raised before any output exists,
+and leaves nothing at the output path (no directory, no temporary sibling)."""
+import json
+import shutil
+
+import pytest
+
+from scope_megatron.convert import ConversionError, convert_hf_to_megatron, export_hf
+
+
+def _copy(workspace, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(workspace / "hf" / name, dst)
+    return dst
+
+
+def _nothing_written(out):
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_unknown_architecture_lists_supported(workspace, tmp_path):
+    hf = _copy(workspace, "llama_tied", tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(config, architectures=["MistralForCausalLM"],
+                                                    model_type="mistral")))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="unsupported architecture MistralForCausalLM; supported: "
+                       "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        convert_hf_to_megatron(hf, out)
+    _nothing_written(out)
+
+
+def test_missing_shard_file_is_named(workspace, tmp_path):
+    hf = _copy(workspace, "qwen2_bias_sharded", tmp_path)
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=f"names shard file.* missing .*{shard.name}"):
+        convert_hf_to_megatron(hf, out)
+    _nothing_written(out)
+
+
+def test_truncated_safetensors_is_named(workspace, tmp_path):
+    hf = _copy(workspace, "llama_tied", tmp_path)
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="model.safetensors is truncated"):
+        convert_hf_to_megatron(hf, out)
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("tp,pp,message", [
+    (4, 1, "num_query_groups 2 is not divisible by TP=4"),
+    (3, 1, "num_attention_heads 4 is not divisible by TP=3"),
+    (1, 4, "num_layers 2 is not divisible by PP=4"),
+])
+def test_layout_not_dividing_the_model(workspace, tmp_path, tp, pp, message):
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=message):
+        convert_hf_to_megatron(workspace / "hf" / "llama_gqa_untied", out, tp=tp, pp=pp)
+    _nothing_written(out)
+
+
+def test_existing_outputs_are_refused(workspace, tmp_path):
+    hf = workspace / "hf" / "llama_tied"
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "latest").write_text("iter_0000000\n")
+    with pytest.raises(ConversionError, match="already holds a Megatron checkpoint; pass --overwrite"):
+        convert_hf_to_megatron(hf, held)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ConversionError, match="holds no Megatron checkpoint.*never replaced"):
+            convert_hf_to_megatron(hf, other, overwrite=overwrite)
+        with pytest.raises(ConversionError, match="holds no Hugging Face model.*never replaced"):
+            export_hf(tmp_path / "no-checkpoint", hf, other, overwrite=overwrite)
+    assert (held / "latest").read_text() == "iter_0000000\n" and (other / "notes.txt").exists()
+
+
+def test_export_refuses_a_template_of_another_model(workspace, single, tmp_path):
+    """(uses a checkpoint converted by the single launch)"""
+    ckpt = workspace / "mg" / "qwen3_qknorm"
+    template = _copy(workspace, "qwen3_qknorm", tmp_path)
+    config = json.loads((template / "config.json").read_text())
+    (template / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3, head_dim=16)))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="describes another model .*num_layers: model 2, template 3; "
+                       "head_dim: model 32, template 16"):
+        export_hf(ckpt, template, out)
+    (template / "config.json").write_text(json.dumps(dict(config, vocab_size=40)))
+    with pytest.raises(ConversionError, match="vocab_size 40 cannot hold the model's vocabulary of 61"):
+        export_hf(ckpt, template, out)
+    with pytest.raises(ConversionError, match="holds no checkpoint"):
+        export_hf(tmp_path, template, out)
+    _nothing_written(out)
