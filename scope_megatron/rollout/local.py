@@ -5,9 +5,10 @@ a small adapter, so that the same loop serves a plain PyTorch model in tests and
 student (tensor- and pipeline-parallel) in the trainer (scope_megatron.training).
 
 Two decoding paths:
-- incremental (KV cache), when the model offers it (IncrementalDecodingModel) and every prompt
-  of the call has the same length: the rows advance in lockstep, one token per step, each step
-  reusing the cached keys and values (O(length) per response);
+- incremental (KV cache), when the model offers it (IncrementalDecodingModel): the rows of
+  prompts of one length advance in lockstep, one token per step, each step reusing the cached keys
+  and values (O(length) per response); prompts of different lengths are decoded in one lockstep
+  batch per length (with sampling keys derived from the call's key and the length);
 - full recompute otherwise: every step runs the model on each active row's whole prefix
   (O(length^2) per response), which needs no cache and serves rows of different lengths.
 Both draw the same noise for the same (seed, key), so they sample the same responses up to
@@ -82,6 +83,36 @@ class LocalEngine(RolloutEngine):
         digest = hashlib.sha256(f"{params.seed}/{key}/{self.stream_seed}".encode()).digest()
         return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
+    def _generate_by_length(self, prompts, params: SamplingParams, key: int, lengths) -> Rollouts:
+        """One incremental batch per prompt length, merged back into the prompts' order."""
+        parts = []
+        for length in lengths:
+            index = [i for i, p in enumerate(prompts) if len(p) == length]
+            parts.append((index, self.generate([prompts[i] for i in index], params,
+                                               key=key * 1_000_003 + length)))
+        n = params.n
+        total = len(prompts) * n
+        width = max(r.response_ids.shape[1] for _, r in parts)
+        prompt_width = max(r.prompt_ids.shape[1] for _, r in parts)
+        out = {
+            "prompt_ids": torch.full((total, prompt_width), self.pad_id, dtype=torch.int64, device=self.device),
+            "prompt_lengths": torch.zeros(total, dtype=torch.int64, device=self.device),
+            "response_ids": torch.full((total, width), self.pad_id, dtype=torch.int64, device=self.device),
+            "response_mask": torch.zeros(total, width, dtype=torch.bool, device=self.device),
+            "logprobs": torch.zeros(total, width, dtype=torch.float32, device=self.device),
+            "finished": torch.zeros(total, dtype=torch.bool, device=self.device),
+        }
+        for index, r in parts:
+            rows = torch.tensor([i * n + j for i in index for j in range(n)], device=self.device)
+            w, pw = r.response_ids.shape[1], r.prompt_ids.shape[1]
+            out["prompt_ids"][rows, :pw] = r.prompt_ids
+            out["prompt_lengths"][rows] = r.prompt_lengths
+            out["response_ids"][rows, :w] = r.response_ids
+            out["response_mask"][rows, :w] = r.response_mask
+            out["logprobs"][rows, :w] = r.logprobs
+            out["finished"][rows] = r.finished
+        return Rollouts(group_ids=torch.arange(total, device=self.device) // n, **out)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  key: int = 0) -> Rollouts:
@@ -89,6 +120,9 @@ class LocalEngine(RolloutEngine):
             raise ValueError("LocalEngine.generate: no prompts")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("LocalEngine.generate: an empty prompt; every prompt needs >= 1 token")
+        lengths_seen = sorted({len(p) for p in prompts})
+        if hasattr(self.model, "begin") and len(lengths_seen) > 1:
+            return self._generate_by_length(prompts, params, key, lengths_seen)
         n, steps = params.n, params.max_new_tokens
         rows = len(prompts) * n
         prompt_lengths = torch.tensor([len(p) for p in prompts for _ in range(n)], device=self.device)

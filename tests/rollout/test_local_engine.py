@@ -132,7 +132,25 @@ def test_incremental_path_samples_what_full_recompute_samples(gen):
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
     torch.testing.assert_close(a.logprobs, b.logprobs)
     assert cached.cache is None  # end() ran
-    # prompts of different lengths fall back to full recompute
-    c = LocalEngine(cached, pad_id=PAD).generate([[2, 3], [5, 6, 7]], params, key=3)
-    d = LocalEngine(plain, pad_id=PAD).generate([[2, 3], [5, 6, 7]], params, key=3)
-    assert torch.equal(c.response_ids, d.response_ids)
+
+
+def test_incremental_path_with_prompts_of_several_lengths(gen):
+    """One lockstep batch per prompt length, merged back in the prompts' order; every response
+    is a valid continuation with the model's log-probs."""
+    from tests.rollout.toy_models import CachedBigramModel
+
+    model = CachedBigramModel(12, 64, gen)
+    prompts = [[2, 3], [5, 6, 7], [8], [4, 4]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=7, stop_token_ids=(EOS,), seed=2)
+    out = LocalEngine(model, pad_id=PAD).generate(prompts, params, key=9)
+    again = LocalEngine(model, pad_id=PAD).generate(prompts, params, key=9)
+    assert torch.equal(out.response_ids, again.response_ids)
+    assert out.group_ids.tolist() == [g for g in range(4) for _ in range(3)]
+    for row in range(out.num_rollouts):
+        prompt = prompts[row // 3]
+        assert out.prompt_ids[row, :len(prompt)].tolist() == prompt and int(out.prompt_lengths[row]) == len(prompt)
+        seq = list(prompt)
+        for t, tok in enumerate(out.responses()[row]):
+            logits = model.logits_at(torch.tensor([seq]), torch.tensor([len(seq) - 1]))[0]
+            torch.testing.assert_close(out.logprobs[row, t], logits.log_softmax(-1)[tok])
+            seq.append(tok)
