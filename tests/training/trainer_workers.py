@@ -70,8 +70,10 @@ def learning(ctx):
     from scope_megatron.training.step import evaluate_loss, train_step
 
     run_dir = _run_dir(ctx, "learn")
+    # beta1=0 and a small lr: each update is the gradient rescaled per element by a positive
+    # factor (no momentum from earlier batches), so to first order it must lower this batch's loss
     cfg = load_config(SHORT + ["--log-dir", str(run_dir / "logs"), "--save", "null",
-                               "--seed", str(ctx.seed % 100000)])
+                               "--lr", "2e-5", "--adam-beta1", "0", "--seed", str(ctx.seed % 100000)])
     trainer = Trainer(cfg)
     before, after = [], []
     try:
