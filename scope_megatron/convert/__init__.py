@@ -9,13 +9,16 @@
 
 Modules: `families` (per-family config and tensor mapping), `transforms` (q/k/v and gate/up
 fusion, vocabulary rows), `hf_io` / `megatron_io` (streaming readers and writers), `output`
-(atomic output directories), `compare` (logits of both sides). Tools: tools/convert_*.py,
+(atomic output directories), `compare` (logits of both sides), `template` (an HF template for
+the toy model). Tools: tools/convert_*.py,
 tools/compare_hf_megatron.py; details and measurements: docs/conversion.md.
 """
 from .errors import ConversionError
 from .families import SUPPORTED_ARCHITECTURES, family_for
 from .hf_to_megatron import ConvertedCheckpoint, convert_hf_to_megatron, hf_model_config
 from .megatron_to_hf import ExportedModel, export_hf
+from .template import llama_config, save_char_tokenizer, write_toy_template
 
 __all__ = ["ConversionError", "ConvertedCheckpoint", "ExportedModel", "SUPPORTED_ARCHITECTURES",
-           "convert_hf_to_megatron", "export_hf", "family_for", "hf_model_config"]
+           "convert_hf_to_megatron", "export_hf", "family_for", "hf_model_config", "llama_config",
+           "save_char_tokenizer", "write_toy_template"]

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Avg@k / Pass@k of a checkpoint on math benchmark files, per benchmark and macro-averaged.
+
+    # a Hugging Face model (converted to a temporary checkpoint first), 8 data-parallel replicas
+    torchrun --nproc-per-node 8 tools/evaluate.py --hf-dir Qwen3-1.7B \\
+        --benchmarks data/aime24.jsonl data/math500.jsonl data/olympiadbench.parquet --out eval/qwen3
+
+    # a checkpoint written by the trainer or the converter (its model configuration is recorded)
+    torchrun --nproc-per-node 4 tools/evaluate.py --megatron-dir runs/scope/checkpoints \\
+        --tokenizer Qwen3-1.7B --benchmarks data/ --tensor-model-parallel-size 2 --out eval/step500
+
+    # the embedded toy world's held-out split (no tokenizer or files needed)
+    python tools/evaluate.py --megatron-dir checkpoints/toy/teacher --toy --k 8 --out eval/toy
+
+Each benchmark file (JSONL, JSON or Parquet in the public AIME24, AIME25, AMC23, MATH500, Minerva
+Math or OlympiadBench layouts; a directory means every such file in it) gets k samples per
+problem from the local Megatron engine (sampling defaults: the SCOPE paper's evaluation, k = 32,
+temperature 0.6, top_p 0.95), graded by the verifier (--reward-fn). Writes OUT.md, OUT.csv and
+OUT.json (every benchmark and, for several, the macro average), OUT.per_problem.jsonl (correct
+samples per problem) and OUT.settings.json (model, sampling and grading). Problems are split over data-parallel replicas (WORLD_SIZE / (TP * PP)). Exit status 2
+on bad input, with the reason on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from scope_megatron.training.evaluate import EvalSettings
+
+    d = EvalSettings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--megatron-dir", help="checkpoint root or iter_XXXXXXX directory (scope-megatron format)")
+    src.add_argument("--hf-dir", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer directory or name (default: --hf-dir)")
+    p.add_argument("--toy", action="store_true",
+                   help="evaluate on the toy world's held-out split with its tokenizer")
+    p.add_argument("--toy-problems", type=int, default=256, help="toy: held-out problems to use")
+    p.add_argument("--benchmarks", nargs="+", default=[], help="benchmark files or directories")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--k", type=int, default=d.k, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="response budget (prompt + this must fit the model's positions)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pass-ks", type=int, nargs="+", default=None,
+                   help="k values of Pass@k (default: 1 and --k); Avg@k is always reported")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="also report the bootstrap best@k of the SCOPE reference code")
+    p.add_argument("--prompt-template", default=d.prompt_template,
+                   help="user message; {problem} is replaced by the problem text")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the plain text instead of the tokenizer's chat template")
+    p.add_argument("--reward-fn", default=d.reward_fn, help="module:function grading a response")
+    p.add_argument("--decode-micro-batch-size", type=int, default=d.decode_micro_batch_size,
+                   help="rows per forward pass when sampling")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--out", required=True, help="output stem: writes OUT.md, OUT.csv, OUT.json")
+    args = p.parse_args(argv)
+    if not args.toy and not args.benchmarks:
+        p.error("give --benchmarks FILE... (or --toy for the embedded toy world)")
+    if args.toy and args.benchmarks:
+        p.error("--toy evaluates the toy world's held-out split; drop --benchmarks or --toy")
+    if args.toy and args.hf_dir:
+        p.error("--toy needs a checkpoint of the toy model (--megatron-dir)")
+    if not args.toy and not (args.tokenizer or args.hf_dir):
+        p.error("--megatron-dir needs --tokenizer (the Hugging Face tokenizer of the model)")
+    if args.k < 1:
+        p.error(f"--k must be at least 1, got {args.k}")
+    return args
+
+
+def settings_from(args):
+    from scope_megatron.training.evaluate import EvalSettings
+
+    pass_ks = tuple(args.pass_ks) if args.pass_ks else tuple(sorted({1, args.k}))
+    bad = [k for k in pass_ks if not 1 <= k <= args.k]
+    if bad:
+        raise ValueError(f"--pass-ks {bad} must lie in [1, --k={args.k}]")
+    return EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed, pass_ks=pass_ks,
+                        bootstrap=args.bootstrap, prompt_template=args.prompt_template,
+                        chat_template=not args.no_chat_template, reward_fn=args.reward_fn,
+                        decode_micro_batch_size=args.decode_micro_batch_size)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from scope_megatron.training import platform
+
+    from scope_megatron.convert import ConversionError
+    from scope_megatron.training.checkpoint import CheckpointError
+
+    platform.init_distributed()
+    if not platform.cuda_available():
+        platform.apply_cpu_shims()
+    import torch
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+
+    def say(msg: str) -> None:
+        if rank0:
+            print(f"[evaluate] {msg}", flush=True)
+
+    try:
+        settings = settings_from(args)
+        platform.initialize_parallel(args.tp, args.pp)
+        platform.seed_everything(settings.seed)
+        status = run(args, settings, say)
+    except (ValueError, OSError, KeyError, CheckpointError, ConversionError) as exc:
+        if rank0:
+            print(f"evaluate: error: {exc}", file=sys.stderr)
+        status = 2
+    platform.destroy()
+    return status
+
+
+def run(args, settings, say) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from scope_megatron.eval import macro_average
+    from scope_megatron.eval.benchmarks import load_benchmarks
+    from scope_megatron.training import evaluate as ev
+    from scope_megatron.training import platform
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if platform.cuda_available() else torch.float32)
+    if args.toy:
+        bench, world = ev.toy_benchmark(args.toy_problems)
+        benchmarks = [bench]
+        encoder = ev.PromptEncoder(world.tokenizer, settings, toy_world=world)
+        if args.max_new_tokens == ev.EvalSettings().max_new_tokens:  # the paper's default: fit the toy
+            settings = dataclasses.replace(settings, max_new_tokens=world.max_response_len)
+    else:
+        from transformers import AutoTokenizer
+
+        benchmarks = load_benchmarks(args.benchmarks, limit=args.limit)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.hf_dir)
+        encoder = ev.PromptEncoder(tokenizer, settings)
+    ckpt = args.megatron_dir or ev.convert_for_eval(args.hf_dir, args.tp, args.pp)
+    chunks, cfg = ev.load_model_for_eval(ckpt, dtype)
+    ev.check_lengths(benchmarks, encoder, settings, cfg)
+    say(f"{len(benchmarks)} benchmark(s), {sum(len(b) for b in benchmarks)} problems, k={settings.k}, "
+        f"T={settings.temperature}, top_p={settings.top_p}, top_k={settings.top_k}, "
+        f"max_new_tokens={settings.max_new_tokens}, {dist.get_world_size()} rank(s)")
+    start = time.time()
+    results = ev.evaluate_benchmarks(chunks, cfg, encoder, benchmarks, settings, progress=say)
+    if results is not None:
+        out = Path(args.out)
+        ev.write_results(results, out, settings, str(args.megatron_dir or args.hf_dir))
+        with open(out.with_name(out.name + ".per_problem.jsonl"), "w") as f:
+            for bench in benchmarks:
+                for problem, correct in zip(bench.problems, results[bench.name]["per_problem_correct"]):
+                    f.write(json.dumps({"benchmark": bench.name, "id": problem.id, "answer": problem.answer,
+                                        "correct": correct, "k": settings.k}) + "\n")
+        if len(results) > 1:
+            say("macro average: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                             macro_average(ev.report_table(results)).items()))
+        say(f"done in {time.time() - start:.0f}s: {out}.md, {out}.csv, {out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
