@@ -39,7 +39,11 @@ METHODS = {
     "scope_uniform": ["--scope-student-path", "uniform", "--scope-teacher-path", "uniform"],
     "scope_mle_path_only": ["--scope-teacher-path", "off", "--teacher-load", "null"],
     "scope_distill_path_only": ["--scope-student-path", "off"],
+    # investigations (not in the default set): flatter weights, inverted teacher-path direction
+    "scope_tau4": ["--scope-tau", "4"],
+    "scope_flip_teacher": ["--scope-flip-teacher-direction", "true"],
 }
+DEFAULT_METHODS = ["scope", "opd", "grpo", "scope_uniform", "scope_mle_path_only", "scope_distill_path_only"]
 FAMILY = "odd_hundreds_carry"
 WEIGHT_KEYS = ["teacher_path/weight_entropy", "teacher_path/weight_max", "student_path/weight_entropy",
                "student_path/weight_max", "rollouts/student_path", "rollouts/teacher_path",
@@ -150,7 +154,7 @@ def plot(runs: dict, agg: dict, out: Path, args) -> list:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"curves_{name}.png"
+        path = out / (f"curves_{name}.png" if args.report == "results" else f"{args.report}_curves_{name}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -198,13 +202,16 @@ def write_report(agg: dict, args, seconds: float, command: str, out: Path) -> No
               "| method | " + " | ".join(WEIGHT_KEYS) + " |", "|---" * (len(WEIGHT_KEYS) + 1) + "|"]
     for method, w in agg["weights"].items():
         lines.append(f"| {method} | " + " | ".join("" if v is None else f"{v:.3f}" for v in w.values()) + " |")
-    lines += ["", "Curves: " + ", ".join(f"[{p.name}]({p.name})" for p in sorted(out.glob('curves_*.png')))]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    prefix = "curves_" if args.report == "results" else f"{args.report}_curves_"
+    lines += ["", "Curves: " + ", ".join(f"[{p.name}]({p.name})" for p in sorted(out.glob(prefix + '*.png')))]
+    (out / f"{args.report}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--report", default="results", help="file stem of the report (results.md, ...)")
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=20)
@@ -236,14 +243,14 @@ def main(argv=None) -> int:
     runs = {m: {s: read_run(out / "runs" / m / f"seed{s}") for s in seeds} for m in methods}
     agg = aggregate(runs, args)
     plot(runs, agg, out, args)
-    (out / "results.json").write_text(json.dumps({k: v for k, v in agg.items() if k != "keys"}, indent=1) + "\n")
-    with open(out / "results.csv", "w") as f:
+    (out / f"{args.report}.json").write_text(json.dumps({k: v for k, v in agg.items() if k != "keys"}, indent=1) + "\n")
+    with open(out / f"{args.report}.csv", "w") as f:
         f.write("method,seed," + ",".join(agg["keys"]) + "\n")
         for m, per_seed in agg["final"].items():
             for s, v in per_seed.items():
                 f.write(f"{m},{s}," + ",".join("" if v[n] is None else f"{v[n]:.4f}" for n in agg["keys"]) + "\n")
     write_report(agg, args, time.time() - started, command, out)
-    print((out / "results.md").read_text())
+    print((out / f"{args.report}.md").read_text())
     return 0
 
 
