@@ -6,6 +6,9 @@ r"""Rewards: the verifier that grades sampled responses (0/1 by the final `\boxe
   boxed_match                                the default reward function (exact match)
   VerificationTimeout                        raised by a time-limited comparator -> reward 0
   load_reward_fn("module:function")          pluggable reward functions (signature in reward_fn)
+  math_verify_match, math_equal,             math equivalence with math-verify, a hard time limit
+    MathVerifyComparator, WorkerCrashed      per answer in worker processes (rewards.math_verify;
+                                             imported on first use: needs `pip install math-verify`)
   split_at_eos, score_responses -> Scores    token ids -> rewards / correct / finished per response
 """
 from .boxed import extract_boxed
@@ -21,3 +24,14 @@ __all__ = [
     "RewardFn", "DEFAULT_REWARD_FN", "load_reward_fn",
     "split_at_eos", "Scores", "score_responses",
 ]
+
+_MATH_VERIFY_NAMES = ("math_verify_match", "math_equal", "MathVerifyComparator", "WorkerCrashed")
+
+
+def __getattr__(name):
+    # Lazy: importing scope_megatron.rewards must not need the optional math-verify package;
+    # using one of these names without it raises ImportError saying how to install it.
+    if name in _MATH_VERIFY_NAMES:
+        from . import math_verify
+        return getattr(math_verify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
