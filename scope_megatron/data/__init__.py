@@ -6,10 +6,13 @@
   FAMILIES, family                           named problem families (breakdowns, blind spots)
   make_prompt_batch, PromptBatch             prompts -> [B, P] ids + mask, group ids for G rollouts
   make_sft_batch, SFTBatch                   prompt + response -> tokens + response mask
+  PromptDataset, PromptItem, DEFAULT_SUFFIX  training prompts from JSONL/JSON/Parquet files:
+                                             tokenized, length-filtered, resumable order
 
 No Megatron here: the trainer's glue calls into this package.
 """
 from .batching import PromptBatch, SFTBatch, make_prompt_batch, make_sft_batch
+from .prompts import DEFAULT_SUFFIX, PromptDataset, PromptItem
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CharTokenizer
 from .toy_arithmetic import (FAMILIES, TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
                              ToyArithmetic, ToyArithmeticConfig, family)
@@ -19,4 +22,5 @@ __all__ = [
     "ToyArithmetic", "ToyArithmeticConfig", "AdditionProblem", "TOY_SYMBOLS", "TOY_TOKENIZER",
     "TRACE_STYLES", "FAMILIES", "family",
     "PromptBatch", "make_prompt_batch", "SFTBatch", "make_sft_batch",
+    "PromptDataset", "PromptItem", "DEFAULT_SUFFIX",
 ]
