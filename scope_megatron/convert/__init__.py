@@ -16,9 +16,9 @@ tools/compare_hf_megatron.py; details and measurements: docs/conversion.md.
 from .errors import ConversionError
 from .families import SUPPORTED_ARCHITECTURES, family_for
 from .hf_to_megatron import ConvertedCheckpoint, convert_hf_to_megatron, hf_model_config
-from .megatron_to_hf import ExportedModel, export_hf
+from .megatron_to_hf import ExportedModel, export_hf, hf_named_tensors
 from .template import llama_config, save_char_tokenizer, write_toy_template
 
 __all__ = ["ConversionError", "ConvertedCheckpoint", "ExportedModel", "SUPPORTED_ARCHITECTURES",
-           "convert_hf_to_megatron", "export_hf", "family_for", "hf_model_config", "llama_config",
+           "convert_hf_to_megatron", "export_hf", "family_for", "hf_named_tensors", "hf_model_config", "llama_config",
            "save_char_tokenizer", "write_toy_template"]

@@ -280,3 +280,67 @@ def read_slice(reader, key: str, layer=None) -> torch.Tensor:
     if layer is None:
         return reader.read(key, (0,) * len(shape), shape)
     return reader.read(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:])[0]
+
+
+class GroupModelReader:
+    """Regions of the global tensors of a model sharded over a process group (tensor and
+    pipeline parallel): every rank of `group` calls read() with the same arguments in the same
+    order (a collective); each contributes the values it holds and all of them get the region.
+    Values held by several ranks (replicated norms, tied embeddings) are averaged, which is exact
+    for identical copies held by a power-of-two number of ranks.
+
+    model_chunks: this rank's modules (sharded_state_dict); group: e.g. Megatron's model-parallel
+    group (None: the default group); device: where regions are assembled (the all-reduce runs
+    there: the GPU under NCCL).
+    """
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], group=None, device=None):
+        import torch.distributed as dist
+
+        self._local = [ShardedModelReader(chunk) for chunk in model_chunks]
+        self.group = group
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        mine = {}
+        for reader in self._local:
+            for key in reader.keys():
+                mine[key] = (reader.shape(key), str(reader.dtype(key)).replace("torch.", ""))
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        self._meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+        for part in everyone:
+            for key, (shape, dtype) in part.items():
+                self._meta.setdefault(key, (tuple(shape), getattr(torch, dtype)))
+
+    def keys(self) -> List[str]:
+        return sorted(self._meta)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        import torch.distributed as dist
+
+        want = (tuple(offsets), tuple(sizes))
+        total = torch.zeros(want[1], dtype=torch.float32, device=self.device)
+        count = torch.zeros(want[1], dtype=torch.int32, device=self.device)
+        for reader in self._local:
+            for sh in reader._chunks.get(key, []):
+                chunk = _chunk_of(sh)
+                both = _overlap(want, chunk)
+                if both is None:
+                    continue
+                src = narrow(sh.data.detach().reshape(chunk[1]), [o - c for o, c in zip(both[0], chunk[0])],
+                             both[1])
+                at = [o - w for o, w in zip(both[0], want[0])]
+                narrow(total, at, both[1]).add_(src.to(self.device, torch.float32))
+                narrow(count, at, both[1]).add_(1)
+        dist.all_reduce(total, group=self.group)
+        dist.all_reduce(count, group=self.group)
+        if bool((count == 0).any()):
+            raise ConversionError(f"no rank of the group holds part of {key} at {tuple(offsets)}; "
+                                  "read from the model-parallel group that holds the whole model")
+        return (total / count).to(self.dtype(key))
+

@@ -23,7 +23,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -201,6 +201,38 @@ def _export_chunks(model_chunks: Sequence[torch.nn.Module], template_dir, out_di
     finally:
         if dist.get_rank() == 0:
             shutil.rmtree(shards, ignore_errors=True)
+
+
+def hf_named_tensors(model_chunks, template_dir, *, dtype=None, group=None, device=None
+                     ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of every weight of a live model, in the HF layout of `template_dir`
+    (its config.json), one tensor at a time: what the in-memory SGLang weight sync sends.
+
+    Collective over `group` (default: Megatron's model-parallel group, i.e. this replica's TP x PP
+    ranks): every rank of it must consume the generator to the end; every rank gets the tensors.
+    dtype: of the yielded tensors (None: the parameters'); device: where they are assembled.
+    """
+    from megatron.core import parallel_state
+
+    from .megatron_io import GroupModelReader
+
+    chunks = _chunks(model_chunks)
+    cfg = getattr(chunks[0], "scope_model_config", None)
+    if cfg is None:
+        raise ConversionError("the model chunks carry no scope_model_config; build them with "
+                              "scope_megatron.training.models")
+    if group is None:
+        group = parallel_state.get_model_parallel_group()
+    reader = GroupModelReader(chunks, group=group, device=device)
+    template = read_config(Path(template_dir))
+    family = _check_template(template, cfg)
+    embedding = "embedding.word_embeddings.weight"
+    rows = VocabRows(hf=template["vocab_size"], megatron=reader.shape(embedding)[0])
+    out_dtype = to_dtype(dtype)
+    for rule, layer in family.rules(cfg, rows).items(cfg.num_layers):
+        tensors = rule.to_hf(read_slice(reader, rule.megatron_key, layer))
+        for name, tensor in zip(rule.hf_for(layer), tensors):
+            yield name, tensor.to(out_dtype or tensor.dtype).contiguous()
 
 
 def export_hf(source: Union[str, Path, torch.nn.Module, Sequence[torch.nn.Module]], template_dir,

@@ -298,6 +298,23 @@ def parallel(ctx):
                 assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # shards removed
             dist.barrier()
 
+    def named_tensors_match(names):
+        """hf_named_tensors (the in-memory weight sync's source) yields exactly the HF weights on
+        every rank of the model-parallel group."""
+        from scope_megatron.convert import hf_named_tensors
+
+        for name in names:
+            cfg = models.ModelConfig(**checkpoint.checkpoint_info(mg / name)["model_config"])
+            chunks = models.build_model_chunks(cfg)
+            checkpoint.load_checkpoint(mg / name, chunks)
+            want = hf_weights(hf / name)
+            got = dict(hf_named_tensors(chunks, hf / name))
+            assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+            for key, tensor in want.items():
+                assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), (name, key)
+            bf16 = dict(hf_named_tensors(chunks, hf / name, dtype="bfloat16"))
+            assert all(t.dtype == torch.bfloat16 for t in bf16.values())
+
     def compare_api():
         good = compare_hf_megatron(hf / "qwen3_qknorm", mg / "qwen3_qknorm", _tokens(61, ctx.seed))
         assert good.passed and good.positions == 24 and good.vocab_size == 61, good.summary()
@@ -317,5 +334,9 @@ def parallel(ctx):
         "pp2_export_bit_exact": lambda _: in_layout(1, 2, lambda: export_from_chunks(
             "pp2", ["llama_gqa_untied", "llama_tied"])),
         "compare_api_tp2": lambda _: in_layout(2, 1, compare_api),
+        "tp2_named_tensors": lambda _: in_layout(2, 1, lambda: named_tensors_match(
+            ["qwen2_bias_sharded", "llama_tied"])),
+        "pp2_named_tensors": lambda _: in_layout(1, 2, lambda: named_tensors_match(
+            ["qwen3_qknorm", "llama_tied"])),
     }
     return dict(run_timed(checks, ctx), logits=logits)

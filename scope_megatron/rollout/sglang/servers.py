@@ -1,0 +1,212 @@
+"""SGLangServers: the set of SGLang servers an engine talks to, attached or launched.
+
+  SGLangServers.attach(["http://host:30000", ...])      servers someone else runs
+  with SGLangServers.launch(model_path, num_servers=2, tp_size=1, base_port=30000,
+                            gpus=[[0], [1]], log_dir="logs/sglang") as servers:
+      engine = SGLangEngine(SGLangClient(servers.urls), pad_id=...)
+
+Launching runs `<command> --model-path M --host H --port P --tp-size T [--mem-fraction-static F]
+[--enable-deterministic-inference] <extra_args>` per server, with command = python -m
+sglang.launch_server by default (overridable, e.g. for tests), each in its own process group
+(start_new_session) with stdout and stderr in a log file, CUDA_VISIBLE_DEVICES per server when
+`gpus` is given, and SGLANG_RETURN_ORIGINAL_LOGPROB removed from the environment (it would
+return log-probs at temperature 1, breaking the Rollouts contract). It then waits for GET /health
+to answer 200 on every server (startup_timeout); a process that exits first, or a timeout,
+raises SGLangError with the tail of its log, after shutting every launched server down.
+shutdown() sends SIGTERM to each process group, waits, then SIGKILLs (SGLang's scheduler and
+detokenizer processes are in the group).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import requests
+
+from .client import SGLangError
+
+DEFAULT_COMMAND = (sys.executable, "-m", "sglang.launch_server")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (SO_REUSEADDR, as servers bind: connections
+    of an earlier server in TIME_WAIT do not block it, a listening socket does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _tail(path: Optional[Path], lines: int = 40) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+class SGLangServers:
+    """URLs of SGLang servers, and the processes behind them when launched here."""
+
+    def __init__(self, urls: Sequence[str], processes: Optional[List[subprocess.Popen]] = None,
+                 logs: Optional[List[Optional[Path]]] = None, kill_timeout: float = 30.0):
+        self.urls: List[str] = [u.rstrip("/") for u in urls]
+        self.processes: List[subprocess.Popen] = list(processes or [])
+        self.logs: List[Optional[Path]] = list(logs or [None] * len(self.urls))
+        self.kill_timeout = float(kill_timeout)
+        self._log_files = []
+        if self.processes:
+            atexit.register(self.shutdown)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, urls: Union[str, Sequence[str]], *, wait: bool = True, startup_timeout: float = 60.0
+               ) -> "SGLangServers":
+        """Servers that are already running (checks GET /health unless wait=False)."""
+        servers = cls([urls] if isinstance(urls, str) else urls)
+        if wait:
+            servers.wait_healthy(startup_timeout)
+        return servers
+
+    @classmethod
+    def launch(cls, model_path: Union[str, Path], *, num_servers: int = 1, host: str = "127.0.0.1",
+               base_port: int = 30000, tp_size: int = 1, mem_fraction_static: Optional[float] = None,
+               deterministic: bool = False, extra_args: Sequence[str] = (),
+               gpus: Optional[Sequence[Sequence[int]]] = None, log_dir: Optional[Union[str, Path]] = None,
+               command: Sequence[str] = DEFAULT_COMMAND, env: Optional[Dict[str, str]] = None,
+               startup_timeout: float = 900.0, kill_timeout: float = 30.0) -> "SGLangServers":
+        """Starts num_servers servers on ports base_port, base_port + 1, ... (see the module
+        docstring). gpus[i]: the GPU ids of server i (CUDA_VISIBLE_DEVICES; its length should be
+        tp_size). deterministic: --enable-deterministic-inference (needed for sampling_seed to be
+        honoured). env: extra environment variables."""
+        if num_servers < 1 or tp_size < 1:
+            raise ValueError("SGLangServers.launch: num_servers and tp_size must be >= 1")
+        if gpus is not None and len(gpus) != num_servers:
+            raise ValueError(f"SGLangServers.launch: {len(gpus)} GPU lists for {num_servers} servers")
+        ports = [base_port + i for i in range(num_servers)]
+        busy = [p for p in ports if not _port_free(host, p)]
+        if busy:
+            raise SGLangError(f"SGLangServers.launch: port(s) {busy} on {host} are already in use")
+        log_root = Path(log_dir) if log_dir is not None else None
+        if log_root is not None:
+            log_root.mkdir(parents=True, exist_ok=True)
+        processes, logs, urls, files = [], [], [], []
+        servers = None
+        try:
+            for i, port in enumerate(ports):
+                args = list(command) + ["--model-path", str(model_path), "--host", host, "--port", str(port),
+                                        "--tp-size", str(tp_size)]
+                if mem_fraction_static is not None:
+                    args += ["--mem-fraction-static", str(mem_fraction_static)]
+                if deterministic:
+                    args.append("--enable-deterministic-inference")
+                args += [str(a) for a in extra_args]
+                child_env = dict(os.environ)
+                child_env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)
+                child_env.update(env or {})
+                if gpus is not None:
+                    child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[i])
+                log = (log_root / f"sglang-{port}.log") if log_root is not None else None
+                out = open(log, "ab") if log is not None else subprocess.DEVNULL
+                if log is not None:
+                    files.append(out)
+                    out.write(f"$ {' '.join(args)}\n".encode())
+                    out.flush()
+                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env,
+                                        start_new_session=True, cwd=os.getcwd())
+                processes.append(proc)
+                logs.append(log)
+                urls.append(f"http://{host}:{port}")
+            servers = cls(urls, processes, logs, kill_timeout=kill_timeout)
+            servers._log_files = files
+            servers.wait_healthy(startup_timeout)
+            return servers
+        except BaseException:
+            if servers is not None:
+                servers.shutdown()
+            else:
+                for proc in processes:
+                    _stop_group(proc, kill_timeout)
+                for f in files:
+                    f.close()
+            raise
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Waits until every server answers GET /health with 200. Raises SGLangError if a
+        launched process exits first or the time runs out (with its log tail)."""
+        deadline = time.monotonic() + timeout
+        pending = list(range(len(self.urls)))
+        session = requests.Session()
+        try:
+            while pending:
+                for i in list(pending):
+                    proc = self.processes[i] if i < len(self.processes) else None
+                    if proc is not None and proc.poll() is not None:
+                        raise SGLangError(f"SGLang server {self.urls[i]} exited with code {proc.returncode} "
+                                          f"before it was healthy; log {self.logs[i]}:\n{_tail(self.logs[i])}")
+                    try:
+                        if session.get(self.urls[i] + "/health", timeout=5).status_code == 200:
+                            pending.remove(i)
+                    except requests.RequestException:
+                        pass
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    i = pending[0]
+                    raise SGLangError(f"SGLang server {self.urls[i]} not healthy after {timeout:g} s; log "
+                                      f"{self.logs[i]}:\n{_tail(self.logs[i])}")
+                time.sleep(0.5)
+        finally:
+            session.close()
+
+    def alive(self) -> List[bool]:
+        """Whether each launched process still runs (attached servers: True)."""
+        return [p.poll() is None for p in self.processes] if self.processes else [True] * len(self.urls)
+
+    def shutdown(self) -> None:
+        """Stops the launched servers (SIGTERM to each process group, wait, SIGKILL)."""
+        processes, self.processes = self.processes, []
+        for proc in processes:
+            _stop_group(proc, self.kill_timeout)
+        for f in self._log_files:
+            f.close()
+        self._log_files = []
+
+    def __enter__(self) -> "SGLangServers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # the leader may be gone while children of its group live on
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass

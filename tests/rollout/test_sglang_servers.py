@@ -1,0 +1,121 @@
+"""SGLangServers: launching server processes (the test server's module stands in for
+`python -m sglang.launch_server`), health waiting, errors with the log tail, clean shutdown,
+attaching to running servers."""
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from scope_megatron.rollout import SamplingParams
+from scope_megatron.rollout.sglang import SGLangClient, SGLangEngine, SGLangError, SGLangServers
+from tests.rollout.fake_sglang_server import FakeSGLangServer, toy_hf_dir
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_COMMAND = (sys.executable, "-m", "tests.rollout.fake_sglang_server")
+
+
+def _free_ports(count: int) -> int:
+    """A base port with `count` free ports from it."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free ports")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_launch_serves_and_shuts_down(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")  # must not reach the servers
+    base = _free_ports(2)
+    with SGLangServers.launch(toy_hf_dir(), num_servers=2, base_port=base, tp_size=1, mem_fraction_static=0.5,
+                              deterministic=True, extra_args=["--log-level", "error"], gpus=[[0], [1]],
+                              log_dir=tmp_path, command=FAKE_COMMAND, env={"PYTHONPATH": str(REPO)},
+                              startup_timeout=120) as servers:
+        assert servers.urls == [f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}"]
+        assert servers.alive() == [True, True]
+        pids = [p.pid for p in servers.processes]
+        for i, url in enumerate(servers.urls):
+            info = requests.get(url + "/server_info", timeout=10).json()
+            assert info["env"] == {"CUDA_VISIBLE_DEVICES": str(i), "SGLANG_RETURN_ORIGINAL_LOGPROB": None}
+        engine = SGLangEngine(SGLangClient(servers.urls, timeout=60), pad_id=0)
+        out = engine.generate([[1, 4, 5, 13, 6, 7, 14]] * 3, SamplingParams(n=2, max_new_tokens=4, seed=1))
+        assert out.num_rollouts == 6
+        engine.close()
+    logs = sorted(tmp_path.glob("sglang-*.log"))
+    assert [p.name for p in logs] == [f"sglang-{base}.log", f"sglang-{base + 1}.log"]
+    first_line = logs[0].read_text().splitlines()[0]
+    assert first_line.startswith("$ ") and f"--port {base}" in first_line and "--tp-size 1" in first_line
+    assert "--mem-fraction-static 0.5" in first_line and "--enable-deterministic-inference" in first_line
+    assert first_line.endswith("--log-level error") and "fake sglang server ready" in logs[0].read_text()
+    assert all(_gone(pid) for pid in pids) and servers.processes == []
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", base))  # nothing listens there any more
+        s.listen()
+
+
+def test_a_server_that_exits_is_reported_with_its_log(tmp_path):
+    cmd = (sys.executable, "-c", "import sys; print('CUDA error: no device', flush=True); sys.exit(3)")
+    with pytest.raises(SGLangError) as err:
+        SGLangServers.launch("/no/model", base_port=_free_ports(1), log_dir=tmp_path, command=cmd,
+                             startup_timeout=60)
+    assert "exited with code 3" in str(err.value) and "CUDA error: no device" in str(err.value)
+
+
+def test_startup_timeout_kills_the_process(tmp_path):
+    pid_file = tmp_path / "pid"
+    cmd = (sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                 "print('loading weights', flush=True); time.sleep(120)")
+    t0 = time.monotonic()
+    with pytest.raises(SGLangError, match=r"not healthy after 1\.5 s[\s\S]*loading weights"):
+        SGLangServers.launch("/no/model", base_port=_free_ports(1), log_dir=tmp_path / "logs", command=cmd,
+                             startup_timeout=1.5, kill_timeout=5)
+    assert time.monotonic() - t0 < 30
+    assert _gone(int(pid_file.read_text()))
+
+
+def test_a_busy_port_is_refused_before_launching():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SGLangError, match="already in use"):
+            SGLangServers.launch("/no/model", base_port=port, command=(sys.executable, "-c", "pass"))
+
+
+def test_attach():
+    with FakeSGLangServer(toy_hf_dir()) as server:
+        servers = SGLangServers.attach(server.url + "/")
+        assert servers.urls == [server.url] and servers.alive() == [True]
+        servers.shutdown()  # attached servers are not ours to stop
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SGLangError, match="not healthy after"):
+        SGLangServers.attach([dead], startup_timeout=0.5)
