@@ -9,6 +9,10 @@
     torchrun --nproc-per-node 4 tools/evaluate.py --megatron-dir runs/scope/checkpoints \\
         --tokenizer Qwen3-1.7B --benchmarks data/ --tensor-model-parallel-size 2 --out eval/step500
 
+    # running SGLang servers sample (one process; the tokenizer builds the prompts)
+    python tools/evaluate.py --sglang-urls http://node1:30000 http://node2:30000 --tokenizer Qwen3-1.7B \
+        --benchmarks data/ --out eval/qwen3-sglang
+
     # the embedded toy world's held-out split (no tokenizer or files needed)
     python tools/evaluate.py --megatron-dir checkpoints/toy/teacher --toy --k 8 --out eval/toy
 
@@ -40,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = EvalSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--megatron-dir", help="checkpoint root or iter_XXXXXXX directory (scope-megatron format)")
     src.add_argument("--hf-dir", help="Hugging Face model directory (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", help="Hugging Face tokenizer directory or name (default: --hf-dir)")
@@ -64,21 +68,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="user message; {problem} is replaced by the problem text")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the plain text instead of the tokenizer's chat template")
-    p.add_argument("--reward-fn", default=d.reward_fn, help="module:function grading a response")
+    p.add_argument("--reward-fn", default=None, help=(
+        "module:function grading a response (default: math-verify equivalence of the last \\boxed{} "
+        "with a time limit; --toy: exact match)"))
     p.add_argument("--decode-micro-batch-size", type=int, default=d.decode_micro_batch_size,
                    help="rows per forward pass when sampling")
+    p.add_argument("--sglang-urls", nargs="+", default=None, help=(
+        "sample from these running SGLang servers (serving the model) instead of loading it here; "
+        "one process; the tokenizer comes from --tokenizer or --hf-dir"))
+    p.add_argument("--sglang-max-in-flight", type=int, default=256, help="concurrent requests to the servers")
     p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out", required=True, help="output stem: writes OUT.md, OUT.csv, OUT.json")
     args = p.parse_args(argv)
+    if not (args.megatron_dir or args.hf_dir or args.sglang_urls):
+        p.error("give the model: --megatron-dir, --hf-dir, or --sglang-urls (with --tokenizer)")
     if not args.toy and not args.benchmarks:
         p.error("give --benchmarks FILE... (or --toy for the embedded toy world)")
     if args.toy and args.benchmarks:
         p.error("--toy evaluates the toy world's held-out split; drop --benchmarks or --toy")
     if args.toy and args.hf_dir:
         p.error("--toy needs a checkpoint of the toy model (--megatron-dir)")
+    if args.sglang_urls and args.toy:
+        p.error("--sglang-urls serves HF models; the toy world runs with the local engine")
     if not args.toy and not (args.tokenizer or args.hf_dir):
         p.error("--megatron-dir needs --tokenizer (the Hugging Face tokenizer of the model)")
     if args.k < 1:
@@ -86,9 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+MATH_REWARD = "scope_megatron.rewards.math_verify:math_verify_match"
+
+
 def settings_from(args):
     from scope_megatron.training.evaluate import EvalSettings
 
+    d = EvalSettings()
     pass_ks = tuple(args.pass_ks) if args.pass_ks else tuple(sorted({1, args.k}))
     bad = [k for k in pass_ks if not 1 <= k <= args.k]
     if bad:
@@ -96,7 +114,8 @@ def settings_from(args):
     return EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, pass_ks=pass_ks,
                         bootstrap=args.bootstrap, prompt_template=args.prompt_template,
-                        chat_template=not args.no_chat_template, reward_fn=args.reward_fn,
+                        chat_template=not args.no_chat_template,
+                        reward_fn=args.reward_fn or (d.reward_fn if args.toy else MATH_REWARD),
                         decode_micro_batch_size=args.decode_micro_batch_size)
 
 
@@ -105,6 +124,7 @@ def main(argv=None) -> int:
     from scope_megatron.training import platform
 
     from scope_megatron.convert import ConversionError
+    from scope_megatron.rollout.sglang import SGLangError
     from scope_megatron.training.checkpoint import CheckpointError
 
     platform.init_distributed()
@@ -124,7 +144,7 @@ def main(argv=None) -> int:
         platform.initialize_parallel(args.tp, args.pp)
         platform.seed_everything(settings.seed)
         status = run(args, settings, say)
-    except (ValueError, OSError, KeyError, CheckpointError, ConversionError) as exc:
+    except (ValueError, OSError, KeyError, CheckpointError, ConversionError, SGLangError) as exc:
         if rank0:
             print(f"evaluate: error: {exc}", file=sys.stderr)
         status = 2
@@ -155,17 +175,21 @@ def run(args, settings, say) -> int:
         benchmarks = load_benchmarks(args.benchmarks, limit=args.limit)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.hf_dir)
         encoder = ev.PromptEncoder(tokenizer, settings)
-    ckpt = args.megatron_dir or ev.convert_for_eval(args.hf_dir, args.tp, args.pp)
-    chunks, cfg = ev.load_model_for_eval(ckpt, dtype)
-    ev.check_lengths(benchmarks, encoder, settings, cfg)
+    if args.sglang_urls:
+        engine = sglang_engine(args, encoder, dist)
+    else:
+        ckpt = args.megatron_dir or ev.convert_for_eval(args.hf_dir, args.tp, args.pp)
+        chunks, cfg = ev.load_model_for_eval(ckpt, dtype)
+        ev.check_lengths(benchmarks, encoder, settings, cfg)
+        engine = ev.local_engine(chunks, cfg, settings)
     say(f"{len(benchmarks)} benchmark(s), {sum(len(b) for b in benchmarks)} problems, k={settings.k}, "
         f"T={settings.temperature}, top_p={settings.top_p}, top_k={settings.top_k}, "
         f"max_new_tokens={settings.max_new_tokens}, {dist.get_world_size()} rank(s)")
     start = time.time()
-    results = ev.evaluate_benchmarks(chunks, cfg, encoder, benchmarks, settings, progress=say)
+    results = ev.evaluate_benchmarks(engine, encoder, benchmarks, settings, progress=say)
     if results is not None:
         out = Path(args.out)
-        ev.write_results(results, out, settings, str(args.megatron_dir or args.hf_dir))
+        ev.write_results(results, out, settings, str(args.megatron_dir or args.hf_dir or args.sglang_urls))
         with open(out.with_name(out.name + ".per_problem.jsonl"), "w") as f:
             for bench in benchmarks:
                 for problem, correct in zip(bench.problems, results[bench.name]["per_problem_correct"]):
@@ -176,6 +200,18 @@ def run(args, settings, say) -> int:
                                              macro_average(ev.report_table(results)).items()))
         say(f"done in {time.time() - start:.0f}s: {out}.md, {out}.csv, {out}.json")
     return 0
+
+
+def sglang_engine(args, encoder, dist):
+    """An SGLangEngine over running servers (the prompt-length check is the servers' own)."""
+    from scope_megatron.rollout.sglang import SGLangClient, SGLangEngine
+
+    if dist.get_world_size() != 1 or args.tp != 1 or args.pp != 1:
+        raise ValueError("--sglang-urls runs in one process (the servers parallelize); drop torchrun, --tp, --pp")
+    tok = encoder.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else encoder.stop_ids[0]
+    client = SGLangClient(args.sglang_urls, max_in_flight=args.sglang_max_in_flight, progress=True)
+    return SGLangEngine(client, pad_id=pad)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,61 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SGLangServersConfig:
+    """SGLang servers: attach to `urls`, or (none given) launch `num_servers` of them."""
+
+    urls: Tuple[str, ...] = option((), help=(
+        "running servers to use (http://host:port); empty = launch them (needs model_path)"))
+    model_path: Optional[str] = option(None, help=(
+        "HF model directory the launched servers start from"))
+    num_servers: int = option(1, help="servers to launch (one per node or GPU group)")
+    base_port: int = option(30000, help="port of the first launched server (the next ones count up)")
+    tp: int = option(1, help="tensor-parallel size of each launched server")
+    gpus: str = option("", help=(
+        "GPU ids of each launched server, servers separated by ';' (e.g. '0,1;2,3'); empty: the "
+        "launching process's CUDA_VISIBLE_DEVICES"))
+    mem_fraction_static: float = option(0.5, help=(
+        "GPU memory fraction a launched server may take (leave room for a colocated trainer)"))
+    extra_args: str = option("", help="further sglang.launch_server arguments, as one string")
+    startup_timeout_s: float = option(900.0, help="wait this long for a launched server's /health")
+    deterministic: bool = option(False, help=(
+        "launch with --enable-deterministic-inference: per-sample seeds are honoured, so a "
+        "resumed run samples what an uninterrupted one would (slower decoding)"))
+    max_in_flight: int = option(256, help="concurrent HTTP requests over all servers")
+    request_timeout_s: float = option(600.0, help="per-request timeout")
+    retries: int = option(3, help="retries of a failed request (with exponential backoff)")
+
+    def __post_init__(self):
+        if self.num_servers < 1 or self.tp < 1 or self.max_in_flight < 1 or self.retries < 0:
+            raise ValueError("num_servers, tp and max_in_flight must be >= 1 and retries >= 0")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
+        if self.gpus and len(self.gpu_lists) != self.num_servers:
+            raise ValueError(f"gpus {self.gpus!r} lists {len(self.gpu_lists)} servers, num_servers is "
+                             f"{self.num_servers}")
+        bad = [u for u in self.urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"server urls must start with http:// or https://, got {bad}")
+
+    @property
+    def launches(self) -> bool:
+        return not self.urls
+
+    @property
+    def gpu_lists(self):
+        if not self.gpus:
+            return None
+        try:
+            return [[int(g) for g in part.split(",")] for part in self.gpus.split(";")]
+        except ValueError:
+            raise ValueError(f"gpus must look like '0,1;2,3' (servers separated by ';'), got {self.gpus!r}") from None
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     engine: str = option("local", flag="--rollout-engine", help=(
-        "'local': sample from the trainer's own student (SGLang: its issue)"))
+        "'local': sample from the trainer's own Megatron student; 'sglang': from SGLang servers "
+        "fed with the student's weights after every step"))
     n: int = option(8, flag="--n-samples-per-prompt", help="rollouts per prompt (group size G)")
     temperature: float = option(1.0, flag="--rollout-temperature", help=(
         "sampling temperature; log-probs are computed at scope.student_temperature"))
@@ -115,15 +167,55 @@ class RolloutConfig:
     max_new_tokens: int = option(40, flag="--rollout-max-response-len", help=(
         "response length limit; a response without EOS by then scores 0"))
     decode_micro_batch_size: int = option(256, help=(
-        "rows per forward pass while decoding (memory bound, not a semantic setting)"))
+        "local engine: rows per forward pass while decoding (memory bound, not a semantic setting)"))
+    sglang: SGLangServersConfig = section(SGLangServersConfig)
+    weight_sync: str = option("disk", help=(
+        "sglang: how servers get the student's weights after a step: 'disk' (HF safetensors + "
+        "/update_weights_from_disk; works everywhere), 'tensor' (colocated GPUs, CUDA IPC), "
+        "'distributed' (an NCCL group between trainer rank 0 and the servers)"))
+    weight_sync_bucket_mb: int = option(512, help=(
+        "sglang + tensor / distributed: most MiB of weights per update request"))
+    weight_sync_master_address: Optional[str] = option(None, help=(
+        "sglang + distributed: address of trainer rank 0 the servers join (default: its host's)"))
+    weight_sync_master_port: int = option(29650, help="sglang + distributed: port of that rendezvous")
+    weight_sync_dir: Optional[str] = option(None, help=(
+        "sglang + disk: directory shared with the servers for the exported weights "
+        "(default: <log_dir>/weights)"))
+    hf_template: Optional[str] = option(None, help=(
+        "sglang: HF directory of the student's architecture and tokenizer (config.json), used "
+        "to export its weights (default: rollout.sglang.model_path, else task.tokenizer)"))
+    logprob_gap_warn: float = option(0.05, help=(
+        "sglang: warn when the mean |engine - trainer| log-prob gap of the first step exceeds this"))
 
     def __post_init__(self):
-        if self.engine != "local":
-            raise ValueError(f"rollout.engine {self.engine!r} is not available yet; use 'local'")
+        if self.engine not in ("local", "sglang"):
+            raise ValueError(f"rollout.engine must be 'local' or 'sglang', got {self.engine!r}")
+        if self.weight_sync not in ("disk", "tensor", "distributed"):
+            raise ValueError(f"rollout.weight_sync must be 'disk', 'tensor' or 'distributed', got "
+                             f"{self.weight_sync!r}")
         if self.n < 2:
             raise ValueError("rollout.n must be >= 2: SCOPE and GRPO compare rollouts within a group")
         if self.decode_micro_batch_size < 1:
             raise ValueError("rollout.decode_micro_batch_size must be >= 1")
+        if self.engine == "sglang" and self.sglang.launches and not self.sglang.model_path:
+            raise ValueError("rollout.engine 'sglang' needs rollout.sglang.urls (running servers) or "
+                             "rollout.sglang.model_path (an HF directory to launch servers from)")
+
+
+@dataclass(frozen=True)
+class TeacherServingConfig:
+    engine: str = option("megatron", flag="--teacher-engine", help=(
+        "'megatron': the teacher is a frozen Megatron model in the trainer (checkpoint."
+        "teacher_load); 'sglang': log-probs come from SGLang servers holding the teacher "
+        "(kl_estimator 'sampled' or 'k3')"))
+    sglang: SGLangServersConfig = section(SGLangServersConfig)
+
+    def __post_init__(self):
+        if self.engine not in ("megatron", "sglang"):
+            raise ValueError(f"teacher_serving.engine must be 'megatron' or 'sglang', got {self.engine!r}")
+        if self.engine == "sglang" and self.sglang.launches and not self.sglang.model_path:
+            raise ValueError("teacher engine 'sglang' needs teacher_serving.sglang.urls (running servers) "
+                             "or teacher_serving.sglang.model_path (the teacher's HF directory)")
 
 
 @dataclass(frozen=True)
@@ -171,17 +263,42 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = option("toy_arithmetic", help="the task ('toy_arithmetic' is the embedded one)")
+    name: str = option("toy_arithmetic", help=(
+        "'toy_arithmetic' (the embedded world) or 'prompts' (train_data through an HF tokenizer)"))
     digits: int = option(3, help="toy_arithmetic: operand digits")
-    reward_fn: str = option("scope_megatron.rewards.verifier:boxed_match", help=(
-        "reward function, 'module:function' (response_text, reference, *, metadata) -> [0, 1]"))
+    reward_fn: str = option("", help=(
+        "reward function, 'module:function' (response_text, reference, *, metadata) -> [0, 1]; "
+        "empty: exact match of the last \\boxed{} (toy_arithmetic), math-verify equivalence with a "
+        "time limit (prompts: scope_megatron.rewards.math_verify:math_verify_match)"))
     eval_families: Tuple[str, ...] = option((), help=(
         "toy_arithmetic: problem families (scope_megatron.data.FAMILIES) whose held-out Avg@k / "
         "Pass@k are also reported, with their complements"))
+    train_data: Optional[str] = option(None, help="prompts: training prompts (JSONL, JSON or Parquet)")
+    eval_data: Optional[str] = option(None, help=(
+        "prompts: held-out prompts evaluated every eval.eval_interval steps (none: no evaluation)"))
+    tokenizer: Optional[str] = option(None, help="prompts: the student's HF tokenizer directory")
+    prompt_key: str = option("", help="prompts: field of the problem text (empty: question/problem/prompt)")
+    answer_key: str = option("", help="prompts: field of the reference answer (empty: answer/solution/...)")
+    prompt_suffix: str = option(" Put your final answer within \\boxed{}.", help=(
+        "prompts: appended to each problem (the paper's instruction)"))
+    chat_template: bool = option(True, help="prompts: wrap the prompt in the tokenizer's chat template")
+    max_prompt_len: int = option(1024, help="prompts: longer prompts are dropped at load (counted)")
+
+    @property
+    def resolved_reward_fn(self) -> str:
+        if self.reward_fn:
+            return self.reward_fn
+        return ("scope_megatron.rewards.verifier:boxed_match" if self.name == "toy_arithmetic"
+                else "scope_megatron.rewards.math_verify:math_verify_match")
 
     def __post_init__(self):
-        if self.name != "toy_arithmetic":
-            raise ValueError(f"task.name {self.name!r} is not available yet; use 'toy_arithmetic'")
+        if self.name not in ("toy_arithmetic", "prompts"):
+            raise ValueError(f"task.name must be 'toy_arithmetic' or 'prompts', got {self.name!r}")
+        if self.name == "prompts" and not (self.train_data and self.tokenizer):
+            raise ValueError("task.name 'prompts' needs task.train_data (--task-train-data) and "
+                             "task.tokenizer (--task-tokenizer)")
+        if self.eval_families and self.name != "toy_arithmetic":
+            raise ValueError("task.eval_families are toy_arithmetic problem families")
         from scope_megatron.data import FAMILIES
 
         unknown = [f for f in self.eval_families if f not in FAMILIES]
@@ -199,6 +316,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = section(OptimizerConfig)
     training: TrainingConfig = section(TrainingConfig)
     rollout: RolloutConfig = section(RolloutConfig)
+    teacher_serving: TeacherServingConfig = section(TeacherServingConfig)
     scope: ScopeConfig = section(ScopeConfig)
     eval: EvalConfig = section(EvalConfig)
     checkpoint: CheckpointConfig = section(CheckpointConfig)
@@ -210,7 +328,12 @@ class TrainConfig:
             raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups)")
-        if self.scope.uses_teacher and self.checkpoint.teacher_load is None:
+        remote_teacher = self.teacher_serving.engine == "sglang"
+        if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator not in ("sampled", "k3"):
+            raise ValueError(f"scope.kl_estimator {self.scope.kl_estimator!r} needs the teacher's logits; "
+                             "an SGLang teacher gives log-probs of the sampled tokens: use 'sampled' or "
+                             "'k3', or teacher_serving.engine 'megatron'")
+        if self.scope.uses_teacher and not remote_teacher and self.checkpoint.teacher_load is None:
             raise ValueError(f"algorithm {self.scope.algorithm!r} distills from a teacher: set "
                              "checkpoint.teacher_load (--teacher-load)")
 
@@ -221,7 +344,10 @@ class TrainConfig:
             raise ConfigError(f"world size {world_size} is not divisible by TP={tp} x PP={pp}; launch "
                               f"a multiple of {tp * pp} processes or change the parallel sizes")
         dp = world_size // (tp * pp)
-        for name, model in (("student", self.student), ("teacher", self.teacher)):
+        models = [("student", self.student)]
+        if self.scope.uses_teacher and self.teacher_serving.engine == "megatron":
+            models.append(("teacher", self.teacher))  # a remote or unused teacher is not built here
+        for name, model in models:
             try:
                 model.validate_parallel(tp, pp)
             except ValueError as exc:

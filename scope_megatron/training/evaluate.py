@@ -71,7 +71,8 @@ class PromptEncoder:
         if self.settings.chat_template and getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                           tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); 4.x a list
+            return list(ids if isinstance(ids, list) else ids["input_ids"])
         return list(tok(text, add_special_tokens=True)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -118,17 +119,23 @@ def _key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "little")
 
 
-def evaluate_benchmarks(chunks, cfg: models.ModelConfig, encoder: PromptEncoder,
-                        benchmarks: Sequence[Benchmark], settings: EvalSettings,
+def local_engine(chunks, cfg: models.ModelConfig, settings: EvalSettings) -> LocalEngine:
+    """Sampling from the loaded Megatron model (this replica's sampling stream)."""
+    from megatron.core import parallel_state
+
+    return LocalEngine(MegatronDecoder(chunks, vocab_size=cfg.vocab_size,
+                                       micro_batch_size=settings.decode_micro_batch_size, pad_id=0),
+                       pad_id=0, device=platform.device(), stream_seed=parallel_state.get_data_parallel_rank())
+
+
+def evaluate_benchmarks(engine, encoder: PromptEncoder, benchmarks: Sequence[Benchmark], settings: EvalSettings,
                         progress: Optional[Callable[[str], None]] = None) -> Optional[Dict[str, dict]]:
-    """{benchmark: summary} on rank 0 (None elsewhere); every rank must call it."""
+    """{benchmark: summary} on rank 0 (None elsewhere); every rank must call it. engine: a
+    RolloutEngine (local_engine(...), or an SGLangEngine in a single process)."""
     from megatron.core import parallel_state
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     reports = (is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0)
-    engine = LocalEngine(MegatronDecoder(chunks, vocab_size=cfg.vocab_size,
-                                         micro_batch_size=settings.decode_micro_batch_size,
-                                         pad_id=0), pad_id=0, device=platform.device(), stream_seed=dp_rank)
     reward_fn = load_reward_fn(settings.reward_fn)
     params = SamplingParams(n=settings.k, temperature=settings.temperature, top_p=settings.top_p,
                             top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,

@@ -14,16 +14,14 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from scope_megatron.data.toy_arithmetic import AdditionProblem, ToyArithmetic, ToyArithmeticConfig, family
 from scope_megatron.eval import summarize
-from scope_megatron.rewards import load_reward_fn, score_responses
+from scope_megatron.rewards import score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
 from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
 from scope_megatron.utils.logging import MetricsLogger, ProgressBar, plot_curves
@@ -32,25 +30,9 @@ from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
 from .step import build_inputs, micro_batches, score_with_teacher, train_step
+from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
-
-
-@dataclass
-class Task:
-    """The prompts, references and reward function of the run."""
-
-    world: ToyArithmetic
-    reward_fn: object
-
-    @property
-    def tokenizer(self):
-        return self.world.tokenizer
-
-
-def build_task(cfg: TrainConfig) -> Task:
-    world = ToyArithmetic(ToyArithmeticConfig(digits=cfg.task.digits))
-    return Task(world, load_reward_fn(cfg.task.reward_fn))
 
 
 def params_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -81,17 +63,22 @@ def _gather_to_rank0(value) -> Optional[list]:
     return [v for v in out if v is not None] if out is not None else None
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> int:
+def preflight(cfg: TrainConfig, world_size: int, task: Optional[Task] = None) -> int:
     """Everything that can be checked before a process group or a model exists: the parallel
     layout against the world size and both models, the vocabularies (the task's, the student's,
     the teacher's, padded alike), and the checkpoint paths. Raises ConfigError naming the field
-    and the fix; returns the data-parallel size."""
+    and the fix; returns the data-parallel size. `task`: the built task (else built here)."""
     dp = cfg.check_world(world_size)
-    vocab = build_task(cfg).tokenizer.vocab_size
-    if cfg.student.vocab_size != vocab:
+    task = task or build_task(cfg)
+    vocab = task.vocab_size
+    if task.name == "toy_arithmetic" and cfg.student.vocab_size != vocab:
         raise ConfigError(f"student.vocab_size {cfg.student.vocab_size} is not the task tokenizer's "
                           f"{vocab}; the model must be built for the task's vocabulary")
-    if cfg.scope.uses_teacher:
+    if cfg.student.vocab_size < vocab:
+        raise ConfigError(f"student.vocab_size {cfg.student.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab} tokens; the model cannot score every token the tokenizer makes")
+    remote_teacher = cfg.teacher_serving.engine == "sglang"
+    if cfg.scope.uses_teacher and not remote_teacher:
         try:
             models.check_same_vocab(cfg.student, cfg.teacher, cfg.parallel.tensor_model_parallel_size)
         except ValueError as exc:
@@ -102,7 +89,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"checkpoint.load {c.load!r} holds no checkpoint; build the toy starting "
                           "points with tools/make_toy_checkpoints.py, fix the path, or pass "
                           "--load null to start from random weights")
-    if cfg.scope.uses_teacher and not checkpoint.has_checkpoint(c.teacher_load):
+    if cfg.scope.uses_teacher and not remote_teacher and not checkpoint.has_checkpoint(c.teacher_load):
         raise ConfigError(f"checkpoint.teacher_load {c.teacher_load!r} holds no checkpoint; the "
                           f"teacher must be trained (algorithm {cfg.scope.algorithm!r})")
     return dp
@@ -116,7 +103,8 @@ class Trainer:
         platform.init_distributed()
         if not platform.cuda_available():
             platform.apply_cpu_shims()
-        dp = preflight(cfg, dist.get_world_size())
+        self.task = build_task(cfg)
+        dp = preflight(cfg, dist.get_world_size(), self.task)
         self.layout = platform.initialize_parallel(cfg.parallel.tensor_model_parallel_size,
                                                    cfg.parallel.pipeline_model_parallel_size,
                                                    sequence_parallel=cfg.parallel.sequence_parallel)
@@ -126,8 +114,7 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_rank0 = dist.get_rank() == 0
         platform.seed_everything(cfg.training.seed)
-        self.task = build_task(cfg)
-        vocab = self.task.tokenizer.vocab_size
+        vocab = cfg.student.vocab_size
         self.uses_teacher = cfg.scope.uses_teacher
         dtype = params_dtype(cfg)
         self.student = parallel.wrap_ddp(
@@ -140,13 +127,29 @@ class Trainer:
             clip_grad=o.clip_grad, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         self.scheduler = self._scheduler()
         self.teacher = None
-        if self.uses_teacher:
+        self.remote_teacher = None
+        self.sglang_rollouts = None
+        remote_teacher = cfg.teacher_serving.engine == "sglang"
+        if self.uses_teacher and not remote_teacher:
             self.teacher = [models.freeze(c) for c in models.build_model_chunks(cfg.teacher, params_dtype=dtype)]
         self.start_step = self._load()
-        self.engine = LocalEngine(
-            MegatronDecoder(self.student, vocab_size=vocab, micro_batch_size=cfg.rollout.decode_micro_batch_size,
-                            pad_id=self.task.tokenizer.pad_id),
-            pad_id=self.task.tokenizer.pad_id, device=platform.device(), stream_seed=self.dp_rank)
+        if cfg.rollout.engine == "sglang":
+            from .serving import SGLangRollouts
+
+            self.sglang_rollouts = SGLangRollouts(cfg, self.student, self.task.pad_id, self.dp_rank, platform.device())
+            self.engine = self.sglang_rollouts.engine
+            # the servers start from an HF directory; give them the weights this run starts from
+            self.engine.update_weights(self.start_step)
+        else:
+            self.engine = LocalEngine(
+                MegatronDecoder(self.student, vocab_size=vocab, micro_batch_size=cfg.rollout.decode_micro_batch_size,
+                                pad_id=self.task.pad_id),
+                pad_id=self.task.pad_id, device=platform.device(), stream_seed=self.dp_rank)
+        if self.uses_teacher and remote_teacher:
+            from .serving import SGLangTeacherScorer
+
+            self.remote_teacher = SGLangTeacherScorer(cfg, self.task.pad_id, cfg.scope.resolved_teacher_temperature)
+        self._logprob_checked = False
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -184,31 +187,33 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _sample(self, problems: List[AdditionProblem], params: SamplingParams, key: int):
-        world = self.task.world
-        rollouts = self.engine.generate([world.prompt_ids(p) for p in problems], params, key=key)
-        references = [world.answer(problems[g]) for g in rollouts.group_ids.tolist()]
-        scores = score_responses(rollouts.responses(), references, decode=self.task.tokenizer.decode,
-                                 eos_id=self.task.tokenizer.eos_id, reward_fn=self.task.reward_fn)
+    def _sample(self, items: List[TaskItem], params: SamplingParams, key: int):
+        rollouts = self.engine.generate([list(i.prompt_ids) for i in items], params, key=key)
+        references = [items[g].reference for g in rollouts.group_ids.tolist()]
+        scores = score_responses(rollouts.responses(), references, decode=self.task.decode,
+                                 eos_id=self.task.stop_ids, reward_fn=self.task.reward_fn)
         return rollouts, scores
 
     def train_sampling(self) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens,
-                              stop_token_ids=(self.task.tokenizer.eos_id,), seed=self.cfg.training.seed)
+                              stop_token_ids=self.task.stop_ids, seed=self.cfg.training.seed)
 
     def prepare(self, step: int):
         """Rollouts of `step` for this replica, rewarded, as micro-batches scored by the teacher.
         Returns (micro-batches, rollouts, scores)."""
         cfg = self.cfg
-        problems = _replica_slice(self.task.world.train_problems(step, cfg.training.prompts_per_step,
-                                                                 seed=cfg.training.seed),
-                                  self.dp_rank, self.layout.dp)
-        rollouts, scores = self._sample(problems, self.train_sampling(), key=step)
-        inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device),
-                              self.task.tokenizer.pad_id)
+        items = _replica_slice(self.task.train_items(step, cfg.training.prompts_per_step, cfg.training.seed),
+                               self.dp_rank, self.layout.dp)
+        rollouts, scores = self._sample(items, self.train_sampling(), key=step)
+        inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device), self.task.pad_id)
         batches = micro_batches(inputs, cfg.training.micro_batch_size)
+        if self.remote_teacher is not None:
+            scores_t = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
+            size = cfg.training.micro_batch_size
+            for i, mb in enumerate(batches):
+                mb.extra["teacher_logprobs"] = scores_t[i * size:(i + 1) * size]
         if self.teacher is not None:
             for chunk in self.teacher:
                 models.load_to_device(chunk)
@@ -225,6 +230,12 @@ class Trainer:
         prepared = time.perf_counter()
         metrics = train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
                              vocab_size=cfg.student.vocab_size)
+        if self.sglang_rollouts is not None:
+            synced = time.perf_counter()
+            self.engine.update_weights(step + 1)  # the next step samples from the updated student
+            if metrics:
+                metrics["time/weight_sync_s"] = time.perf_counter() - synced
+                self._check_logprob_gap(metrics)
         if not _reports_metrics():
             return {}
         elapsed = time.perf_counter() - started
@@ -238,16 +249,35 @@ class Trainer:
         })
         return metrics
 
+    def _check_logprob_gap(self, metrics: Dict[str, float]) -> None:
+        """Once: the engine's log-probs of its samples against the trainer's recomputation (the
+        loss reports logprob_diff/*); a large gap means the servers sample from other weights or
+        another temperature / numerics than the trainer assumes."""
+        if self._logprob_checked or "logprob_diff/mean" not in metrics:
+            return
+        self._logprob_checked = True
+        gap, limit = metrics["logprob_diff/mean"], self.cfg.rollout.logprob_gap_warn
+        if gap > limit:
+            import warnings
+
+            warnings.warn(f"SGLang log-probs differ from the trainer's by {gap:.4f} on average (max "
+                          f"{metrics.get('logprob_diff/max', float('nan')):.4f}), above rollout.logprob_gap_warn "
+                          f"{limit}: check that the servers got the weights (weight_version), the dtype and "
+                          "the rollout temperature", stacklevel=2)
+
     # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, step: int) -> Dict[str, float]:
         """Avg@k and Pass@k on the held-out prompts (split over replicas); the summary on rank 0."""
         e = self.cfg.eval
-        held_out = list(self.task.world.held_out[: e.num_prompts - e.num_prompts % self.layout.dp])
+        held_out = self.task.held_out_items(e.num_prompts)
+        held_out = held_out[: len(held_out) - len(held_out) % self.layout.dp]
+        if not held_out:
+            return {}
         problems = _replica_slice(held_out, self.dp_rank, self.layout.dp)
         params = SamplingParams(n=e.k, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                stop_token_ids=(self.task.tokenizer.eos_id,), seed=self.cfg.training.seed)
+                                stop_token_ids=self.task.stop_ids, seed=self.cfg.training.seed)
         rollouts, scores = self._sample(problems, params, key=EVAL_KEY_OFFSET + step)
         grades = scores.correct.reshape(len(problems), e.k) if _reports_metrics() else None
         gathered = _gather_to_rank0(grades)
@@ -255,8 +285,8 @@ class Trainer:
             return {}
         grades = torch.cat(gathered)  # [problems, k] in held_out order (replicas in rank order)
         out = self._summary("eval", grades)
-        for name in self.cfg.task.eval_families:
-            inside = torch.tensor([family(name)(p) for p in held_out])
+        for name, member in self.task.families().items():
+            inside = torch.tensor([member(p) for p in held_out])
             out.update(self._summary(f"eval/{name}", grades[inside]))
             out.update(self._summary(f"eval/not_{name}", grades[~inside]))
         return out
@@ -315,4 +345,7 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        for holder in (self.sglang_rollouts, self.remote_teacher):
+            if holder is not None:
+                holder.close()
         platform.destroy()

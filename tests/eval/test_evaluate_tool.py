@@ -88,19 +88,25 @@ def _write_layouts(directory: Path, problems):
 NAMES = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "verl_style")
 
 
-def test_hf_model_on_benchmark_files(tmp_path):
+@pytest.fixture(scope="module")
+def teacher_hf(tmp_path_factory):
+    """The toy teacher exported as an HF model, and its held-out problems in every layout."""
     from scope_megatron.convert import export_hf, write_toy_template
     from scope_megatron.data.toy_arithmetic import ToyArithmetic
     from scope_megatron.training.checkpoint import checkpoint_info
 
+    root = tmp_path_factory.mktemp("eval_hf")
     world = ToyArithmetic()
-    template = write_toy_template(checkpoint_info(TEACHER)["model_config"], tmp_path / "template")
-    export_hf(TEACHER, template, tmp_path / "hf")
-    problems = [(world.prompt_text(p), world.answer(p)) for p in world.held_out[:10]]
-    _write_layouts(tmp_path / "bench", problems)
+    template = write_toy_template(checkpoint_info(TEACHER)["model_config"], root / "template")
+    export_hf(TEACHER, template, root / "hf")
+    _write_layouts(root / "bench", [(world.prompt_text(p), world.answer(p)) for p in world.held_out[:10]])
+    return root / "hf", root / "bench", world
 
+
+def test_hf_model_on_benchmark_files(tmp_path, teacher_hf):
+    hf, bench, world = teacher_hf
     stem = tmp_path / "out" / "teacher_hf"
-    r = _run("--hf-dir", tmp_path / "hf", "--benchmarks", tmp_path / "bench", "--prompt-template", "{problem}",
+    r = _run("--hf-dir", hf, "--benchmarks", bench, "--prompt-template", "{problem}",
              "--no-chat-template", "--max-new-tokens", world.max_response_len, "--k", 2, "--out", stem)
     assert r.returncode == 0, r.stdout + r.stderr
     report = _report(stem)
@@ -113,18 +119,60 @@ def test_hf_model_on_benchmark_files(tmp_path):
     assert macro == pytest.approx(sum(report[n]["Avg@2"] for n in report if n != "macro_average") / len(NAMES))
     settings = json.loads(stem.with_name("teacher_hf.settings.json").read_text())
     assert settings["k"] == 2 and settings["max_new_tokens"] == world.max_response_len
-    assert settings["chat_template"] is False and settings["model"] == str(tmp_path / "hf")
+    assert settings["chat_template"] is False and settings["model"] == str(hf)
     assert stem.with_name("teacher_hf.md").is_file() and stem.with_name("teacher_hf.csv").is_file()
     ids = {json.loads(line)["id"] for line in stem.with_name("teacher_hf.per_problem.jsonl").open()
            if '"aime24"' in line}
     assert ids == {str(60 + i) for i in range(10)}  # per-problem rows keep the file's ids
 
     # prompt (9 tokens) + response budget beyond the 64 positions: refused before sampling
-    r = _run("--hf-dir", tmp_path / "hf", "--benchmarks", tmp_path / "bench" / "aime24.jsonl",
+    r = _run("--hf-dir", hf, "--benchmarks", bench / "aime24.jsonl",
              "--prompt-template", "{problem}", "--no-chat-template", "--max-new-tokens", 60,
              "--out", tmp_path / "out" / "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "exceeds the model's max_position_embeddings 64: lower --max-new-tokens to at most 55" in r.stderr
+
+
+def test_sglang_servers_sample_the_evaluation(tmp_path, teacher_hf):
+    """--sglang-urls: the same files graded from a running server (the protocol-faithful test
+    server holding the exported teacher), no model loaded in the tool."""
+    import socket
+    import time
+
+    import requests
+
+    hf, bench, world = teacher_hf
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tests.rollout.fake_sglang_server", "--model-path", str(hf),
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "test server did not come up"
+            time.sleep(0.5)
+        stem = tmp_path / "sglang"
+        r = _run("--sglang-urls", f"http://127.0.0.1:{port}", "--tokenizer", hf, "--benchmarks",
+                 bench / "aime24.jsonl", bench / "amc23.parquet", "--prompt-template", "{problem}",
+                 "--no-chat-template", "--max-new-tokens", world.max_response_len, "--k", 2, "--out", stem)
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = _report(stem)
+        assert sorted(report) == ["aime24", "amc23", "macro_average"]
+        assert all(report[n]["Avg@2"] >= 0.9 and report[n]["num_problems"] == 10 for n in ("aime24", "amc23"))
+        # a dead server: the error names it, exit status 2
+        r = _run("--sglang-urls", "http://127.0.0.1:9", "--tokenizer", hf, "--benchmarks", bench / "aime24.jsonl",
+                 "--prompt-template", "{problem}", "--no-chat-template", "--max-new-tokens", 8, "--k", 1,
+                 "--out", tmp_path / "dead")
+        assert r.returncode == 2 and "http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.mark.parametrize("args,message", [

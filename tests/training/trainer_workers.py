@@ -154,3 +154,116 @@ def decoding(ctx):
         finally:
             platform.destroy_parallel()
     return out
+
+
+def _toy_prompt_files(root: Path) -> dict:
+    """The toy world as a 'prompts' task: its tokenizer as an HF tokenizer, training and held-out
+    problems as JSONL files (written by rank 0)."""
+    import json
+
+    from scope_megatron.convert import save_char_tokenizer
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+
+    world = ToyArithmetic()
+    paths = {"tokenizer": root / "tokenizer", "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        save_char_tokenizer(world.tokenizer, paths["tokenizer"])
+        train = world.train_problems(0, 64, seed=7)
+        paths["train"].write_text("".join(json.dumps({"question": world.prompt_text(p), "answer": world.answer(p)})
+                                          + "\n" for p in train))
+        paths["eval"].write_text("".join(json.dumps({"problem": world.prompt_text(p), "answer": int(world.answer(p))})
+                                         + "\n" for p in world.held_out[:8]))
+    dist.barrier()
+    return paths
+
+
+def prompt_task(ctx):
+    """The 'prompts' task (a JSONL file through an HF tokenizer) trains at DP=2 like the toy task:
+    its prompts are the toy prompt ids, rewards are graded, held-out evaluation runs."""
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+
+    run_dir = _run_dir(ctx, "prompts")
+    files = _toy_prompt_files(run_dir / "data")
+    flags = ["--task-name", "prompts", "--task-train-data", str(files["train"]), "--task-eval-data",
+             str(files["eval"]), "--task-tokenizer", str(files["tokenizer"]), "--task-prompt-suffix", "",
+             "--task-chat-template", "false", "--task-max-prompt-len", "16", "--eval-interval", "2"]
+    cfg = load_config(SHORT + ["--train-iters", "2", "--log-dir", str(run_dir / "logs"), "--save", "null",
+                               "--seed", str(ctx.seed % 100000)] + flags)
+    trainer = Trainer(cfg)
+    world = ToyArithmetic()
+    try:
+        items = trainer.task.train_items(0, 4, cfg.training.seed)
+        toy_ids = {tuple(world.prompt_ids(p)) for p in world.train_problems(0, 64, seed=7)}
+        same_ids = all(i.prompt_ids in toy_ids for i in items)
+        trainer.run()
+    finally:
+        trainer.close()
+    records = read_metrics(run_dir / "logs" / "metrics.jsonl") if dist.get_rank() == 0 else []
+    return {"same_ids": same_ids, "stop_ids": list(trainer.task.stop_ids), "pad_id": trainer.task.pad_id,
+            "steps": [r["step"] for r in records if "loss" in r],
+            "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r]}
+
+
+def sglang(ctx):
+    """rollout.engine 'sglang' and teacher_serving.engine 'sglang' against the protocol-faithful
+    test servers (tests/rollout/fake_sglang_server.py, run by rank 0) holding the toy student and
+    teacher as HF models: at DP=2 and TP=2 (weights through disk) and PP=2 (weights as tensors),
+    2 steps with an evaluation each."""
+    from scope_megatron.convert import export_hf, write_toy_template
+    from scope_megatron.training.checkpoint import checkpoint_info
+    from tests.rollout.fake_sglang_server import FakeSGLangServer, toy_hf_dir
+
+    root = _run_dir(ctx, "sglang")
+    servers, info = [], [None]
+    if dist.get_rank() == 0:
+        teacher_ckpt = REPO / "checkpoints/toy/teacher"
+        write_toy_template(checkpoint_info(teacher_ckpt)["model_config"], root / "teacher-template")
+        export_hf(teacher_ckpt, root / "teacher-template", root / "teacher-hf")
+        student_hf = toy_hf_dir()
+        servers = [FakeSGLangServer(student_hf).start(), FakeSGLangServer(root / "teacher-hf").start()]
+        info[0] = {"student_hf": str(student_hf), "urls": [s.url for s in servers]}
+    dist.broadcast_object_list(info, src=0)
+    import scope_megatron.rollout.sglang.weight_sync as weight_sync
+    from tests.rollout.fake_sglang_server import PickleSerializer
+
+    # the tensor path's payload: by value (the test server's stand-in for sglang's CUDA IPC handles)
+    weight_sync.sglang_serializer = lambda: PickleSerializer
+    out = {}
+    try:
+        for name, flags in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"]),
+                            ("pp2_tensor", ["--pipeline-model-parallel-size", "2", "--rollout-weight-sync", "tensor"])):
+            run_dir = root / name
+            cfg = load_config(SHORT + [
+                "--train-iters", "2", "--eval-interval", "2", "--log-dir", str(run_dir / "logs"), "--save", "null",
+                "--seed", str(ctx.seed % 100000), "--rollout-engine", "sglang",
+                "--rollout-sglang-urls", info[0]["urls"][0], "--rollout-hf-template", info[0]["student_hf"],
+                "--rollout-weight-sync-dir", str(run_dir / "weights"), "--teacher-engine", "sglang",
+                "--teacher-serving-sglang-urls", info[0]["urls"][1], "--teacher-load", "null",
+                "--scope-kl-estimator", "sampled"] + flags)
+            trainer = Trainer(cfg)
+            try:
+                trainer.run()
+                built_teacher = trainer.teacher is not None
+            finally:
+                trainer.close()
+            records = read_metrics(run_dir / "logs" / "metrics.jsonl") if dist.get_rank() == 0 else []
+            out[name] = {
+                "built_teacher": built_teacher,
+                "steps": [r["step"] for r in records if "loss" in r],
+                "kl": [r.get("kl/mean") for r in records if "loss" in r],
+                "gap": [r.get("logprob_diff/max") for r in records if "loss" in r],
+                "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r],
+                "versions": sorted({c[1]["weight_version"] for c in servers[0].calls
+                                    if c[0].startswith("/update_weights_from") and c[1].get("weight_version")})
+                if servers else [],
+                "update_calls": sorted({c[0] for c in servers[0].calls if c[0].startswith("/update_weights_from")})
+                if servers else [],
+                "server_version": servers[0].weight_version if servers else None,
+            }
+            if servers:
+                servers[0].calls.clear()
+    finally:
+        for s in servers:
+            s.stop()
+    return out

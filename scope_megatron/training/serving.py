@@ -1,0 +1,232 @@
+"""SGLang serving for the trainer: the rollout engine and the remote teacher built from the config,
+run by one leader rank per data-parallel replica and shared with the replica's other
+tensor/pipeline-parallel ranks.
+
+Roles. Every rank calls the same functions (they are collective over the model-parallel group):
+the replica's leader (first rank of its model-parallel group) sends the HTTP requests for the
+replica's prompts, then broadcasts the result tensors to its peers, which need identical rollouts
+for the parallel forward passes. Weight sync after an optimizer step is collective over all ranks
+(the export gathers the sharded student) and global rank 0 alone talks to the servers.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from scope_megatron.rollout import RolloutEngine, Rollouts, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_ROLLOUT_FIELDS = ("prompt_ids", "prompt_lengths", "response_ids", "response_mask", "logprobs", "group_ids",
+                   "finished")
+
+
+def model_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_model_parallel_group()
+
+
+def is_replica_leader() -> bool:
+    group = model_parallel_group()
+    return dist.get_rank() == dist.get_process_group_ranks(group)[0]
+
+
+def broadcast_tensors(tensors: Optional[Dict[str, torch.Tensor]], device) -> Dict[str, torch.Tensor]:
+    """The leader's named tensors on every rank of its model-parallel group (shapes and dtypes go
+    first as a small object, then each tensor with one broadcast on `device`)."""
+    group = model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) == 1:
+        return tensors
+    leader = ranks[0]
+    meta = [None]
+    if dist.get_rank() == leader:
+        meta[0] = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    dist.broadcast_object_list(meta, src=leader, group=group)
+    out = {}
+    for name, (shape, dtype) in meta[0].items():
+        if dist.get_rank() == leader:
+            t = tensors[name].to(device).contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        wire = t.to(torch.uint8) if dtype == torch.bool else t  # some backends lack bool
+        dist.broadcast(wire, src=leader, group=group)
+        out[name] = wire.to(torch.bool) if dtype == torch.bool else wire
+    return out
+
+
+class ReplicaEngine(RolloutEngine):
+    """Wraps an engine that only the replica leader holds (None elsewhere): generate on the leader,
+    broadcast the Rollouts to the replica's model-parallel peers."""
+
+    def __init__(self, engine: Optional[RolloutEngine], device, weight_update=None):
+        self.engine = engine
+        self.device = device
+        self.weight_update = weight_update
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, key: int = 0) -> Rollouts:
+        rollouts = self.engine.generate(prompts, params, key=key) if self.engine is not None else None
+        fields = {f: getattr(rollouts, f) for f in _ROLLOUT_FIELDS} if rollouts is not None else None
+        return Rollouts(**broadcast_tensors(fields, self.device))
+
+    def update_weights(self, step: Optional[int] = None) -> None:
+        if self.weight_update is not None:
+            self.weight_update(step)
+
+
+def _broadcast_from_rank0(fn):
+    """fn() on global rank 0, its result on every rank; an error there is raised everywhere."""
+    outcome, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", fn())
+        except Exception as exc:  # re-raised below, after the other ranks heard of it
+            error, outcome[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        if error is not None:
+            raise error
+        raise RuntimeError(f"SGLang server setup failed on rank 0: {value}")
+    return value
+
+
+def start_servers(scfg, log_dir: Path, role: str):
+    """(servers launched here or None, their URLs on every rank). Global rank 0 launches
+    scfg.num_servers servers on its own node from scfg.model_path when no URLs are given (the
+    others wait), or checks that the given servers answer /health. Servers on other nodes: start
+    them there and pass their URLs."""
+    import shlex
+
+    from scope_megatron.rollout.sglang import SGLangServers
+
+    holder = {}
+
+    def setup():
+        if scfg.urls:
+            servers = SGLangServers.attach(server_list(scfg.urls), wait=True, startup_timeout=scfg.startup_timeout_s)
+            return list(servers.urls)
+        servers = SGLangServers.launch(scfg.model_path, num_servers=scfg.num_servers, base_port=scfg.base_port,
+                                       tp_size=scfg.tp, mem_fraction_static=scfg.mem_fraction_static,
+                                       deterministic=scfg.deterministic, extra_args=shlex.split(scfg.extra_args),
+                                       gpus=scfg.gpu_lists,
+                                       log_dir=Path(log_dir) / f"sglang-{role}",
+                                       startup_timeout=scfg.startup_timeout_s)
+        holder["servers"] = servers
+        return list(servers.urls)
+
+    urls = _broadcast_from_rank0(setup)
+    return holder.get("servers"), urls
+
+
+def client_for(scfg, urls, progress: bool):
+    from scope_megatron.rollout.sglang import SGLangClient
+
+    return SGLangClient(urls, max_in_flight=scfg.max_in_flight, timeout=scfg.request_timeout_s,
+                        retries=scfg.retries, progress=progress)
+
+
+def build_weight_sync(cfg, student_chunks, device):
+    """The rollout.weight_sync strategy over the student's live chunks (update() is collective
+    over all ranks; global rank 0 talks to the servers)."""
+    from scope_megatron.convert import export_hf, hf_named_tensors
+    from scope_megatron.rollout.sglang import DiskWeightSync, DistributedWeightSync, TensorWeightSync
+
+    r = cfg.rollout
+    template = hf_template_of(cfg)
+    bf16 = next(student_chunks[0].parameters()).dtype == torch.bfloat16
+    rank0 = dist.get_rank() == 0
+    if r.weight_sync == "disk":
+        dtype = "bfloat16" if bf16 else None
+        return DiskWeightSync(lambda path: export_hf(student_chunks, template, path, dtype=dtype, overwrite=True),
+                              default_weights_dir(cfg), is_rank0=rank0)
+
+    def named_tensors():  # collective over each replica's model-parallel group
+        return hf_named_tensors(student_chunks, template, device=device)
+
+    bucket = int(r.weight_sync_bucket_mb) << 20
+    if r.weight_sync == "tensor":
+        return TensorWeightSync(named_tensors, bucket_bytes=bucket, tp_size=r.sglang.tp, is_rank0=rank0)
+    address = r.weight_sync_master_address or _own_address()
+    return DistributedWeightSync(named_tensors, master_address=address, master_port=r.weight_sync_master_port,
+                                 server_tp_sizes=r.sglang.tp, bucket_bytes=bucket, is_rank0=rank0)
+
+
+def _own_address() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class SGLangRollouts:
+    """Everything the trainer holds for rollout.engine 'sglang': servers (when launched here), the
+    leader's client and engine, the weight sync, wrapped as one RolloutEngine for every rank."""
+
+    def __init__(self, cfg, student_chunks, pad_id: int, dp_rank: int, device):
+        from scope_megatron.rollout.sglang import SGLangEngine
+
+        scfg = cfg.rollout.sglang
+        self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), "rollout")
+        self.sync = build_weight_sync(cfg, student_chunks, device)
+        # a bar over the prompts of each generate call, on global rank 0 only
+        self.client = client_for(scfg, self.urls, progress=dist.get_rank() == 0) if is_replica_leader() else None
+        inner = SGLangEngine(self.client, pad_id=pad_id, stream_seed=dp_rank, device="cpu") if self.client else None
+        self.engine = ReplicaEngine(inner, device, weight_update=self.update_weights)
+
+    def update_weights(self, step: Optional[int]) -> None:
+        """Collective over all ranks: export, global rank 0 pushes and verifies."""
+        self.sync.update(self.client, int(step or 0))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.servers is not None:
+            self.servers.shutdown()
+
+
+class SGLangTeacherScorer:
+    """teacher_serving.engine 'sglang': the remote teacher of every replica leader."""
+
+    def __init__(self, cfg, pad_id: int, temperature: float):
+        from scope_megatron.rollout.sglang import SGLangTeacher
+
+        scfg = cfg.teacher_serving.sglang
+        self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), "teacher")
+        self.client = client_for(scfg, self.urls, progress=False) if is_replica_leader() else None
+        self.teacher = SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id) if self.client else None
+
+    def score(self, rollouts: Rollouts, device) -> torch.Tensor:
+        out = None
+        if self.teacher is not None:
+            out = {"teacher_logprobs": self.teacher.score(rollouts).logprobs.to(torch.float32)}
+        return broadcast_tensors(out, device)["teacher_logprobs"]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.servers is not None:
+            self.servers.shutdown()
+
+
+def default_weights_dir(cfg) -> Path:
+    return Path(cfg.rollout.weight_sync_dir or Path(cfg.logging.log_dir) / "weights")
+
+
+def hf_template_of(cfg) -> str:
+    template = cfg.rollout.hf_template or cfg.rollout.sglang.model_path or cfg.task.tokenizer
+    if not template:
+        raise ValueError("rollout.engine 'sglang' exports the student as a Hugging Face model: set "
+                         "rollout.hf_template (the student's original HF directory)")
+    return template
+
+
+def server_list(urls: Sequence[str]) -> List[str]:
+    return [u.rstrip("/") for u in urls]
