@@ -143,12 +143,14 @@ def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tenso
                              "teacher_logits (and skip the teacher's forward pass)")
         return
     if teacher is None:
-        if config.uses_teacher and config.kl_estimator in ("full", "topk"):
+        served_topk = config.kl_estimator == "topk" and batch.teacher_top_ids is not None
+        if config.uses_teacher and config.kl_estimator in ("full", "topk") and not served_topk:
             raise ValueError(
                 f"compute_loss: kl_estimator={config.kl_estimator!r} needs teacher_logits (a "
                 "colocated teacher's vocabulary shard, aligned and sharded like student_logits). "
                 "With a remote teacher that returns only the sampled tokens' log-probs, use "
-                "kl_estimator='sampled' or 'k3' and batch.teacher_logprobs.")
+                "kl_estimator='sampled' or 'k3' and batch.teacher_logprobs ('topk' also works from its "
+                "top-k: batch.teacher_top_ids and teacher_top_logprobs).")
         return
     if batch.teacher_logprobs is not None:
         raise ValueError("compute_loss: both teacher_logits and batch.teacher_logprobs were given; "
@@ -194,7 +196,8 @@ def _require_teacher(config, batch, members, teacher_lp, teacher_rows):
     """Every teacher-path rollout must have teacher token log-probs when the estimator or the
     teacher weights read them ("full" and "topk" have teacher logits, checked before)."""
     needs = []
-    if config.uses_teacher and config.kl_estimator in ("sampled", "k3"):
+    if config.uses_teacher and (config.kl_estimator in ("sampled", "k3")
+                                or (config.kl_estimator == "topk" and batch.teacher_top_ids is not None)):
         needs.append(f"kl_estimator={config.kl_estimator!r} needs log p_T of the sampled tokens")
     if config.algorithm == "scope" and config.teacher_path == "weighted":
         needs.append("teacher_path='weighted' needs PPL_T")

@@ -39,6 +39,10 @@ class RolloutBatch:
         teacher), computed at the teacher temperature.
       has_teacher_logprobs: optional [B] bool, which rollouts carry teacher log-probs (None = all
         of them when teacher_logprobs is given); the other rows are never read.
+      teacher_top_ids, teacher_top_logprobs: optional, both or neither: a served teacher's k most
+        likely ids at each response position and their log-probs (the response_ids shape plus a
+        trailing k), for kl_estimator="topk" without teacher logits; read where
+        has_teacher_logprobs holds.
       prompt_ids: optional prompt token ids, padded [B, P] with prompt_mask [B, P] bool, or packed
         [M] with prompt_cu_seqlens [B + 1] (prompt_mask [M] optional). Carried for the trainer
         that builds the model input; the loss does not read them.
@@ -62,6 +66,8 @@ class RolloutBatch:
     cu_seqlens: Optional[torch.Tensor] = None
     teacher_logprobs: Optional[torch.Tensor] = None
     has_teacher_logprobs: Optional[torch.Tensor] = None
+    teacher_top_ids: Optional[torch.Tensor] = None
+    teacher_top_logprobs: Optional[torch.Tensor] = None
     prompt_ids: Optional[torch.Tensor] = None
     prompt_mask: Optional[torch.Tensor] = None
     prompt_cu_seqlens: Optional[torch.Tensor] = None
@@ -120,7 +126,34 @@ class RolloutBatch:
                           device=device)
             self._check_logprobs("teacher_logprobs", self.teacher_logprobs,
                                  self.has_teacher_logprobs)
+        self._check_teacher_top()
         self._check_prompts()
+
+    def _check_teacher_top(self):
+        ids, lps = self.teacher_top_ids, self.teacher_top_logprobs
+        if ids is None and lps is None:
+            return
+        if ids is None or lps is None:
+            raise ValueError("RolloutBatch: teacher_top_ids and teacher_top_logprobs go together; got one")
+        if self.teacher_logprobs is None:
+            raise ValueError("RolloutBatch: teacher_top_ids need teacher_logprobs (the sampled tokens' "
+                             "log-probs from the same teacher)")
+        want = tuple(self.response_ids.shape)
+        if ids.dim() != len(want) + 1 or tuple(ids.shape[:-1]) != want or ids.shape[-1] < 1 \
+                or lps.shape != ids.shape:
+            raise ValueError(f"RolloutBatch: teacher_top_ids {tuple(ids.shape)} and teacher_top_logprobs "
+                             f"{tuple(lps.shape)} must both be response_ids' shape {want} plus a trailing k >= 1")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"RolloutBatch.teacher_top_ids must be integer ids, got {ids.dtype}")
+        if not lps.dtype.is_floating_point:
+            raise TypeError(f"RolloutBatch.teacher_top_logprobs must be floating point, got {lps.dtype}")
+        rows = self.response_mask & self.has_teacher_logprobs[self.token_rollout]
+        top_lp = lps[rows]
+        if bool((ids[rows] < 0).any()):
+            raise ValueError("RolloutBatch.teacher_top_ids holds a negative id at a counted token")
+        if not bool(torch.isfinite(top_lp).all()) or bool((top_lp > 0).any()):
+            raise FloatingPointError("RolloutBatch.teacher_top_logprobs must be finite log-probs <= 0 at "
+                                     "every counted token of the rollouts that carry them")
 
     # ---- layouts -----------------------------------------------------------------------------
 

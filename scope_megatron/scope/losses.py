@@ -18,7 +18,7 @@ from scope_megatron.ops import vocab_parallel_kl
 from ._tp import TensorParallel
 from .batch import RolloutBatch
 from .config import ScopeConfig
-from .topk import topk_reverse_kl
+from .topk import topk_reverse_kl, topk_reverse_kl_given
 
 # exp() of a log-ratio beyond this overflows float32 and turns the masked branch of the
 # clipped objective into 0 * inf = NaN gradients; such ratios are clipped anyway.
@@ -80,7 +80,8 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
         which equals using the advantage w_i * A_t of the spec (min(w a, w b) = w min(a, b)).
       k3: exp(d) - d - 1, d = log p_T(y_t) - log p_S(y_t).
       full: the exact full-vocabulary KL(p_S || p_T) (vocab_parallel_kl, direction="reverse").
-      topk: the teacher's top-k ids plus a tail bucket (topk.topk_reverse_kl).
+      topk: the teacher's top-k ids plus a tail bucket (topk.topk_reverse_kl; from
+        batch.teacher_top_ids / teacher_top_logprobs when there are no teacher logits).
     """
     tokens = batch.counted(members)
     zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
@@ -104,6 +105,10 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
                                       vocab_size=vocab_size, direction="reverse",
                                       student_temperature=config.student_temperature,
                                       teacher_temperature=t_temp)
+    elif teacher_logits is None:  # a served teacher's top-k ids and log-probs (batch.teacher_top_*)
+        per_token = topk_reverse_kl_given(student_logits, batch.teacher_top_ids, batch.teacher_top_logprobs,
+                                          batch.safe_response_ids, student_logprobs, tp=tp,
+                                          student_temperature=config.student_temperature)
     else:
         per_token = topk_reverse_kl(student_logits, teacher_logits, batch.safe_response_ids,
                                     student_logprobs, teacher_logprobs, k=config.topk_k, tp=tp,

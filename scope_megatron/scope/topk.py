@@ -80,20 +80,62 @@ def topk_reverse_kl(
 
     # x_S at K and y, x_T at y: from the owning rank, summed over the group (zeros elsewhere).
     ids = torch.cat([top_ids, y], dim=-1)
-    owned = (ids >= start) & (ids < start + local_vocab)
-    local = (ids - start).clamp(0, local_vocab - 1)
-    zero = torch.zeros((), dtype=acc, device=s.device)
-    x_s = torch.where(owned, s.gather(-1, local).to(acc), zero)
-    x_t_y = torch.where(owned[:, -1:], t.gather(-1, local[:, -1:]).to(acc), zero)
-    summed = sum_over_ranks(torch.cat([x_s, x_t_y], dim=-1), tp)
-    x_s_top, x_s_y, x_t_y = summed[:, :k], summed[:, k:k + 1], summed[:, k + 1:]
-
+    x_s_top, x_s_y, x_t_y = _logits_at(s, t, ids, tp, start, acc)
     logp_s = (x_s_top - x_s_y) / student_temperature + student_logprobs.reshape(-1, 1)
     logp_t = (top_values.to(acc) - x_t_y) / teacher_temperature \
         + teacher_logprobs.reshape(-1, 1).to(acc).detach()
+    return _topk_tail_kl(logp_s, logp_t).reshape(shape)
+
+
+def topk_reverse_kl_given(
+    student_logits: torch.Tensor,
+    teacher_top_ids: torch.Tensor,
+    teacher_top_logprobs: torch.Tensor,
+    target: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    *,
+    tp: TensorParallel,
+    student_temperature: float,
+) -> torch.Tensor:
+    """The same top-k-plus-tail KL when the teacher's top-k ids and their log-probs are given
+    (a served teacher's top_logprobs) instead of its logits.
+
+    teacher_top_ids: [..., k] global ids (any order, distinct, valid for the student's
+    vocabulary); teacher_top_logprobs: [..., k] their log-probs at the teacher temperature (no
+    gradient). The teacher's tail is the mass the k ids leave. Other arguments and the result as
+    topk_reverse_kl."""
+    local_vocab = student_logits.shape[-1]
+    shape = student_logits.shape[:-1]
+    acc = student_logprobs.dtype
+    k = teacher_top_ids.shape[-1]
+    s = student_logits.reshape(-1, local_vocab)
+    y = target.reshape(-1, 1).to(torch.int64)
+    ids = torch.cat([teacher_top_ids.reshape(-1, k).to(torch.int64), y], dim=-1)
+    x_s_top, x_s_y, _ = _logits_at(s, None, ids, tp, tp.rank * local_vocab, acc)
+    logp_s = (x_s_top - x_s_y) / student_temperature + student_logprobs.reshape(-1, 1)
+    logp_t = teacher_top_logprobs.detach().reshape(-1, k).to(acc)
+    return _topk_tail_kl(logp_s, logp_t).reshape(shape)
+
+
+def _logits_at(s, t, ids, tp, start, acc):
+    """Student logits at ids [rows, k + 1] (the last column: the sampled token y) and, with
+    teacher shard t, the teacher's logit at y; each from the rank owning the id, summed over the
+    group (differentiable for the student)."""
+    local_vocab = s.shape[-1]
+    k = ids.shape[-1] - 1
+    owned = (ids >= start) & (ids < start + local_vocab)
+    local = (ids - start).clamp(0, local_vocab - 1)
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    parts = [torch.where(owned, s.gather(-1, local).to(acc), zero)]
+    if t is not None:
+        parts.append(torch.where(owned[:, -1:], t.gather(-1, local[:, -1:]).to(acc), zero))
+    summed = sum_over_ranks(torch.cat(parts, dim=-1), tp)
+    return summed[:, :k], summed[:, k:k + 1], (summed[:, k + 1:] if t is not None else None)
+
+
+def _topk_tail_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     tail_s, tail_t = _log_tail(logp_s), _log_tail(logp_t)
-    kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1) + tail_s.exp() * (tail_s - tail_t)
-    return kl.reshape(shape)
+    return (logp_s.exp() * (logp_s - logp_t)).sum(-1) + tail_s.exp() * (tail_s - tail_t)
 
 
 def _log_tail(logp_top: torch.Tensor) -> torch.Tensor:

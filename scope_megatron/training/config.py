@@ -207,7 +207,7 @@ class TeacherServingConfig:
     engine: str = option("megatron", flag="--teacher-engine", help=(
         "'megatron': the teacher is a frozen Megatron model in the trainer (checkpoint."
         "teacher_load); 'sglang': log-probs come from SGLang servers holding the teacher "
-        "(kl_estimator 'sampled' or 'k3')"))
+        "(kl_estimator 'sampled', 'k3', or 'topk' from its top scope.topk_k log-probs)"))
     sglang: SGLangServersConfig = section(SGLangServersConfig)
 
     def __post_init__(self):
@@ -329,10 +329,10 @@ class TrainConfig:
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups)")
         remote_teacher = self.teacher_serving.engine == "sglang"
-        if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator not in ("sampled", "k3"):
-            raise ValueError(f"scope.kl_estimator {self.scope.kl_estimator!r} needs the teacher's logits; "
-                             "an SGLang teacher gives log-probs of the sampled tokens: use 'sampled' or "
-                             "'k3', or teacher_serving.engine 'megatron'")
+        if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator == "full":
+            raise ValueError("scope.kl_estimator 'full' needs the teacher's logits over the whole vocabulary; "
+                             "an SGLang teacher gives log-probs of the sampled tokens and its top-k: use "
+                             "'sampled', 'k3' or 'topk', or teacher_serving.engine 'megatron'")
         if self.scope.uses_teacher and not remote_teacher and self.checkpoint.teacher_load is None:
             raise ValueError(f"algorithm {self.scope.algorithm!r} distills from a teacher: set "
                              "checkpoint.teacher_load (--teacher-load)")

@@ -199,15 +199,23 @@ class SGLangTeacherScorer:
         from scope_megatron.rollout.sglang import SGLangTeacher
 
         scfg = cfg.teacher_serving.sglang
+        top_k = cfg.scope.topk_k if cfg.scope.kl_estimator == "topk" else 0
         self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), "teacher")
         self.client = client_for(scfg, self.urls, progress=False) if is_replica_leader() else None
-        self.teacher = SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id) if self.client else None
+        self.teacher = (SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id, top_logprobs_num=top_k)
+                        if self.client else None)
 
-    def score(self, rollouts: Rollouts, device) -> torch.Tensor:
+    def score(self, rollouts: Rollouts, device) -> Dict[str, torch.Tensor]:
+        """{"teacher_logprobs": [B, L]} (+ "teacher_top_ids", "teacher_top_logprobs" [B, L, k] for
+        the topk estimator) on every rank of the replica."""
         out = None
         if self.teacher is not None:
-            out = {"teacher_logprobs": self.teacher.score(rollouts).logprobs.to(torch.float32)}
-        return broadcast_tensors(out, device)["teacher_logprobs"]
+            scores = self.teacher.score(rollouts)
+            out = {"teacher_logprobs": scores.logprobs.to(torch.float32)}
+            if scores.top_ids is not None:
+                out["teacher_top_ids"] = scores.top_ids
+                out["teacher_top_logprobs"] = scores.top_logprobs.to(torch.float32)
+        return broadcast_tensors(out, device)
 
     def close(self) -> None:
         if self.client is not None:

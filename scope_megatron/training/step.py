@@ -117,7 +117,9 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int):
         batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
                              correct=extra["correct"], old_logprobs=extra["old_logprobs"],
                              response_mask=extra["response_mask"],
-                             teacher_logprobs=extra.get("teacher_logprobs"))
+                             teacher_logprobs=extra.get("teacher_logprobs"),
+                             teacher_top_ids=extra.get("teacher_top_ids"),
+                             teacher_top_logprobs=extra.get("teacher_top_logprobs"))
         loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size)
         groups = batch.num_groups

@@ -210,10 +210,11 @@ class Trainer:
         inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device), self.task.pad_id)
         batches = micro_batches(inputs, cfg.training.micro_batch_size)
         if self.remote_teacher is not None:
-            scores_t = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
+            served = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
             size = cfg.training.micro_batch_size
             for i, mb in enumerate(batches):
-                mb.extra["teacher_logprobs"] = scores_t[i * size:(i + 1) * size]
+                for key, value in served.items():
+                    mb.extra[key] = value[i * size:(i + 1) * size]
         if self.teacher is not None:
             for chunk in self.teacher:
                 models.load_to_device(chunk)
