@@ -31,6 +31,8 @@ import torch.distributed as dist
 from scope_megatron.training import checkpoint
 from scope_megatron.training.models import ModelConfig
 
+from scope_megatron.utils.collectives import result_from_source
+
 from .errors import ConversionError
 from .families import VocabRows, family_for, shapes_of
 from .hf_io import CONFIG, INDEX, SINGLE_FILE, PlannedTensor, SafetensorsWriter, copy_template_files, \
@@ -141,21 +143,8 @@ def _open_checkpoint(path) -> Tuple[DistCheckpointReader, ModelConfig]:
 
 
 def _on_rank0(fn):
-    """fn() on rank 0 and its result on every rank; if it raised, rank 0 raises that error and
-    the other ranks a ConversionError quoting it (instead of waiting in the next collective)."""
-    outcome, error = [None], None
-    if dist.get_rank() == 0:
-        try:
-            outcome[0] = ("ok", fn())
-        except Exception as exc:  # re-raised below, after the other ranks have heard of it
-            error, outcome[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "error":
-        if error is not None:
-            raise error
-        raise ConversionError(f"export failed on rank 0: {value}")
-    return value
+    """fn() on rank 0 and its result on every rank (an error there is raised on every rank)."""
+    return result_from_source(fn, is_source=dist.get_rank() == 0, error_cls=ConversionError, what="export")
 
 
 def _chunks(model_chunks) -> List[torch.nn.Module]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from scope_megatron.rollout import RolloutEngine, Rollouts, SamplingParams
+from scope_megatron.utils.collectives import result_from_source
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +82,7 @@ class ReplicaEngine(RolloutEngine):
 
 def _broadcast_from_rank0(fn):
     """fn() on global rank 0, its result on every rank; an error there is raised everywhere."""
-    outcome, error = [None], None
-    if dist.get_rank() == 0:
-        try:
-            outcome[0] = ("ok", fn())
-        except Exception as exc:  # re-raised below, after the other ranks heard of it
-            error, outcome[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "error":
-        if error is not None:
-            raise error
-        raise RuntimeError(f"SGLang server setup failed on rank 0: {value}")
-    return value
+    return result_from_source(fn, is_source=dist.get_rank() == 0, what="SGLang server setup")
 
 
 def start_servers(scfg, log_dir: Path, role: str):

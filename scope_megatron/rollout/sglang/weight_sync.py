@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
+from scope_megatron.utils.collectives import result_from_source
+
 from .client import SGLangBadRequest, SGLangClient, SGLangError
 
 NamedTensors = Iterable[Tuple[str, torch.Tensor]]
@@ -63,21 +65,7 @@ def _on_rank0(fn: Callable[[], Any], is_rank0: bool, group, share: bool,
         other()
     if not (share and _dist_ready()):
         return fn() if is_rank0 else None
-    dist = torch.distributed
-    outcome, error = [None], None
-    if is_rank0:
-        try:
-            outcome[0] = ("ok", fn())
-        except Exception as exc:  # re-raised below, after the other ranks heard of it
-            error, outcome[0] = exc, ("error", f"{type(exc).__name__}: {exc}")
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    dist.broadcast_object_list(outcome, src=src, group=group)
-    status, value = outcome[0]
-    if status == "error":
-        if error is not None:
-            raise error
-        raise SGLangError(f"weight sync failed on rank 0: {value}")
-    return value
+    return result_from_source(fn, is_source=is_rank0, group=group, error_cls=SGLangError, what="weight sync")
 
 
 # -- verification -----------------------------------------------------------------------------
