@@ -120,6 +120,9 @@ class SGLangServersConfig:
     mem_fraction_static: float = option(0.5, help=(
         "GPU memory fraction a launched server may take (leave room for a colocated trainer)"))
     extra_args: str = option("", help="further sglang.launch_server arguments, as one string")
+    launch_command: str = option("python -m sglang.launch_server", help=(
+        "the server command (its python: e.g. /envs/sglang/bin/python -m sglang.launch_server when "
+        "SGLang has its own environment); 'python' means the trainer's interpreter"))
     startup_timeout_s: float = option(900.0, help="wait this long for a launched server's /health")
     deterministic: bool = option(False, help=(
         "launch with --enable-deterministic-inference: per-sample seeds are honoured, so a "

@@ -104,6 +104,7 @@ def start_servers(scfg, log_dir: Path, role: str):
                                        tp_size=scfg.tp, mem_fraction_static=scfg.mem_fraction_static,
                                        deterministic=scfg.deterministic, extra_args=shlex.split(scfg.extra_args),
                                        gpus=scfg.gpu_lists,
+                                       command=launch_command(scfg.launch_command),
                                        log_dir=Path(log_dir) / f"sglang-{role}",
                                        startup_timeout=scfg.startup_timeout_s)
         holder["servers"] = servers
@@ -111,6 +112,16 @@ def start_servers(scfg, log_dir: Path, role: str):
 
     urls = _broadcast_from_rank0(setup)
     return holder.get("servers"), urls
+
+
+def launch_command(text: str) -> tuple:
+    import shlex
+    import sys
+
+    parts = shlex.split(text)
+    if not parts:
+        raise ValueError("rollout/teacher sglang.launch_command is empty")
+    return tuple([sys.executable if parts[0] == "python" else parts[0]] + parts[1:])
 
 
 def client_for(scfg, urls, progress: bool):

@@ -1,5 +1,6 @@
 """Opt-in: the SGLang engine, teacher and disk weight sync against a REAL SGLang server serving
-the toy model. Skipped unless `import sglang` works and there is a CUDA device, or
+the toy model. Skipped unless `import sglang` works (in this interpreter, or in
+SCOPE_SGLANG_PYTHON's when sglang has its own environment) and there is a CUDA device, or
 SCOPE_SGLANG_CPU=1 asks for the unsupported CPU setup of docs/sglang-api.md (sgl_kernel stub on
 PYTHONPATH via SCOPE_SGLANG_STUB, torchvision shim installed; startup takes ~1 minute).
 
@@ -12,6 +13,7 @@ input_token_logprobs with logprob_start_len = P - 1, weight_version after a disk
 /get_weights_by_name rows) against the float64 Hugging Face model.
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -19,16 +21,26 @@ import torch
 
 CPU = os.environ.get("SCOPE_SGLANG_CPU") == "1"
 DETERMINISTIC = os.environ.get("SCOPE_SGLANG_DETERMINISTIC") == "1"
+# the interpreter that runs the server: sglang often lives in its own environment
+PYTHON = os.environ.get("SCOPE_SGLANG_PYTHON", sys.executable)
 
-try:  # sglang is optional and heavy; any import failure means "not available here"
-    import sglang  # noqa: F401
 
-    _SGLANG = True
-except Exception:  # pragma: no cover - depends on the environment
-    _SGLANG = False
+def _sglang_importable() -> bool:
+    # sglang is optional and heavy; any import failure means "not available here"
+    env = dict(os.environ)
+    stub = os.environ.get("SCOPE_SGLANG_STUB")
+    if CPU and stub:
+        env.update(PYTHONPATH=os.pathsep.join([stub, env.get("PYTHONPATH", "")]), SGLANG_USE_CPU_ENGINE="1")
+    try:
+        return subprocess.run([PYTHON, "-c", "import sglang"], env=env, capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
-pytestmark = pytest.mark.skipif(not _SGLANG or not (torch.cuda.is_available() or CPU),
-                                reason="needs sglang and a CUDA device (or SCOPE_SGLANG_CPU=1)")
+
+_SGLANG = (torch.cuda.is_available() or CPU) and _sglang_importable()
+
+pytestmark = pytest.mark.skipif(not _SGLANG, reason="needs sglang (in SCOPE_SGLANG_PYTHON's environment) and a "
+                                                    "CUDA device (or SCOPE_SGLANG_CPU=1)")
 
 from scope_megatron.rollout import SamplingParams  # noqa: E402
 from scope_megatron.rollout.sglang import (DiskWeightSync, SGLangClient, SGLangEngine, SGLangServers,  # noqa: E402
@@ -61,7 +73,7 @@ def servers(tmp_path_factory):
     with SGLangServers.launch(toy_hf_dir(), num_servers=1, base_port=_free_ports(1), tp_size=1,
                               mem_fraction_static=None if CPU else 0.2, deterministic=DETERMINISTIC,
                               extra_args=args, env=env, log_dir=log_dir, startup_timeout=600,
-                              command=(sys.executable, "-m", "sglang.launch_server")) as s:
+                              command=(PYTHON, "-m", "sglang.launch_server")) as s:
         yield s
 
 

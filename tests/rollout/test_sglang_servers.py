@@ -119,3 +119,18 @@ def test_attach():
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(SGLangError, match="not healthy after"):
         SGLangServers.attach([dead], startup_timeout=0.5)
+
+
+def test_launched_servers_do_not_inherit_torchrun_rendezvous(monkeypatch):
+    """Under torchrun the trainer's RANK / MASTER_PORT ... would make a launched server join the
+    trainer's process group (it hangs before /health); they are dropped, the rest is kept."""
+    from scope_megatron.rollout.sglang.servers import server_environment
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1",
+                       "CUDA_VISIBLE_DEVICES": "0,1", "MY_SETTING": "kept"}.items():
+        monkeypatch.setenv(key, value)
+    env = server_environment()
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "SGLANG_RETURN_ORIGINAL_LOGPROB"} & set(env)
+    assert env["MY_SETTING"] == "kept" and env["CUDA_VISIBLE_DEVICES"] == "0,1"

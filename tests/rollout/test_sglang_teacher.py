@@ -100,6 +100,37 @@ def test_parse_scores_rules():
                                                                               [[-0.1, 3, None]]]}}, [4, 2], 2)
 
 
+
+def test_sglang_zero_label_quirk_is_tolerated_only_as_such():
+    """Real SGLang 0.5.21 labels some scored input tokens as id 0 while the value is the token's
+    (measured against the model): accepted with a warning; many zero labels (a shifted alignment),
+    or a value its own top-k contradicts, are not."""
+    def answer(labels, values, tops=None):
+        meta = {"input_token_logprobs": [[None, 9, None]] + [[v, t, None] for v, t in zip(values, labels)]}
+        if tops is not None:
+            meta["input_top_logprobs"] = [None] + tops
+        return {"meta_info": meta}
+
+    from scope_megatron.rollout.sglang import teacher as teacher_module
+
+    teacher_module._RELABELED["warned"] = False  # warned once per process
+    response = [4, 7, 5, 6, 3, 4, 7, 5, 17, 2]
+    values = [-0.1 * (i + 1) for i in range(10)]
+    labels = list(response)
+    labels[8] = 0
+    with pytest.warns(UserWarning, match="labeled 1 scored response token"):
+        got, _, _ = parse_scores(answer(labels, values), response, 0)
+    assert got == values
+    shifted = [0] * 10  # everything labeled 0: not the quirk
+    with pytest.raises(ResponseInvalid, match="not aligned"):
+        parse_scores(answer(shifted, values), response, 0)
+    tops = [[[v, t, None], [-9.0, 1, None]] for v, t in zip(values, response)]
+    assert parse_scores(answer(labels, values, tops), response, 2)[0] == values
+    tops[8][0][0] = -3.0  # the top-k disagrees with the value given for the relabeled token
+    with pytest.raises(ResponseInvalid, match="labeled 0"):
+        parse_scores(answer(labels, values, tops), response, 2)
+
+
 def test_teacher_temperature_other_than_one_needs_a_scaling_server():
     client = SGLangClient(["http://127.0.0.1:9"])
     with pytest.raises(ValueError, match="temperature 1"):

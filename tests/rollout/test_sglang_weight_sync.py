@@ -122,6 +122,14 @@ def test_compare_weights_rule():
     assert not ok(w[:3].t().tolist())[0]  # a transposed answer
     norm = torch.randn(8, generator=g)
     assert compare_weights(norm[:3].tolist(), norm, 3, rtol=0, atol=0)[0]
+    # real SGLang pads a vocabulary's rows (18 -> 64): the padding rows are not compared, a wrong
+    # real row still is, and padding is only accepted beyond the whole expected tensor
+    emb = torch.randn(18, 4, generator=g)
+    padded = torch.cat([emb, torch.zeros(46, 4)])
+    assert compare_weights(padded.tolist(), emb, 100, rtol=1e-2, atol=1e-6)[0]
+    wrong = padded.clone()
+    wrong[17] += 1
+    assert not compare_weights(wrong.tolist(), emb, 100, rtol=1e-2, atol=1e-6)[0]
 
 
 def test_buckets_respect_the_size_limit():

@@ -146,3 +146,22 @@ def test_sglang_rollouts_and_teacher(layout):
     want = "/update_weights_from_tensor" if layout.endswith("tensor") else "/update_weights_from_disk"
     assert r["update_calls"] == [want]
     assert all(g is not None and g < 1e-3 for g in r["gap"]), r["gap"]
+
+
+def test_sglang_launch_command_and_gpu_lists():
+    import sys
+
+    from scope_megatron.training.serving import launch_command
+
+    assert launch_command("python -m sglang.launch_server") == (sys.executable, "-m", "sglang.launch_server")
+    assert launch_command("/envs/s/bin/python -m sglang.launch_server")[0] == "/envs/s/bin/python"
+    with pytest.raises(ValueError, match="launch_command is empty"):
+        launch_command(" ")
+    cfg = _cfg("--rollout-sglang-gpus", "0,1;2,3", "--rollout-sglang-num-servers", "2")
+    assert cfg.rollout.sglang.gpu_lists == [[0, 1], [2, 3]]
+    with pytest.raises(ConfigError, match="lists 2 servers, num_servers is 1"):
+        _cfg("--rollout-sglang-gpus", "0,1;2,3")
+    with pytest.raises(ConfigError, match="needs rollout.sglang.urls"):
+        _cfg("--rollout-engine", "sglang")
+    with pytest.raises(ConfigError, match="'full' needs the teacher's logits"):
+        _cfg("--teacher-engine", "sglang", "--teacher-serving-sglang-urls", "http://a:1")

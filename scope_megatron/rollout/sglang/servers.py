@@ -9,7 +9,8 @@ Launching runs `<command> --model-path M --host H --port P --tp-size T [--mem-fr
 [--enable-deterministic-inference] <extra_args>` per server, with command = python -m
 sglang.launch_server by default (overridable, e.g. for tests), each in its own process group
 (start_new_session) with stdout and stderr in a log file, CUDA_VISIBLE_DEVICES per server when
-`gpus` is given, and SGLANG_RETURN_ORIGINAL_LOGPROB removed from the environment (it would
+`gpus` is given, torchrun's rendezvous variables (the server would join the trainer's process
+group) and SGLANG_RETURN_ORIGINAL_LOGPROB removed from the environment (it would
 return log-probs at temperature 1, breaking the Rollouts contract). It then waits for GET /health
 to answer 200 on every server (startup_timeout); a process that exits first, or a timeout,
 raises SGLangError with the tail of its log, after shutting every launched server down.
@@ -52,6 +53,21 @@ def _tail(path: Optional[Path], lines: int = 40) -> str:
         return "(no log)"
     text = path.read_text(errors="replace").splitlines()
     return "\n".join(text[-lines:]) or "(empty log)"
+
+
+# set by torchrun for the trainer; a server that inherits them initializes torch.distributed
+# against the trainer's rendezvous and hangs before it is healthy
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                       "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                       "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+def server_environment() -> Dict[str, str]:
+    """This process's environment without what must not reach a server it launches."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+    env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # it would return log-probs at temperature 1
+    return env
 
 
 class SGLangServers:
@@ -111,8 +127,7 @@ class SGLangServers:
                 if deterministic:
                     args.append("--enable-deterministic-inference")
                 args += [str(a) for a in extra_args]
-                child_env = dict(os.environ)
-                child_env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)
+                child_env = server_environment()
                 child_env.update(env or {})
                 if gpus is not None:
                     child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[i])

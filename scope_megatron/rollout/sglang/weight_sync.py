@@ -77,7 +77,9 @@ def compare_weights(values, expected: torch.Tensor, truncate_size: int, *, rtol:
 
     SGLang answers `weight.float().tolist()[:truncate_size]` (the first truncate_size ROWS of a
     matrix; under tensor parallelism possibly fewer rows, those of its first shard); a flat list is
-    compared with the flattened tensor's first values. Tolerance: rtol * max|expected| + atol."""
+    compared with the flattened tensor's first values; rows beyond the whole expected tensor are
+    the server's vocabulary padding (real SGLang pads embedding rows to a multiple of 64) and are
+    not compared. Tolerance: rtol * max|expected| + atol."""
     exp = expected.detach().to("cpu", torch.float64)
     got = torch.tensor(values, dtype=torch.float64)
     ref = exp[:truncate_size] if exp.dim() > 0 else exp
@@ -86,6 +88,8 @@ def compare_weights(values, expected: torch.Tensor, truncate_size: int, *, rtol:
             ref = exp.flatten()[: got.numel()]
         elif got.dim() == ref.dim() and got.shape[1:] == ref.shape[1:] and 0 < got.shape[0] <= ref.shape[0]:
             ref = ref[: got.shape[0]]
+        elif got.dim() == ref.dim() > 1 and got.shape[1:] == ref.shape[1:] and ref.shape[0] == exp.shape[0]:
+            got = got[: ref.shape[0]]  # the server pads vocabulary rows (SGLang: to a multiple of 64)
         else:
             return False, float("inf"), f"shape {tuple(got.shape)} != expected {tuple(ref.shape)}"
     if got.numel() == 0:
