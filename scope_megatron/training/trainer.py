@@ -1,8 +1,11 @@
 """The SCOPE training loop on Megatron-core:
 
-    rollout (LocalEngine on the student) -> reward (verifier) -> teacher scoring (Megatron teacher
-    forward) -> SCOPE loss -> optimizer step -> periodic evaluation (Avg@k, Pass@k on held-out
-    prompts) -> checkpoint
+    rollout (LocalEngine on the student, or SGLang servers: rollout.engine) -> reward (verifier)
+    -> teacher scoring (a frozen Megatron teacher, or an SGLang teacher: teacher_serving.engine)
+    -> SCOPE loss -> optimizer step (-> weight sync to the SGLang servers) -> periodic evaluation
+    (Avg@k, Pass@k on held-out prompts) -> checkpoint
+
+The task (tasks.py) is the embedded toy world or a prompt file through an HF tokenizer.
 
 Every rank runs the loop. Data-parallel replicas take disjoint slices of each step's prompts;
 tensor- and pipeline-parallel peers of a replica hold the same rollouts (the decoder shares the
