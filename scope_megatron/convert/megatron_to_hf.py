@@ -1,6 +1,6 @@
 """A Megatron model -> a Hugging Face directory (safetensors, config.json, tokenizer files).
 
-`export_hf` is the one entry point, for the tool and for the trainer (issue 6's weight sync):
+`export_hf` is the one entry point, for the tool and for the trainer (the SGLang disk weight sync):
 
 * from a checkpoint directory (a root with `latest`, or an iter_XXXXXXX directory, saved at any
   TP/PP): no process group needed; each layer's slice of each tensor is read from the stored

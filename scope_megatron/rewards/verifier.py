@@ -1,9 +1,9 @@
 r"""BoxedMatchVerifier: the last `\boxed{}` answer compared with the reference, reward 0 or 1.
 
 Extension point: the comparison is one callable `compare(predicted, reference) -> bool`
-(default `exact_match`). A math-equivalence comparator (math-verify, issue 6) plugs in as
-`BoxedMatchVerifier(compare=...)`; a per-answer time limit wraps that callable and, when the
-limit expires, raises VerificationTimeout, which the verifier scores as wrong.
+(default `exact_match`). The math-equivalence comparator (rewards.math_verify) plugs in as
+`BoxedMatchVerifier(compare=...)`; its per-answer time limit raises VerificationTimeout when it
+expires, which the verifier scores as wrong.
 """
 from __future__ import annotations
 

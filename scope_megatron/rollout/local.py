@@ -12,8 +12,8 @@ Two decoding paths:
 - full recompute otherwise: every step runs the model on each active row's whole prefix
   (O(length^2) per response), which needs no cache and serves rows of different lengths.
 Both draw the same noise for the same (seed, key), so they sample the same responses up to
-floating-point rounding of the logits. Long-response training at scale samples with SGLang (the
-SGLang issue) behind the same RolloutEngine interface.
+floating-point rounding of the logits. Long-response training at scale samples with SGLang
+(rollout/sglang) behind the same RolloutEngine interface.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What a rollout engine takes and returns, whichever engine it is (the local Megatron engine here,
-SGLang servers in the SGLang issue)."""
+SGLang servers: rollout/sglang)."""
 from __future__ import annotations
 
 import abc
@@ -96,7 +96,7 @@ class Rollouts:
 
 class RolloutEngine(abc.ABC):
     """Samples responses from the current student. Implementations: LocalEngine (the trainer's
-    own Megatron model) and, in the SGLang issue, servers fed with the trainer's weights."""
+    own Megatron model) and SGLangEngine (servers fed with the trainer's weights)."""
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
