@@ -9,23 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from scope_megatron.utils.files import fsync_path, fsync_tree
+
 from .errors import ConversionError
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsyncs every file and directory under `path`, then `path`."""
-    for dirpath, _, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            _fsync(Path(dirpath, name))
-        _fsync(Path(dirpath))
 
 
 class StagedOutput:
@@ -77,7 +63,7 @@ class StagedOutput:
                 old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
                 os.rename(self.out, old / "replaced")
         os.rename(self.tmp, self.out)
-        _fsync(self.out.parent)
+        fsync_path(self.out.parent)
         self.tmp = None
         if old is not None:
             shutil.rmtree(old)

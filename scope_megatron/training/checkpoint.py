@@ -34,6 +34,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from scope_megatron.utils.files import fsync_path as _fsync_path
+from scope_megatron.utils.files import fsync_tree as _fsync_tree
+
 from . import platform
 
 logger = logging.getLogger(__name__)
@@ -72,22 +75,6 @@ def _step_of(name: str) -> Optional[int]:
 
 
 # ---- files ----------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsyncs every file and directory under `path` (then `path` itself)."""
-    for dirpath, _, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            _fsync_path(Path(dirpath, name))
-        _fsync_path(Path(dirpath))
 
 
 def _write_atomic(path: Path, text: str) -> None:
