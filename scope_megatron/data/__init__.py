@@ -8,11 +8,12 @@
   make_sft_batch, SFTBatch                   prompt + response -> tokens + response mask
   PromptDataset, PromptItem, DEFAULT_SUFFIX  training prompts from JSONL/JSON/Parquet files:
                                              tokenized, length-filtered, resumable order
+  encode_prompts                             user messages -> prompt ids (chat template or plain)
 
 No Megatron here: the trainer's glue calls into this package.
 """
 from .batching import PromptBatch, SFTBatch, make_prompt_batch, make_sft_batch
-from .prompts import DEFAULT_SUFFIX, PromptDataset, PromptItem
+from .prompts import DEFAULT_SUFFIX, PromptDataset, PromptItem, encode_prompts
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CharTokenizer
 from .toy_arithmetic import (FAMILIES, TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
                              ToyArithmetic, ToyArithmeticConfig, family)
@@ -22,5 +23,5 @@ __all__ = [
     "ToyArithmetic", "ToyArithmeticConfig", "AdditionProblem", "TOY_SYMBOLS", "TOY_TOKENIZER",
     "TRACE_STYLES", "FAMILIES", "family",
     "PromptBatch", "make_prompt_batch", "SFTBatch", "make_sft_batch",
-    "PromptDataset", "PromptItem", "DEFAULT_SUFFIX",
+    "PromptDataset", "PromptItem", "DEFAULT_SUFFIX", "encode_prompts",
 ]

@@ -101,6 +101,38 @@ def _hash_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def encode_prompts(tokenizer, user_texts: Sequence[str], *, chat_template: bool, system_prompt: Optional[str] = None,
+                   chat_kwargs: Optional[Mapping[str, Any]] = None, progress: Optional[bool] = False
+                   ) -> List[List[int]]:
+    """Prompt token ids of user messages with a Hugging Face tokenizer, in chunks.
+
+    chat_template True: the tokenizer's chat template (system prompt first when given, then the
+    user turn, add_generation_prompt) rendered to text and tokenized without special tokens (the
+    template holds them). False: the text (after "system_prompt\n\n" when given) with the
+    tokenizer's special tokens. progress: a tqdm bar (None: for more than one chunk, on a terminal).
+    """
+    from tqdm import tqdm
+
+    chat_kwargs = dict(chat_kwargs or {})
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    out: List[List[int]] = []
+    disable = (None if len(user_texts) > _TOKENIZE_CHUNK else True) if progress is None else not progress
+    with tqdm(total=len(user_texts), desc="tokenizing prompts", unit="prompt", disable=disable) as bar:
+        for start in range(0, len(user_texts), _TOKENIZE_CHUNK):
+            chunk = list(user_texts[start:start + _TOKENIZE_CHUNK])
+            if chat_template:
+                rendered = tokenizer.apply_chat_template([system + [{"role": "user", "content": t}] for t in chunk],
+                                                         tokenize=False, add_generation_prompt=True, **chat_kwargs)
+                encoded = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
+            else:
+                if system_prompt:
+                    chunk = [f"{system_prompt}\n\n{t}" for t in chunk]
+                encoded = tokenizer(chunk, add_special_tokens=True)["input_ids"]
+            out.extend(list(ids) for ids in encoded)
+            bar.update(len(chunk))
+    return out
+
+
 class PromptDataset:
     """Training prompts from one or more files (see the module docstring for the contract).
 
@@ -262,31 +294,9 @@ class PromptDataset:
             problem = problem + self.suffix
         return self.prompt_template.format(problem=problem)
 
-    def _messages(self, user: str) -> List[Dict[str, str]]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": user}]
-
     def _tokenize(self, texts: List[str], progress: Optional[bool]) -> List[List[int]]:
-        from tqdm import tqdm
-
-        tok = self.tokenizer
-        out: List[List[int]] = []
-        # progress=None: a bar for more than one chunk, on a terminal only (tqdm's disable=None)
-        disable = (None if len(texts) > _TOKENIZE_CHUNK else True) if progress is None else not progress
-        with tqdm(total=len(texts), desc="tokenizing prompts", unit="prompt", disable=disable) as bar:
-            for start in range(0, len(texts), _TOKENIZE_CHUNK):
-                chunk = texts[start:start + _TOKENIZE_CHUNK]
-                if self.uses_chat_template:
-                    rendered = tok.apply_chat_template([self._messages(t) for t in chunk], tokenize=False,
-                                                       add_generation_prompt=True, **self.chat_kwargs)
-                    encoded = tok(list(rendered), add_special_tokens=False)["input_ids"]
-                else:
-                    if self.system_prompt:
-                        chunk = [f"{self.system_prompt}\n\n{t}" for t in chunk]
-                    encoded = tok(chunk, add_special_tokens=True)["input_ids"]
-                out.extend(encoded)
-                bar.update(len(chunk))
-        return out
+        return encode_prompts(self.tokenizer, texts, chat_template=self.uses_chat_template,
+                              system_prompt=self.system_prompt, chat_kwargs=self.chat_kwargs, progress=progress)
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -54,26 +54,35 @@ class PromptEncoder:
     """Problem text -> prompt token ids, and response ids -> text, with a tokenizer.
 
     A Hugging Face tokenizer (transformers): the user turn `prompt_template.format(problem=...)`
-    through the tokenizer's chat template (add_generation_prompt) when it has one and chat is on,
-    else the plain text with the tokenizer's special tokens. The toy tokenizer: the toy prompt.
+    through the tokenizer's chat template when it has one and chat is on, else the plain text
+    with the tokenizer's special tokens (data.prompts.encode_prompts, as training prompts). The
+    toy tokenizer: the toy prompt.
     """
 
     def __init__(self, tokenizer, settings: EvalSettings, toy_world=None):
         self.tokenizer = tokenizer
         self.settings = settings
         self.toy_world = toy_world
+        self._ids: Dict[int, List[int]] = {}  # id(problem) -> prompt ids: encoded once per problem
+
+    def encode(self, problems: Sequence[Problem]) -> List[List[int]]:
+        """The prompt ids of `problems` (encoded in one batch the first time, then remembered)."""
+        todo = [p for p in problems if id(p) not in self._ids]
+        if todo:
+            if self.toy_world is not None:
+                encoded = [self.toy_world.prompt_ids(p.meta["toy_problem"]) for p in todo]
+            else:
+                from scope_megatron.data.prompts import encode_prompts
+
+                tok = self.tokenizer
+                texts = [self.settings.prompt_template.format(problem=p.problem) for p in todo]
+                chat = self.settings.chat_template and bool(getattr(tok, "chat_template", None))
+                encoded = encode_prompts(tok, texts, chat_template=chat)
+            self._ids.update((id(p), list(ids)) for p, ids in zip(todo, encoded))
+        return [self._ids[id(p)] for p in problems]
 
     def prompt_ids(self, problem: Problem) -> List[int]:
-        if self.toy_world is not None:
-            return self.toy_world.prompt_ids(problem.meta["toy_problem"])
-        text = self.settings.prompt_template.format(problem=problem.problem)
-        tok = self.tokenizer
-        if self.settings.chat_template and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True)
-            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); 4.x a list
-            return list(ids if isinstance(ids, list) else ids["input_ids"])
-        return list(tok(text, add_special_tokens=True)["input_ids"])
+        return self.encode([problem])[0]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.toy_world is not None:
@@ -145,7 +154,7 @@ def evaluate_benchmarks(engine, encoder: PromptEncoder, benchmarks: Sequence[Ben
         mine = bench.problems[dp_rank::dp]
         grades = torch.zeros(0, settings.k, dtype=torch.bool)
         if mine:
-            rollouts = engine.generate([encoder.prompt_ids(p) for p in mine], params, key=_key(bench.name))
+            rollouts = engine.generate(encoder.encode(mine), params, key=_key(bench.name))
             refs = [mine[g].answer for g in rollouts.group_ids.tolist()]
             scores = score_responses(rollouts.responses(), refs, decode=encoder.decode,
                                      eos_id=encoder.stop_ids, reward_fn=reward_fn)
@@ -176,10 +185,9 @@ def check_lengths(benchmarks: Sequence[Benchmark], encoder: PromptEncoder, setti
     trained for, and learned absolute positions would index out of range)."""
     longest, where = 0, None
     for bench in benchmarks:
-        for problem in bench.problems:
-            n = len(encoder.prompt_ids(problem))
-            if n > longest:
-                longest, where = n, f"{bench.name} problem {problem.id}"
+        for problem, ids in zip(bench.problems, encoder.encode(bench.problems)):
+            if len(ids) > longest:
+                longest, where = len(ids), f"{bench.name} problem {problem.id}"
     if longest + settings.max_new_tokens > cfg.max_position_embeddings:
         room = cfg.max_position_embeddings - longest
         fix = (f"lower --max-new-tokens to at most {room}" if room > 0 else
