@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,11 +80,6 @@ class ReplicaEngine(RolloutEngine):
             self.weight_update(step)
 
 
-def _broadcast_from_rank0(fn):
-    """fn() on global rank 0, its result on every rank; an error there is raised everywhere."""
-    return result_from_source(fn, is_source=dist.get_rank() == 0, what="SGLang server setup")
-
-
 def start_servers(scfg, log_dir: Path, role: str):
     """(servers launched here or None, their URLs on every rank). Global rank 0 launches
     scfg.num_servers servers on its own node from scfg.model_path when no URLs are given (the
@@ -98,7 +93,7 @@ def start_servers(scfg, log_dir: Path, role: str):
 
     def setup():
         if scfg.urls:
-            servers = SGLangServers.attach(server_list(scfg.urls), wait=True, startup_timeout=scfg.startup_timeout_s)
+            servers = SGLangServers.attach(scfg.urls, wait=True, startup_timeout=scfg.startup_timeout_s)
             return list(servers.urls)
         servers = SGLangServers.launch(scfg.model_path, num_servers=scfg.num_servers, base_port=scfg.base_port,
                                        tp_size=scfg.tp, mem_fraction_static=scfg.mem_fraction_static,
@@ -110,7 +105,7 @@ def start_servers(scfg, log_dir: Path, role: str):
         holder["servers"] = servers
         return list(servers.urls)
 
-    urls = _broadcast_from_rank0(setup)
+    urls = result_from_source(setup, is_source=dist.get_rank() == 0, what="SGLang server setup")
     return holder.get("servers"), urls
 
 
@@ -146,7 +141,13 @@ def build_weight_sync(cfg, student_chunks, device):
         return DiskWeightSync(lambda path: export_hf(student_chunks, template, path, dtype=dtype, overwrite=True),
                               default_weights_dir(cfg), is_rank0=rank0)
 
-    def named_tensors():  # collective over each replica's model-parallel group
+    def named_tensors():
+        # assembled inside data-parallel replica 0's TP x PP group (global rank 0 sends them);
+        # the other replicas hold the same weights and have nothing to do
+        from megatron.core import parallel_state
+
+        if parallel_state.get_data_parallel_rank() != 0:
+            return iter(())
         return hf_named_tensors(student_chunks, template, device=device)
 
     bucket = int(r.weight_sync_bucket_mb) << 20
@@ -166,24 +167,12 @@ def _own_address() -> str:
         return "127.0.0.1"
 
 
-class SGLangRollouts:
-    """Everything the trainer holds for rollout.engine 'sglang': servers (when launched here), the
-    leader's client and engine, the weight sync, wrapped as one RolloutEngine for every rank."""
+class _Served:
+    """Servers of one role (launched here or attached) and, on each replica leader, a client."""
 
-    def __init__(self, cfg, student_chunks, pad_id: int, dp_rank: int, device):
-        from scope_megatron.rollout.sglang import SGLangEngine
-
-        scfg = cfg.rollout.sglang
-        self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), "rollout")
-        self.sync = build_weight_sync(cfg, student_chunks, device)
-        # a bar over the prompts of each generate call, on global rank 0 only
-        self.client = client_for(scfg, self.urls, progress=dist.get_rank() == 0) if is_replica_leader() else None
-        inner = SGLangEngine(self.client, pad_id=pad_id, stream_seed=dp_rank, device="cpu") if self.client else None
-        self.engine = ReplicaEngine(inner, device, weight_update=self.update_weights)
-
-    def update_weights(self, step: Optional[int]) -> None:
-        """Collective over all ranks: export, global rank 0 pushes and verifies."""
-        self.sync.update(self.client, int(step or 0))
+    def __init__(self, cfg, scfg, role: str, progress: bool):
+        self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), role)
+        self.client = client_for(scfg, self.urls, progress=progress) if is_replica_leader() else None
 
     def close(self) -> None:
         if self.client is not None:
@@ -192,16 +181,32 @@ class SGLangRollouts:
             self.servers.shutdown()
 
 
-class SGLangTeacherScorer:
+class SGLangRollouts(_Served):
+    """Everything the trainer holds for rollout.engine 'sglang': servers (when launched here), the
+    leader's client and engine, the weight sync, wrapped as one RolloutEngine for every rank."""
+
+    def __init__(self, cfg, student_chunks, pad_id: int, dp_rank: int, device):
+        from scope_megatron.rollout.sglang import SGLangEngine
+
+        # a bar over the prompts of each generate call, on global rank 0 only
+        super().__init__(cfg, cfg.rollout.sglang, "rollout", progress=dist.get_rank() == 0)
+        self.sync = build_weight_sync(cfg, student_chunks, device)
+        inner = SGLangEngine(self.client, pad_id=pad_id, stream_seed=dp_rank, device="cpu") if self.client else None
+        self.engine = ReplicaEngine(inner, device, weight_update=self.update_weights)
+
+    def update_weights(self, step: Optional[int]) -> None:
+        """Collective over all ranks: export, global rank 0 pushes and verifies."""
+        self.sync.update(self.client, int(step or 0))
+
+
+class SGLangTeacherScorer(_Served):
     """teacher_serving.engine 'sglang': the remote teacher of every replica leader."""
 
     def __init__(self, cfg, pad_id: int, temperature: float):
         from scope_megatron.rollout.sglang import SGLangTeacher
 
-        scfg = cfg.teacher_serving.sglang
+        super().__init__(cfg, cfg.teacher_serving.sglang, "teacher", progress=False)
         top_k = cfg.scope.topk_k if cfg.scope.kl_estimator == "topk" else 0
-        self.servers, self.urls = start_servers(scfg, Path(cfg.logging.log_dir), "teacher")
-        self.client = client_for(scfg, self.urls, progress=False) if is_replica_leader() else None
         self.teacher = (SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id, top_logprobs_num=top_k)
                         if self.client else None)
 
@@ -217,12 +222,6 @@ class SGLangTeacherScorer:
                 out["teacher_top_logprobs"] = scores.top_logprobs.to(torch.float32)
         return broadcast_tensors(out, device)
 
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.servers is not None:
-            self.servers.shutdown()
-
 
 def default_weights_dir(cfg) -> Path:
     return Path(cfg.rollout.weight_sync_dir or Path(cfg.logging.log_dir) / "weights")
@@ -235,6 +234,3 @@ def hf_template_of(cfg) -> str:
                          "rollout.hf_template (the student's original HF directory)")
     return template
 
-
-def server_list(urls: Sequence[str]) -> List[str]:
-    return [u.rstrip("/") for u in urls]
