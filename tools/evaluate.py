@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sglang-max-in-flight", type=int, default=256, help="concurrent requests to the servers")
     p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--out", required=True, help="output stem: writes OUT.md, OUT.csv, OUT.json")
     args = p.parse_args(argv)

@@ -59,7 +59,7 @@ def save_char_tokenizer(tokenizer, out_dir: Union[str, Path], *, model_max_lengt
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tokens = list(tokenizer._tokens)
+    tokens = list(tokenizer.tokens)
     pad, bos, eos = tokens[tokenizer.pad_id], tokens[tokenizer.bos_id], tokens[tokenizer.eos_id]
     symbols = [t for t in tokens if t not in (pad, bos, eos)]
     # longest symbol first, as CharTokenizer matches; the split keeps every piece as one word
@@ -87,9 +87,9 @@ def write_toy_template(model_config: Mapping, out_dir: Union[str, Path], tokeniz
 
         tokenizer = ToyArithmetic().tokenizer
     config = llama_config(model_config)
-    if config["vocab_size"] != len(tokenizer._tokens):
+    if config["vocab_size"] != len(tokenizer.tokens):
         raise ConversionError(f"model vocab_size {config['vocab_size']} != the tokenizer's "
-                              f"{len(tokenizer._tokens)} tokens: this is not the toy model")
+                              f"{len(tokenizer.tokens)} tokens: this is not the toy model")
     config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                   dtype="float32")
     out.mkdir(parents=True, exist_ok=True)
