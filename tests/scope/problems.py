@@ -83,6 +83,21 @@ def make_batch(p: Problem, *, packed=False, teacher_logprobs=False, has_teacher=
                         has_teacher_logprobs=has_teacher, allow_empty_responses=allow_empty)
 
 
+def served_topk_batch(p: Problem, k: int, *, packed=False, teacher_temperature=1.0) -> RolloutBatch:
+    """The batch a served teacher gives for the top-k estimator: its log-probs of the sampled
+    tokens and its top-k ids / log-probs at every position (float64, from p.teacher over the real
+    vocabulary at teacher_temperature), no logits."""
+    lt = (p.teacher[..., :p.vocab_size].double() / teacher_temperature).log_softmax(-1)
+    top_lp, top_ids = lt.topk(k, dim=-1)
+    sel = (lambda t: t[p.mask]) if packed else (lambda t: t)
+    kw = dict(teacher_logprobs=sel(p.teacher_logprobs), teacher_top_ids=sel(top_ids),
+              teacher_top_logprobs=sel(top_lp))
+    if packed:
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), p.mask.sum(-1).cumsum(0)])
+        return RolloutBatch(p.ids[p.mask], p.group_ids, p.correct, p.old_logprobs[p.mask], cu_seqlens=cu, **kw)
+    return RolloutBatch(p.ids, p.group_ids, p.correct, p.old_logprobs, response_mask=p.mask, **kw)
+
+
 def layout(p: Problem, tensor: torch.Tensor, packed: bool) -> torch.Tensor:
     """[B, L, ...] -> the batch layout ([N, ...] packed)."""
     return tensor[p.mask] if packed else tensor

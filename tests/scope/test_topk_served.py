@@ -5,28 +5,15 @@ import pytest
 import torch
 
 from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss
-from tests.scope.problems import fresh_leaf, layout, make_problem
+from tests.scope.problems import fresh_leaf, layout, make_batch, make_problem, served_topk_batch
 
 K = 4
 
 
-def _served_top(p, temperature=1.0):
+def _served_top(p):
     """The teacher's top-K ids and log-probs at every position (float64, from its logits)."""
-    lt = (p.teacher[..., :p.vocab_size].double() / temperature).log_softmax(-1)
-    values, ids = lt.topk(K, dim=-1)
+    values, ids = p.teacher[..., :p.vocab_size].double().log_softmax(-1).topk(K, dim=-1)
     return ids, values
-
-
-def _batch(p, packed, top):
-    ids, lps = top if top is not None else (None, None)
-    sel = (lambda t: t[p.mask]) if packed else (lambda t: t)
-    kw = dict(teacher_logprobs=sel(p.teacher_logprobs))
-    if top is not None:
-        kw.update(teacher_top_ids=sel(ids), teacher_top_logprobs=sel(lps))
-    if packed:
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), p.mask.sum(-1).cumsum(0)])
-        return RolloutBatch(p.ids[p.mask], p.group_ids, p.correct, p.old_logprobs[p.mask], cu_seqlens=cu, **kw)
-    return RolloutBatch(p.ids, p.group_ids, p.correct, p.old_logprobs, response_mask=p.mask, **kw)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -38,15 +25,11 @@ def test_served_topk_equals_topk_from_logits(gen, packed, algorithm):
     def loss_and_grad(served):
         student = fresh_leaf(layout(p, p.student, packed))
         if served:
-            batch = _batch(p, packed, _served_top(p))
-            loss, metrics = compute_loss(config, batch, student, vocab_size=p.vocab_size)
-        else:
-            batch = _batch(p, packed, None)
-            batch = RolloutBatch(**{**{f: getattr(batch, f) for f in ("response_ids", "group_ids", "correct",
-                                                                       "old_logprobs", "response_mask",
-                                                                       "cu_seqlens")}})
-            loss, metrics = compute_loss(config, batch, student, teacher_logits=layout(p, p.teacher, packed).double(),
+            loss, metrics = compute_loss(config, served_topk_batch(p, K, packed=packed), student,
                                          vocab_size=p.vocab_size)
+        else:
+            loss, metrics = compute_loss(config, make_batch(p, packed=packed), student,
+                                         teacher_logits=layout(p, p.teacher, packed).double(), vocab_size=p.vocab_size)
         loss.backward()
         return loss.detach(), student.grad, metrics
 
@@ -59,7 +42,7 @@ def test_served_topk_equals_topk_from_logits(gen, packed, algorithm):
 
 def test_without_any_teacher_top_k_is_a_clear_error(gen):
     p = make_problem(gen)
-    batch = _batch(p, False, None)
+    batch = make_batch(p, teacher_logprobs=True)
     with pytest.raises(ValueError, match="'topk' also works from its top-k"):
         compute_loss(ScopeConfig(kl_estimator="topk", topk_k=K), batch, fresh_leaf(p.student),
                      vocab_size=p.vocab_size)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from scope_megatron.scope import ScopeConfig, compute_loss
 from tests.distributed import run_checks
 from tests.scope.problems import (fresh_leaf, layout, make_batch, make_problem, reference_loss,
-                                  sampled_kl_policy_gradient_loss)
+                                  sampled_kl_policy_gradient_loss, served_topk_batch)
 
 GROUP = None  # dist.group.WORLD, set in run()
 
@@ -95,6 +95,28 @@ def check_opd_equals_scope_routing_off(ctx):
         torch.testing.assert_close(opd[2], scope[2], rtol=2e-7, atol=1e-8)
 
 
+def check_served_topk(ctx, *, salt, k, packed=False, algorithm="scope", **problem):
+    """The top-k estimator from a served teacher's top-k ids and log-probs (no teacher logits) on
+    this rank's student shard: loss and shard gradient equal the float64 reference of top-k KL
+    from the teacher's logits."""
+    p = _problem(ctx, salt, **problem)
+    config = ScopeConfig(algorithm=algorithm, kl_estimator="topk", topk_k=k)
+    student = fresh_leaf(layout(p, _shard(ctx, p.student), packed))
+    loss, _ = compute_loss(config, served_topk_batch(p, k, packed=packed), student, tp_group=GROUP,
+                           vocab_size=p.vocab_size)
+    loss.backward()
+    grad = torch.zeros_like(_shard(ctx, p.student))
+    if packed:
+        grad[p.mask] = student.grad
+    else:
+        grad = student.grad
+    leaf = fresh_leaf(p.student)
+    ref = reference_loss(config, p, leaf)
+    ref["loss"].backward()
+    torch.testing.assert_close(loss, ref["loss"].detach(), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(grad, _shard(ctx, leaf.grad), rtol=1e-9, atol=1e-11)
+
+
 def check_nan_on_one_shard_raises_on_every_rank(ctx):
     """NaN logits in rank 1's shard: rank 1 names the rollout, rank 0 points at another rank's
     shard; neither hangs in a collective, and the group keeps working."""
@@ -136,6 +158,10 @@ def checks() -> dict:
     out["grpo"] = lambda ctx: check_reference(ctx, ScopeConfig(algorithm="grpo"), salt=9, old_noise=0.3)
     out["sampled_is_weighted_policy_gradient"] = check_sampled_is_weighted_policy_gradient
     out["topk_whole_vocabulary_is_full"] = check_topk_whole_vocabulary_is_full
+    out["served_topk"] = lambda ctx: check_served_topk(ctx, salt=10, k=6)
+    # rank 1 holds 4 real columns and 20 padding ones; packed layout; OPD (every rollout distilled)
+    out["served_topk_padded_packed_opd"] = lambda ctx: check_served_topk(ctx, salt=11, k=9, packed=True,
+                                                                         algorithm="opd", pad=20)
     out["opd_equals_scope_routing_off"] = check_opd_equals_scope_routing_off
     out["nan_on_one_shard_raises_on_every_rank"] = check_nan_on_one_shard_raises_on_every_rank
     return out
