@@ -11,7 +11,7 @@ by the number of groups over all micro-batches and data-parallel ranks
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -34,6 +34,9 @@ class StepInputs:
     old_logprobs: torch.Tensor  # [N, L] float32, the rollout engine's
     group_ids: torch.Tensor  # [N] prompt index 0..B-1
     correct: torch.Tensor  # [N] bool
+    # a served teacher's scores ([N, L] teacher_logprobs, [N, L, k] teacher_top_ids / _logprobs),
+    # sliced into the micro-batches like the rest
+    teacher: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int) -> StepInputs:
@@ -78,6 +81,7 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int) -> List[MicroBatch]
             "old_logprobs": inputs.old_logprobs[rows],
             "group_ids": groups - groups.min(),
             "correct": inputs.correct[rows],
+            **{key: value[rows] for key, value in inputs.teacher.items()},
         }))
     return out
 

@@ -211,13 +211,9 @@ class Trainer:
                                self.dp_rank, self.layout.dp)
         rollouts, scores = self._sample(items, self.train_sampling(), key=step)
         inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device), self.task.pad_id)
-        batches = micro_batches(inputs, cfg.training.micro_batch_size)
         if self.remote_teacher is not None:
-            served = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
-            size = cfg.training.micro_batch_size
-            for i, mb in enumerate(batches):
-                for key, value in served.items():
-                    mb.extra[key] = value[i * size:(i + 1) * size]
+            inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
+        batches = micro_batches(inputs, cfg.training.micro_batch_size)
         if self.teacher is not None:
             for chunk in self.teacher:
                 models.load_to_device(chunk)
