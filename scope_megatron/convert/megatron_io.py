@@ -253,19 +253,24 @@ class ShardedModelReader:
         """The parameters' dtype of tensor `key`."""
         return self._chunks[key][0].data.dtype
 
+    def pieces(self, key: str, want: Region):
+        """(values, offsets within the region, sizes) of every held chunk of `key` that overlaps
+        the region `want`."""
+        for sh in self._chunks.get(key, []):
+            chunk = _chunk_of(sh)
+            both = _overlap(want, chunk)
+            if both is not None:
+                src = narrow(sh.data.detach().reshape(chunk[1]), [o - c for o, c in zip(both[0], chunk[0])],
+                             both[1])
+                yield src, [o - w for o, w in zip(both[0], want[0])], both[1]
+
     def read(self, key: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """A copy of the region [offsets, offsets + sizes) of tensor `key`."""
         want = (tuple(offsets), tuple(sizes))
         out = torch.empty(want[1], dtype=self.dtype(key))
         covered = 0
-        for sh in self._chunks[key]:
-            chunk = _chunk_of(sh)
-            both = _overlap(want, chunk)
-            if both is None:
-                continue
-            src = narrow(sh.data.detach().reshape(chunk[1]),
-                         [o - c for o, c in zip(both[0], chunk[0])], both[1])
-            narrow(out, [o - w for o, w in zip(both[0], want[0])], both[1]).copy_(src)
+        for src, at, size in self.pieces(key, want):
+            narrow(out, at, size).copy_(src)
             covered += src.numel()
         if covered != out.numel():
             raise ConversionError(f"the model in memory holds {covered} of the {out.numel()} values "
@@ -327,16 +332,9 @@ class GroupModelReader:
         total = torch.zeros(want[1], dtype=torch.float32, device=self.device)
         count = torch.zeros(want[1], dtype=torch.int32, device=self.device)
         for reader in self._local:
-            for sh in reader._chunks.get(key, []):
-                chunk = _chunk_of(sh)
-                both = _overlap(want, chunk)
-                if both is None:
-                    continue
-                src = narrow(sh.data.detach().reshape(chunk[1]), [o - c for o, c in zip(both[0], chunk[0])],
-                             both[1])
-                at = [o - w for o, w in zip(both[0], want[0])]
-                narrow(total, at, both[1]).add_(src.to(self.device, torch.float32))
-                narrow(count, at, both[1]).add_(1)
+            for src, at, size in reader.pieces(key, want):
+                narrow(total, at, size).add_(src.to(self.device, torch.float32))
+                narrow(count, at, size).add_(1)
         dist.all_reduce(total, group=self.group)
         dist.all_reduce(count, group=self.group)
         if bool((count == 0).any()):
