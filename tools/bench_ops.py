@@ -3,16 +3,20 @@
 of the same math, measured in the same run on the same device.
 
 For each op (kl = full-vocabulary reverse KL, logprob = token log-prob), size T x V and dtype it
-times `loss = (op(...) * w).sum(); loss.backward()` for three providers:
-  scope    scope_megatron.ops (the C++ / CUDA kernels)
+times `loss = (op(...) * w).sum(); loss.backward()` for these providers:
+  scope    scope_megatron.ops (the C++ / CUDA kernels; for kl: forward, then backward)
+  fused    kl only: vocab_parallel_kl(..., expected_grad=w), the KL and its gradient in one pass
+           (ops.kl_fused) when the row fits on chip, returned by backward
   eager    scope_megatron.ops.reference in plain PyTorch (float32 upcast, as user code does)
   compile  torch.compile of that reference
 and reports the p20/p50/p80 time, the peak memory above the inputs, and the ratios. On CUDA it
 also measures the copy bandwidth and reports each op's memory-bandwidth floors:
   kl:      two-pass 5 x elem bytes (read both logits twice, write the gradient), one-pass 3 x;
   logprob: two-pass 3 x elem bytes, one-pass 2 x.
-Every case runs in its own process (peak memory is per process, and a baseline that runs out of
-memory loses only its own row).
+On the CPU every provider runs in its own process (peak memory is the process's RSS); on CUDA the
+providers of one size share a process (the caching allocator's peak is reset for each) and a
+provider that runs out of memory loses only its own row. --baseline-sizes limits eager and
+compile to some sizes (their runs cost the most time).
 
   python tools/bench_ops.py                         # CPU defaults, writes benchmarks/results/
   python tools/bench_ops.py --sizes 2048x32000,4096x151936:bf16 --dtypes fp32,bf16
@@ -33,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PROVIDERS = ("scope", "eager", "compile")
+PROVIDERS = ("scope", "fused", "eager", "compile")
+OP_PROVIDERS = {"kl": PROVIDERS, "logprob": ("scope", "eager", "compile")}
 # bytes moved per logits element (in units of the element size) by an ideal implementation
 FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3, "one_pass": 2}}
 
@@ -42,6 +47,7 @@ FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3
 # one case, in a child process
 # ----------------------------------------------------------------------------------------------
 def _run_case(case: dict) -> dict:
+    """Times case["providers"] on one set of inputs: {provider: result or {"error": ...}}."""
     import torch
 
     from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
@@ -61,33 +67,46 @@ def _run_case(case: dict) -> dict:
 
     if case["op"] == "kl":
         ours = lambda s: vocab_parallel_kl(s, teacher)  # noqa: E731
+        fused = lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights)  # noqa: E731
         ref = lambda s: kl_reference(s, teacher)  # noqa: E731
     else:
-        ours = lambda s: vocab_parallel_logprob(s, target)  # noqa: E731
+        ours = fused = lambda s: vocab_parallel_logprob(s, target)  # noqa: E731
         ref = lambda s: logprob_reference(s, target)  # noqa: E731
-    fn = {"scope": ours, "eager": ref, "compile": torch.compile(ref)}[case["provider"]]
-
-    def step():
-        (fn(student) * weights).sum().backward()
-        student.grad = None
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(case["warmup"]):
-        step()
-    sync()
-    with PeakMemory(device) as peak:
-        step()
-    times = []
-    for _ in range(case["repeats"]):
+    def run(fn):
+        def step():
+            (fn(student) * weights).sum().backward()
+            student.grad = None
+
+        for _ in range(case["warmup"]):
+            step()
         sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
+        with PeakMemory(device) as peak:
+            step()
+        times = []
+        for _ in range(case["repeats"]):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
+
+    # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
+    for provider in case["providers"]:
+        fn = {"scope": ours, "fused": fused, "eager": ref, "compile": None}[provider]
+        try:
+            result = run(fn if provider != "compile" else torch.compile(ref))
+        except torch.OutOfMemoryError as exc:
+            result = {"error": "out of memory: " + str(exc).splitlines()[0][:120]}
+        print(json.dumps({provider: result}), flush=True)
+        student.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _copy_bandwidth(device: str) -> float:
@@ -121,15 +140,23 @@ def _percentile(values, q):
 
 
 def _spawn(case: dict, timeout: float) -> dict:
+    """Runs a case in a child process: {provider: result}; providers it did not finish get
+    {"error": ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
-        return {"error": tail[0][:200] if res.returncode > 0 else f"killed (signal {-res.returncode}; out of memory?)"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        stdout, error = res.stdout, None
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+            error = tail[0][:200] if res.returncode > 0 else f"killed (signal {-res.returncode}; out of memory?)"
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        error = f"timed out after {timeout:.0f} s"
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            results.update(json.loads(line))
+    return {p: results.get(p, {"error": error or "no result"}) for p in case["providers"]}
 
 
 def _git_commit() -> str:
@@ -162,7 +189,10 @@ def main(argv=None) -> int:
                         help="comma-separated TxV, optionally TxV:dtype/dtype to override --dtypes "
                              "for that size (default: per device)")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="of scope,fused,eager,compile (fused: kl only)")
+    parser.add_argument("--baseline-sizes", default=None,
+                        help="comma-separated TxV: run eager and compile only at these sizes")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
@@ -172,7 +202,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.case is not None:  # child process
-        print(json.dumps(_run_case(json.loads(args.case))))
+        _run_case(json.loads(args.case))
         return 0
 
     import torch
@@ -181,6 +211,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda but torch.cuda.is_available() is False")
     cpu = args.device == "cpu"
     sizes = args.sizes or ("2048x32000,4096x151936:bf16" if cpu else "4096x151936,16384x151936")
+    baseline_sizes = set(args.baseline_sizes.lower().split(",")) if args.baseline_sizes else None
     dtypes = args.dtypes or ("fp32,bf16" if cpu else "bf16")
     repeats = args.repeats or (5 if cpu else 20)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
@@ -199,23 +230,29 @@ def main(argv=None) -> int:
             size, _, size_dtypes = size.partition(":")
             t, v = (int(x) for x in size.lower().split("x"))
             for dtype in (size_dtypes.replace("/", ",") or dtypes).split(","):
+                providers = [p for p in args.providers.split(",") if p in OP_PROVIDERS[op]]
+                if baseline_sizes is not None and size.lower() not in baseline_sizes:
+                    providers = [p for p in providers if p not in ("eager", "compile")]
                 results = {}
-                for provider in args.providers.split(","):
-                    case = dict(op=op, rows=t, vocab=v, dtype=dtype, provider=provider, device=args.device,
+                # one process per provider on the CPU (peak RSS), one per size on CUDA
+                groups = [[p] for p in providers] if cpu else [providers]
+                for group in groups:
+                    case = dict(op=op, rows=t, vocab=v, dtype=dtype, providers=group, device=args.device,
                                 repeats=repeats, warmup=args.warmup)
-                    print(f"[bench] {op} {t}x{v} {dtype} {provider} ...", end=" ", flush=True)
-                    res = _spawn(case, args.timeout)
-                    results[provider] = res
-                    if "error" in res:
-                        print(res["error"])
-                    else:
-                        print(f"p50 {_percentile(res['times_ms'], 0.5):.2f} ms, "
-                              f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB")
+                    print(f"[bench] {op} {t}x{v} {dtype} {','.join(group)} ...", flush=True)
+                    results.update(_spawn(case, args.timeout))
+                for provider in providers:
+                    res = results[provider]
+                    print(f"[bench]   {provider}: " + (res["error"] if "error" in res else
+                          f"p50 {_percentile(res['times_ms'], 0.5):.2f} ms, "
+                          f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB"), flush=True)
                 elem = torch.empty(0, dtype=getattr(torch, DTYPES[dtype])).element_size()
                 floors = ({k: f * elem * t * v / bandwidth * 1e3 for k, f in FLOOR_FACTORS[op].items()}
                           if bandwidth else {})
                 ours = results.get("scope", {})
                 ours_p50 = _percentile(ours["times_ms"], 0.5) if "times_ms" in ours else None
+                compiled = results.get("compile", {})
+                compile_p50 = _percentile(compiled["times_ms"], 0.5) if "times_ms" in compiled else None
                 for provider, res in results.items():
                     row = dict(op=op, provider=provider, dtype=dtype, tokens=t, vocab=v, **meta)
                     if "error" in res:
@@ -225,7 +262,8 @@ def main(argv=None) -> int:
                         row.update(p20_ms=round(_percentile(res["times_ms"], 0.2), 3), p50_ms=round(p50, 3),
                                    p80_ms=round(_percentile(res["times_ms"], 0.8), 3),
                                    peak_extra_gib=round(res["peak_extra_bytes"] / 2**30, 3),
-                                   speedup_of_scope=round(p50 / ours_p50, 2) if ours_p50 else "")
+                                   speedup_of_scope=round(p50 / ours_p50, 2) if ours_p50 else "",
+                                   speedup_vs_compile=round(compile_p50 / p50, 2) if compile_p50 else "")
                         for k, floor in floors.items():
                             row[f"ratio_to_{k}_floor"] = round(p50 / floor, 2)
                     if floors:
@@ -255,12 +293,13 @@ def _markdown(rows, meta, args, bandwidth) -> str:
         f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}.",
         f"Command: `{cmd.strip()}`.",
         "Time: p50 over repeats of `(op(...) * w).sum().backward()`; memory: peak above the inputs; "
-        "speedup = provider time / scope time (higher = scope faster).",
+        "scope speedup = provider time / scope time (higher = scope faster); "
+        "vs compile = torch.compile time / provider time (higher = provider faster).",
     ]
     if bandwidth:
         lines.append(f"Copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s.")
-    header = "| op | T x V | dtype | provider | p50 ms | peak extra GiB | scope speedup |"
-    sep = "|---|---|---|---|---|---|---|"
+    header = "| op | T x V | dtype | provider | p50 ms | peak extra GiB | scope speedup | vs compile |"
+    sep = "|---|---|---|---|---|---|---|---|"
     if bandwidth:
         header += " × two-pass floor | × one-pass floor |"
         sep += "---|---|"
@@ -268,12 +307,13 @@ def _markdown(rows, meta, args, bandwidth) -> str:
     for r in rows:
         size = f"{r['tokens']} x {r['vocab']}"
         if "error" in r:
-            line = f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['error']} | | |"
+            line = f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['error']} | | | |"
             if bandwidth:
                 line += " | |"
         else:
             line = (f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['p50_ms']:.2f} | "
-                    f"{r['peak_extra_gib']:.3f} | {r['speedup_of_scope']}× |")
+                    f"{r['peak_extra_gib']:.3f} | {r['speedup_of_scope']}× | "
+                    f"{str(r['speedup_vs_compile']) + '×' if r['speedup_vs_compile'] != '' else ''} |")
             if bandwidth:
                 line += f" {r['ratio_to_two_pass_floor']} | {r['ratio_to_one_pass_floor']} |"
         lines.append(line)

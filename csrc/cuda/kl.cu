@@ -8,7 +8,7 @@
 // tensor-parallel shards. The direction is a template parameter: the weighting side of the KL
 // (the distribution the expectation is taken under) is the student for reverse KL, the teacher
 // for forward KL.
-#include "common.cuh"
+#include "kl_common.cuh"
 
 namespace scope_kernels {
 namespace cuda {
@@ -19,6 +19,8 @@ using detail::kLn2;
 using detail::kLog2e;
 using detail::load_pack;
 using detail::Pack;
+using detail::KLGrad;
+using detail::pair_aligned;
 
 // One thread's PairStats, relative to its running maxima, in base 2: with dw = (w - m_w) * k_w
 // and do = (o - m_o) * k_o (k = inv_temperature * log2 e),
@@ -123,29 +125,6 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
   }
 }
 
-// Gradient of one student element from the combined row statistics, with the log-probs
-// ls = log p, lt = log q computed as the CPU kernel does (the reverse-KL bracket subtracts
-// numbers as large as the logits / T, so their rounding matters); zero on padding columns.
-//   forward: g * (p - q)
-//   reverse: g * p * ((ls - lt) - KL)
-template <typename Acc, bool kReverse>
-struct KLGrad {
-  Acc g, m_s, inv_s, log_sum_s, m_t, inv_t, log_sum_t, kl;
-  int64_t valid;
-
-  __device__ __forceinline__ Acc operator()(Acc s, Acc t, int64_t j) const {
-    const Acc ls = (s - m_s) * inv_s - log_sum_s;
-    const Acc lt = (t - m_t) * inv_t - log_sum_t;
-    Acc v;
-    if constexpr (kReverse) {
-      v = g * detail::exp_acc(ls) * ((ls - lt) - kl);
-    } else {
-      v = g * (detail::exp_acc(ls) - detail::exp_acc(lt));
-    }
-    return j < valid ? v : Acc(0);
-  }
-};
-
 template <typename T, int N, bool kReverse>
 __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPerSM<acc_t<T>>)
     kl_backward_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ grad_out,
@@ -190,12 +169,6 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
       out[j] = detail::from_acc<T>(fn(detail::to_acc(s[j]), detail::to_acc(t[j]), j));
     }
   }
-}
-
-template <typename T>
-bool pair_aligned(const KLArgs<T>& args) {
-  return detail::rows_aligned(args.student.data, args.student.rows, args.student.row_stride) &&
-         detail::rows_aligned(args.teacher.data, args.teacher.rows, args.teacher.row_stride);
 }
 
 template <typename T, bool kReverse>

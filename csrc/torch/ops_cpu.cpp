@@ -71,6 +71,20 @@ struct CpuBackend {
   }
 
   template <typename T>
+  static bool kl_fused_on_chip(const k::KLArgs<T>&, const k::MutRows<T>&) {
+    return true;  // the CPU kernel blocks rows to stay in cache for any shape
+  }
+
+  template <typename T>
+  static void kl_fused(const k::KLArgs<T>& args, const k::acc_t<T>* weight, k::acc_t<T>* kl,
+                       k::acc_t<T>* row_stats, int32_t* flags, k::MutRows<T> grad,
+                       const at::Device&, const char*) {
+    parallel_rows(args.student.rows, args.student.cols, [&](int64_t b, int64_t e) {
+      k::cpu::kl_fused<T>(args, weight, kl, row_stats, flags, grad, b, e);
+    });
+  }
+
+  template <typename T>
   static void sequence_logppl(const T* values, const bool* mask, const int64_t* offsets,
                               int64_t seqs, T* log_ppl, int64_t* count, const at::Device&,
                               const char*) {

@@ -84,6 +84,20 @@ struct CudaBackend {
   }
 
   template <typename T>
+  static bool kl_fused_on_chip(const k::KLArgs<T>& args, const k::MutRows<T>& grad) {
+    return k::cuda::kl_fused_on_chip<T>(args, grad);
+  }
+
+  template <typename T>
+  static void kl_fused(const k::KLArgs<T>& args, const k::acc_t<T>* weight, k::acc_t<T>* kl,
+                       k::acc_t<T>* row_stats, int32_t* flags, k::MutRows<T> grad,
+                       const at::Device& device, const char* op) {
+    check_launch(k::cuda::kl_fused<T>(args, weight, kl, row_stats, flags, grad,
+                                      current_stream(device)),
+                 op);
+  }
+
+  template <typename T>
   static void sequence_logppl(const T* values, const bool* mask, const int64_t* offsets,
                               int64_t seqs, T* log_ppl, int64_t* count, const at::Device& device,
                               const char* op) {

@@ -1,4 +1,4 @@
-// The nine scope_megatron ops written once for every backend: input checks, output allocation
+// The ten scope_megatron ops written once for every backend: input checks, output allocation
 // and dtype dispatch around a Backend policy that runs the kernels (ops_cpu.cpp: CPU kernels
 // with at::parallel_for; ops_cuda.cpp: CUDA launchers on the current stream).
 //
@@ -8,8 +8,10 @@
 //   Guard(device)                RAII device guard
 //   check_device(t, op, name)    the tensor is on this backend's device type
 //   logprob_partial / logprob_combine / logprob_backward / kl_partial / kl_combine /
-//   kl_backward / sequence_logppl / sequence_logppl_backward / group_weights (kernel calls with
-//   the arguments of csrc/include/scope_kernels/ops.h, plus the device).
+//   kl_backward / kl_fused / sequence_logppl / sequence_logppl_backward / group_weights (kernel calls with
+//   the arguments of csrc/include/scope_kernels/ops.h, plus the device)
+//   kl_fused_on_chip<T>(args, grad) whether kl_fused runs in one pass for these inputs (else the
+//                                op composes kl_partial, kl_combine and kl_backward)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -197,6 +199,53 @@ at::Tensor kl_backward(const at::Tensor& grad_out, const at::Tensor& student,
   return grad;
 }
 
+// KL and weighted gradient of a shard holding the whole vocabulary, in one pass where the
+// backend can (kl_fused_on_chip), else through the three phases; the results are the same.
+template <typename B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fused(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight,
+    int64_t vocab_size, double inv_temperature_student, double inv_temperature_teacher,
+    bool reverse) {
+  constexpr const char* op = "scope_megatron::kl_fused";
+  B::check_device(student, op, "student_logits");
+  check_kl_pair(student, teacher, op);
+  check_vocab(0, vocab_size, op);
+  const int64_t rows = student.size(0);
+  const auto acc = acc_dtype(student.scalar_type());
+  check_vector(weight, rows, acc, op, "weight", student.device());
+  const typename B::Guard guard(student.device());
+  at::Tensor grad = at::empty({rows, student.size(1)}, student.options());
+  bool on_chip = false;
+  dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    on_chip = B::template kl_fused_on_chip<T>(
+        kl_args<T>(student, teacher, 0, vocab_size, inv_temperature_student,
+                   inv_temperature_teacher, reverse),
+        mut_rows<T>(grad));
+  });
+  if (!on_chip) {
+    const at::Tensor stats = kl_partial<B>(student, teacher, 0, vocab_size,
+                                           inv_temperature_student, inv_temperature_teacher, reverse);
+    auto [kl, row_stats, flags] = kl_combine<B>(stats.unsqueeze(0), reverse,
+                                                inv_temperature_student, inv_temperature_teacher);
+    grad = kl_backward<B>(weight, student, teacher, row_stats, 0, vocab_size,
+                          inv_temperature_student, inv_temperature_teacher, reverse);
+    return {kl, row_stats, flags, grad};
+  }
+  at::Tensor kl = at::empty({rows}, weight.options());
+  at::Tensor row_stats = at::empty({rows, k::KLRowLayout::kWidth}, weight.options());
+  at::Tensor flags = at::empty({rows}, weight.options().dtype(at::kInt));
+  dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = k::acc_t<T>;
+    B::template kl_fused<T>(kl_args<T>(student, teacher, 0, vocab_size, inv_temperature_student,
+                                       inv_temperature_teacher, reverse),
+                            cptr<Acc>(weight), mptr<Acc>(kl), mptr<Acc>(row_stats),
+                            mptr<int32_t>(flags), mut_rows<T>(grad), student.device(), op);
+  });
+  return {kl, row_stats, flags, grad};
+}
+
 template <typename B>
 std::tuple<at::Tensor, at::Tensor> sequence_logppl(const at::Tensor& values,
                                                    const c10::optional<at::Tensor>& mask,
@@ -276,7 +325,7 @@ at::Tensor group_weights(const at::Tensor& log_ppl, const at::Tensor& group_inde
 
 }  // namespace impl
 
-// Registers the nine ops for a dispatch key with backend B (inside TORCH_LIBRARY_IMPL).
+// Registers the ten ops for a dispatch key with backend B (inside TORCH_LIBRARY_IMPL).
 template <typename B>
 void register_ops(torch::Library& m) {
   m.impl("logprob_partial", &impl::logprob_partial<B>);
@@ -285,6 +334,7 @@ void register_ops(torch::Library& m) {
   m.impl("kl_partial", &impl::kl_partial<B>);
   m.impl("kl_combine", &impl::kl_combine<B>);
   m.impl("kl_backward", &impl::kl_backward<B>);
+  m.impl("kl_fused", &impl::kl_fused<B>);
   m.impl("sequence_logppl", &impl::sequence_logppl<B>);
   m.impl("sequence_logppl_backward", &impl::sequence_logppl_backward<B>);
   m.impl("group_weights", &impl::group_weights<B>);

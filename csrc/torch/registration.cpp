@@ -30,6 +30,12 @@ TORCH_LIBRARY(scope_megatron, m) {
       "kl_backward(Tensor grad_out, Tensor student, Tensor teacher, Tensor row_stats, "
       "int vocab_start, int vocab_size, float inv_temperature_student, "
       "float inv_temperature_teacher, bool reverse) -> Tensor");
+  // KL and its gradient weighted by a known upstream gradient, for a shard holding the whole
+  // vocabulary: one pass over the logits where the kernels can.
+  m.def(
+      "kl_fused(Tensor student, Tensor teacher, Tensor weight, int vocab_size, "
+      "float inv_temperature_student, float inv_temperature_teacher, bool reverse) -> "
+      "(Tensor kl, Tensor row_stats, Tensor flags, Tensor grad)");
   // Per-sequence mean negative log-likelihood (log perplexity).
   m.def("sequence_logppl(Tensor values, Tensor? mask, Tensor offsets) -> (Tensor log_ppl, Tensor count)");
   m.def(

@@ -66,6 +66,13 @@ def _kl_backward_fake(grad_out, student, teacher, row_stats, vocab_start, vocab_
     return student.new_empty(student.shape)
 
 
+@torch.library.register_fake("scope_megatron::kl_fused")
+def _kl_fused_fake(student, teacher, weight, vocab_size, inv_ts, inv_tt, reverse):
+    rows = student.shape[0]
+    return (weight.new_empty(rows), weight.new_empty((rows, KL_ROW_WIDTH)),
+            weight.new_empty(rows, dtype=torch.int32), student.new_empty(student.shape))
+
+
 @torch.library.register_fake("scope_megatron::sequence_logppl")
 def _sequence_logppl_fake(values, mask, offsets):
     seqs = offsets.shape[0] - 1

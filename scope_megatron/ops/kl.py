@@ -1,6 +1,7 @@
 """vocab_parallel_kl: full-vocabulary KL between student and teacher from sharded logits."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -41,6 +42,62 @@ class _VocabParallelKL(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+# backward takes the fused gradient when the gradient it receives is expected_grad times s with
+# |s - 1| and the deviation from that proportion within this relative tolerance: far below the
+# rounding of a bf16 / fp16 / fp32 gradient element.
+EXPECTED_GRAD_RTOL = 1e-6
+
+
+class _FusedKL(torch.autograd.Function):
+    """KL and gradient in one pass (ops.kl_fused) for logits holding the whole vocabulary, with
+    the gradient backward is expected to receive given up front."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, expected: torch.Tensor,
+                vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool) -> torch.Tensor:
+        kl, row_stats, flags, grad = ops.kl_fused(student, teacher, expected, vocab_size, inv_ts,
+                                                  inv_tt, reverse)
+        raise_on_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "student logits",
+                                    FLAG_NONFINITE_SECOND: "teacher logits"})
+        ctx.save_for_backward(student, teacher, row_stats, expected)
+        ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
+        ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl: torch.Tensor):
+        student, teacher, row_stats, expected = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
+        scale = _proportion(grad_kl.to(expected.dtype), expected) if grad is not None else None
+        if grad is None:
+            grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
+                                   row_stats, *ctx.args)
+        elif scale is None:
+            warnings.warn(
+                f"{_OP}: the gradient backward received is not proportional to expected_grad; "
+                "recomputing the exact gradient (two more passes over the logits). Pass the "
+                "gradient the loss actually backpropagates into the KL as expected_grad.",
+                RuntimeWarning, stacklevel=2)
+            grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
+                                   row_stats, *ctx.args)
+        elif abs(scale - 1.0) > EXPECTED_GRAD_RTOL:
+            grad.mul_(scale)  # e.g. a loss scale: one more pass over the gradient
+        return grad, None, None, None, None, None, None
+
+
+def _proportion(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
+    """s with got == s * expected to EXPECTED_GRAD_RTOL (relative to max |got|), else None."""
+    if got.numel() == 0:
+        return 1.0
+    e = expected.double()
+    g = got.double()
+    norm = float((e * e).sum())
+    scale = float((g * e).sum()) / norm if norm > 0 else 1.0
+    bound = EXPECTED_GRAD_RTOL * max(float(g.abs().max()), float(e.abs().max()) * abs(scale))
+    return scale if float((g - scale * e).abs().max()) <= bound else None
+
+
 def vocab_parallel_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -50,6 +107,7 @@ def vocab_parallel_kl(
     direction: str = "reverse",
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
+    expected_grad: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-token KL divergence between the student's and the teacher's full-vocabulary softmax.
 
@@ -68,6 +126,16 @@ def vocab_parallel_kl(
         tensor-model-parallel group if initialized, else none).
       vocab_size: true vocabulary size; padded columns (global id >= vocab_size) are excluded
         from both softmaxes. Default: V_local * tp_size.
+      expected_grad: the gradient that backward will receive for the result (shape [...],
+        i.e. d loss / d KL per token), when it is known before the forward: for a weighted sum
+        (kl * w).sum() it is w. Without tensor parallelism the forward then computes the KL and
+        its gradient in one pass over the logits (ops.kl_fused: each row pair is read once
+        instead of twice), keeps the gradient until backward (the same bf16 [..., V] tensor
+        the backward would allocate, held from the forward on) and returns it there. backward
+        checks the gradient it receives: proportional to expected_grad with factor s (a loss
+        scale, say), it returns s times the fused gradient (one more pass unless s == 1);
+        otherwise it recomputes the exact gradient, with a RuntimeWarning. Ignored under tensor
+        parallelism (a shard's gradient needs the statistics of every shard first).
 
     Returns:
       float32 (float64 for float64 inputs) KL of shape [...], identical on every rank of the
@@ -100,6 +168,29 @@ def vocab_parallel_kl(
     local_vocab = student_logits.shape[-1]
     shard = shard_info(tp_group, local_vocab, _OP)
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
-    out = _VocabParallelKL.apply(flatten_rows(student_logits), flatten_rows(teacher_logits.detach()),
-                                 shard, vocab_size, inv_ts, inv_tt, direction == "reverse")
+    student_rows, teacher_rows = flatten_rows(student_logits), flatten_rows(teacher_logits.detach())
+    reverse = direction == "reverse"
+    if expected_grad is not None and shard.world_size == 1 and torch.is_grad_enabled() \
+            and student_logits.requires_grad:
+        expected = _check_expected_grad(expected_grad, student_logits)
+        out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse)
+    else:
+        out = _VocabParallelKL.apply(student_rows, teacher_rows, shard, vocab_size, inv_ts, inv_tt, reverse)
     return out.reshape(student_logits.shape[:-1])
+
+
+def _check_expected_grad(expected_grad: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """expected_grad as a contiguous [rows] tensor of the result's dtype (float32, or float64)."""
+    shape = tuple(student_logits.shape[:-1])
+    if not isinstance(expected_grad, torch.Tensor) or tuple(expected_grad.shape) != shape:
+        raise ValueError(f"{_OP}: expected_grad must be a tensor of shape {shape} (one value per "
+                         f"token, like the result), got "
+                         f"{tuple(getattr(expected_grad, 'shape', ())) or type(expected_grad).__name__}")
+    if expected_grad.device != student_logits.device:
+        raise ValueError(f"{_OP}: expected_grad is on {expected_grad.device}, the logits on "
+                         f"{student_logits.device}")
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    expected = expected_grad.detach().to(acc).reshape(-1).contiguous()
+    if not bool(torch.isfinite(expected).all()):
+        raise FloatingPointError(f"{_OP}: expected_grad contains NaN or Inf")
+    return expected

@@ -35,6 +35,7 @@ def compute_loss(
     teacher_logits: Optional[torch.Tensor] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
+    loss_grad: float = 1.0,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The loss of `config.algorithm` on one batch of rollouts, and its metrics.
 
@@ -54,6 +55,11 @@ def compute_loss(
         tensor-model-parallel group if initialized, else none (logits hold the whole vocabulary).
       vocab_size: the true vocabulary size; logit columns with a global id >= vocab_size
         (embedding padding) are excluded from every softmax. Default: V_local * tp_size.
+      loss_grad: the gradient the caller will backpropagate into the returned loss (1 for
+        loss.backward(); the number of groups when it returns loss * groups). With
+        kl_estimator="full" and no tensor parallelism, the per-token gradient of the KL is then
+        known before the forward, and the fused kernel computes KL and gradient in one pass
+        (vocab_parallel_kl's expected_grad). Any other gradient stays exact (it is recomputed).
 
     Returns:
       (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 logits), identical on
@@ -107,11 +113,15 @@ def compute_loss(
     loss = (student_weights * student_log_ppl).sum()
     teacher_path = None
     if config.uses_teacher:
+        kl_grad = None
+        if config.kl_estimator == "full" and torch.is_grad_enabled() and student_logits.requires_grad:
+            kl_grad = _token_term_grad(batch, teacher_members, teacher_weights, loss_grad)
         teacher_path = _guard_nonfinite(
             batch, tp, vocab_size, {"student": student_logits, "teacher": teacher_logits},
             lambda: opd_path_loss(config, batch, teacher_members, student_logprobs=student_lp,
                                   teacher_logprobs=teacher_lp, student_logits=student_logits,
-                                  teacher_logits=teacher_logits, tp=tp, vocab_size=vocab_size))
+                                  teacher_logits=teacher_logits, tp=tp, vocab_size=vocab_size,
+                                  kl_grad=kl_grad))
         loss = loss + (teacher_weights * teacher_path.losses).sum()
     loss = loss / batch.num_groups
     return loss, collect_metrics(
@@ -120,6 +130,21 @@ def compute_loss(
         student_members=student_members, student_weights=student_weights,
         teacher_members=teacher_members, teacher_weights=teacher_weights,
         teacher_path=teacher_path)
+
+
+def _token_term_grad(batch: RolloutBatch, members: torch.Tensor, weights: torch.Tensor,
+                     loss_grad: float) -> torch.Tensor:
+    """d loss / d (per-token term of the teacher path), shaped like response_ids: the loss is
+    linear in those terms (token mean per rollout, times the detached rollout weight, summed,
+    over the number of groups), so its gradient is known before they are computed. Computed by
+    autograd through the same reduction as compute_loss, so that it is what backward sends."""
+    with torch.enable_grad():
+        x = torch.zeros(batch.response_ids.shape, dtype=weights.dtype, device=weights.device,
+                        requires_grad=True)
+        loss = (weights.detach() * batch.token_mean(x, batch.counted(members))).sum() / batch.num_groups
+        (grad,) = torch.autograd.grad(loss, x, torch.full((), loss_grad, dtype=loss.dtype,
+                                                          device=loss.device))
+    return grad
 
 
 def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tensor,

@@ -63,7 +63,8 @@ def k3_token_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) 
 def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tensor, *,
                   student_logprobs: torch.Tensor, teacher_logprobs: Optional[torch.Tensor],
                   student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor],
-                  tp: TensorParallel, vocab_size: Optional[int]) -> PathLoss:
+                  tp: TensorParallel, vocab_size: Optional[int],
+                  kl_grad: Optional[torch.Tensor] = None) -> PathLoss:
     """The teacher path's per-rollout reverse-KL loss L_OPD(y_i) with config.kl_estimator, for
     the rollouts in `members` ([B] bool).
 
@@ -79,7 +80,9 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
         k1 reward). The rollout weight w_i >= 0 multiplies the whole surrogate in compute_loss,
         which equals using the advantage w_i * A_t of the spec (min(w a, w b) = w min(a, b)).
       k3: exp(d) - d - 1, d = log p_T(y_t) - log p_S(y_t).
-      full: the exact full-vocabulary KL(p_S || p_T) (vocab_parallel_kl, direction="reverse").
+      full: the exact full-vocabulary KL(p_S || p_T) (vocab_parallel_kl, direction="reverse";
+        kl_grad, the gradient the loss will send to the per-token KL, lets it compute the KL and
+        its gradient in one pass: its expected_grad).
       topk: the teacher's top-k ids plus a tail bucket (topk.topk_reverse_kl; from
         batch.teacher_top_ids / teacher_top_logprobs when there are no teacher logits).
     """
@@ -104,7 +107,7 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
         per_token = vocab_parallel_kl(student_logits, teacher_logits, tp_group=tp.group,
                                       vocab_size=vocab_size, direction="reverse",
                                       student_temperature=config.student_temperature,
-                                      teacher_temperature=t_temp)
+                                      teacher_temperature=t_temp, expected_grad=kl_grad)
     elif teacher_logits is None:  # a served teacher's top-k ids and log-probs (batch.teacher_top_*)
         per_token = topk_reverse_kl_given(student_logits, batch.teacher_top_ids, batch.teacher_top_logprobs,
                                           batch.safe_response_ids, student_logprobs, tp=tp,

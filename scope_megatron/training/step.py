@@ -124,9 +124,12 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int):
                              teacher_logprobs=extra.get("teacher_logprobs"),
                              teacher_top_ids=extra.get("teacher_top_ids"),
                              teacher_top_logprobs=extra.get("teacher_top_logprobs"))
-        loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
-                                     teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size)
         groups = batch.num_groups
+        # loss_grad: Megatron backpropagates 1 into loss * groups (calculate_per_token_loss; the
+        # bf16 loss scale is 1), i.e. `groups` into the loss, which the fused KL relies on.
+        loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
+                                     teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
+                                     loss_grad=float(groups))
         return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
             "metrics": metrics, "groups": groups}
     return loss_fn

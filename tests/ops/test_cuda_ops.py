@@ -602,3 +602,127 @@ def test_large_kl_64bit_offsets():
     torch.testing.assert_close(on_hot, torch.where(differ, p_hot * ((HOT - 1) - expected),
                                                    p_hot * (0.0 - expected)),
                                rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused KL (ops.kl_fused): one pass with the rows on chip, or the three phases as fallback
+# ---------------------------------------------------------------------------------------------
+def _fused(student, teacher, weight, vocab_size, reverse, inv_s=1 / 0.8, inv_t=1 / 1.1):
+    return ops.kl_fused(student, teacher, weight.to(student.device, _acc(student.dtype)), vocab_size,
+                        inv_s, inv_t, reverse)
+
+
+def _cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# (rows, columns): block sizes 32 .. 512 threads, one row per block and many (the copy of the
+# next row overlapping the current one), the largest rows on chip (V/4 of Qwen's 151936 in
+# bf16), and the fallbacks (too long: 151936; not whole 16-byte packs: 1001).
+FUSED_SHAPES = [(7, 64), (33, 1000), (300, 2176), (37, 18992), (400, 37984), (3, 151936),
+                (5, 1001)]
+
+
+@pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", FUSED_SHAPES)
+def test_kl_fused_matches_reference_and_cpu(reverse, dtype, rows, vocab, gen):
+    student = random_logits((rows, vocab), dtype, gen)
+    teacher = random_logits((rows, vocab), dtype, gen)
+    vocab_size = vocab - 37 if vocab > 100 else vocab  # padding inside the last 16-byte pack
+    student[:, vocab_size:] = 50
+    weight = _grad_weights(rows, gen)
+    kl, row_stats, flags, grad = (t.cpu() for t in _fused(student.to(CUDA), teacher.to(CUDA), weight,
+                                                          vocab_size, reverse))
+    kl_cpu, row_stats_cpu, _, grad_cpu = _fused(student, teacher, weight, vocab_size, reverse)
+    ref_leaf = student.detach().to(torch.float64, copy=True).requires_grad_()
+    ref = kl_reference(ref_leaf, teacher.double(), vocab_size=vocab_size,
+                       direction="reverse" if reverse else "forward",
+                       student_temperature=0.8, teacher_temperature=1.1)
+    (ref * weight).sum().backward()
+    assert bool((flags == 0).all())
+    assert kl.dtype == _acc(dtype) and grad.dtype == dtype and grad.shape == student.shape
+    torch.testing.assert_close(kl.double(), ref.detach(), **value_tolerance(dtype))
+    torch.testing.assert_close(kl, kl_cpu, **value_tolerance(dtype))
+    torch.testing.assert_close(row_stats, row_stats_cpu, **value_tolerance(dtype))
+    scale = max(float(student[:, :vocab_size].double().abs().max()), float(teacher.double().abs().max()))
+    logit_scale = scale if reverse else 0.0
+    assert_grad_close(grad, ref_leaf.grad, dtype, logit_scale=logit_scale)
+    assert_grad_close(grad, grad_cpu, dtype, logit_scale=logit_scale)
+    assert bool((grad[weight == 0] == 0).all()) and bool((grad[:, vocab_size:] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["extreme", "peaked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kl_fused_extreme_logits(kind, dtype, gen):
+    rows, vocab = 9, 1504
+    student = random_logits((rows, vocab), dtype, gen, kind=kind)
+    teacher = random_logits((rows, vocab), dtype, gen, kind=kind)
+    teacher[0] = student[0]
+    weight = _grad_weights(rows, gen)
+    kl, _, flags, grad = (t.cpu() for t in _fused(student.to(CUDA), teacher.to(CUDA), weight, vocab, True))
+    ref_leaf = student.detach().to(torch.float64, copy=True).requires_grad_()
+    ref = kl_reference(ref_leaf, teacher.double(), student_temperature=0.8, teacher_temperature=1.1)
+    (ref * weight).sum().backward()
+    assert bool((flags == 0).all()) and bool(torch.isfinite(kl).all()) and bool(torch.isfinite(grad.float()).all())
+    torch.testing.assert_close(kl.double(), ref.detach(), **value_tolerance(dtype))
+    assert_grad_close(grad, ref_leaf.grad, dtype, logit_scale=1e4)
+
+
+def test_kl_fused_flags_and_poisoned_output(gen):
+    """Non-finite inputs are flagged per row; every gradient element is written (the output is
+    allocated from a pool filled with NaN first)."""
+    rows, vocab = 600, 2048
+    student = random_logits((rows, vocab), torch.bfloat16, gen, device=CUDA)
+    teacher = random_logits((rows, vocab), torch.bfloat16, gen, device=CUDA)
+    student[5, 7] = float("nan")
+    teacher[599, 2047] = float("-inf")
+    torch.full((rows, vocab), float("nan"), dtype=torch.bfloat16, device=CUDA).sum()
+    _, _, flags, grad = _fused(student, teacher, torch.ones(rows), vocab, True)
+    flags = flags.cpu()
+    assert flags[5] == FLAG_NONFINITE_FIRST and flags[599] == FLAG_NONFINITE_SECOND
+    assert int((flags != 0).sum()) == 2
+    healthy = torch.ones(rows, dtype=torch.bool, device=CUDA)
+    healthy[[5, 599]] = False
+    assert bool(torch.isfinite(grad[healthy].float()).all())
+
+
+def test_kl_fused_runs_on_chip_where_it_should(gen):
+    """The profiler sees the one-pass kernel for rows that fit on chip, and the two-pass kernels
+    for longer rows (a test of the dispatch: the results above are equal either way)."""
+    s = random_logits((64, 37984), torch.bfloat16, gen, device=CUDA)
+    names = _cuda_kernel_names(lambda: _fused(s, s.flip(0), torch.ones(64), 37984, True))
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels here")
+    assert any("kl_fused_kernel" in n for n in names), names
+    assert not any("kl_backward_kernel" in n for n in names), names
+    s = random_logits((4, 151936), torch.bfloat16, gen, device=CUDA)
+    names = _cuda_kernel_names(lambda: _fused(s, s.flip(0), torch.ones(4), 151936, True))
+    assert not any("kl_fused_kernel" in n for n in names), names
+    assert any("kl_backward_kernel" in n for n in names), names
+
+
+@pytest.mark.slow
+def test_large_kl_fused_64bit_offsets():
+    """60000 x 37984 bf16 (> 2^31 elements, on chip) against the three-phase CUDA kernels."""
+    rows, vocab = 60000, 37984
+    assert rows * vocab > 2**31
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    student = torch.randn((rows, vocab), generator=g, device=CUDA).mul_(3).to(torch.bfloat16)
+    teacher = torch.randn((rows, vocab), generator=g, device=CUDA).mul_(3).to(torch.bfloat16)
+    weight = torch.rand(rows, generator=g, device=CUDA)
+    kl, row_stats, flags, grad = ops.kl_fused(student, teacher, weight, vocab, 1.0, 1.0, True)
+    stats = ops.kl_partial(student, teacher, 0, vocab, 1.0, 1.0, True)
+    kl3, row_stats3, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
+    torch.testing.assert_close(kl, kl3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_stats, row_stats3, rtol=1e-5, atol=1e-5)
+    assert int(flags.abs().sum()) == 0
+    del stats
+    check = [0, 2**31 // vocab, 2**31 // vocab + 1, rows - 1]
+    grad3 = ops.kl_backward(weight, student[check].contiguous(), teacher[check].contiguous(),
+                            row_stats3[check].contiguous(), 0, vocab, 1.0, 1.0, True)
+    assert_grad_close(grad[check].cpu(), grad3.cpu().double(), torch.bfloat16, logit_scale=15.0)
+    assert bool(torch.isfinite(grad[-100:].float()).all())

@@ -36,6 +36,7 @@ def _opcheck_cases():
         "kl_partial": (ops.kl_partial, (s, t, 0, 30, 0.8, 1.1, False)),
         "kl_combine": (ops.kl_combine, (torch.stack([kl_stats, kl_stats]), True, 0.8, 1.1)),
         "kl_backward": (ops.kl_backward, (torch.randn(5, generator=g), s, t, kl_rows, 0, 30, 0.8, 1.1, True)),
+        "kl_fused": (ops.kl_fused, (s, t, torch.randn(5, generator=g), 30, 0.8, 1.1, True)),
         "sequence_logppl": (ops.sequence_logppl, (values, mask, offsets)),
         "sequence_logppl_backward": (ops.sequence_logppl_backward, (torch.randn(3, generator=g), mask, offsets, count, 12)),
         "group_weights": (ops.group_weights, (torch.randn(6, generator=g), torch.tensor([0, 1, 0, 2, 1, 0]),

@@ -376,3 +376,49 @@ def test_topk_with_peaked_logits_stays_finite(gen):
         loss, metrics, grad = run(ScopeConfig(kl_estimator="topk", topk_k=k), p, dtype=torch.float32)
         assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
         assert metrics["kl/mean"] >= 0
+
+
+# ---- the fused full-vocabulary KL ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_factor", [1.0, 5.0], ids=["loss", "loss_times_groups"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_full_kl_runs_fused_with_the_predicted_gradient(packed, loss_factor, gen, monkeypatch):
+    """kl_estimator='full': compute_loss predicts the per-token gradient of the KL (loss_grad is
+    what the caller backpropagates), the fused op computes KL and gradient in the forward, and
+    backward uses it as is (no recompute warning); the result is the reference's."""
+    import warnings
+
+    from scope_megatron.ops import kl as kl_module
+
+    calls = []
+    real = kl_module.ops.kl_fused
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.scope_megatron, name)
+
+        @staticmethod
+        def kl_fused(*args):
+            calls.append(args[2].clone())
+            return real(*args)
+
+    monkeypatch.setattr(kl_module, "ops", Spy())
+    p = make_problem(gen)
+    config = ScopeConfig(kl_estimator="full")
+    batch = make_batch(p, packed=packed)
+    student = fresh_leaf(layout(p, p.student, packed))
+    groups = batch.num_groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, _ = compute_loss(config, batch, student, teacher_logits=layout(p, p.teacher, packed),
+                               vocab_size=p.vocab_size, loss_grad=groups if loss_factor != 1 else 1.0)
+        (loss * (groups if loss_factor != 1 else 1)).backward()
+    assert len(calls) == 1 and bool((calls[0] != 0).any())
+    ref = reference(config, p)
+    grad = torch.zeros_like(p.student)
+    if packed:
+        grad[p.mask] = student.grad
+    else:
+        grad = student.grad
+    torch.testing.assert_close(loss.double(), ref["loss"].detach(), **TIGHT)
+    torch.testing.assert_close(grad / (groups if loss_factor != 1 else 1), ref["grad"], **TIGHT)

@@ -101,6 +101,16 @@ template <typename T>
 void kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* row_stats,
                  MutRows<T> grad, int64_t row_begin, int64_t row_end);
 
+// ---- KL and its gradient in one call ----
+// For a shard that holds the whole vocabulary (args.vocab_start == 0, no tensor parallelism)
+// and an upstream gradient known before the forward (weight[rows], e.g. per-token loss
+// weights): kl[r], row_stats[r] and flags[r] as kl_combine writes them for one shard, and
+// grad = weight[r] * dKL_r / dstudent, as kl_backward with grad_out = weight writes it. Each row
+// pair is read once while it is in cache (CPU) or on chip (CUDA).
+template <typename T>
+void kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<T>* row_stats,
+              int32_t* flags, MutRows<T> grad, int64_t row_begin, int64_t row_end);
+
 // ---- sequence perplexity ----
 // Sequence s covers values[offsets[s], offsets[s + 1]); mask (may be null) selects the tokens
 // that count. log_ppl[s] = -mean of the selected values; count[s] = number selected.

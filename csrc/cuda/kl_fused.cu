@@ -1,0 +1,339 @@
+// CUDA kernel of the fused KL: the per-row KL and the weighted gradient w.r.t. the student in
+// one pass over the logits, for a shard that holds the whole vocabulary (contract: ops.h
+// kl_fused; CPU version: csrc/cpu/kl_fused.cpp).
+//
+// Why: the two-pass kernels (kl.cu) read both logit rows in the forward and again in the
+// backward (10 bytes per bf16 element with the gradient write); when the upstream gradient of
+// each row is known before the forward (SCOPE's per-token weights), the gradient can be written
+// while the rows are still on chip (6 bytes per element: the one-pass floor).
+//
+// Design (bytes first): a persistent grid, one row pair per block at a time. Each thread holds
+// its share of the current row pair in registers (kFusedPacks 16-byte packs of each row, so a
+// 512-thread block holds 512 * 10 * 8 = 40960 bf16 columns: a Qwen vocabulary over 4 ranks),
+// while cp.async copies the block's *next* row pair into shared memory behind it. Per row:
+//   wait for the copy -> shared to registers -> thread maxima -> issue the next copy ->
+//   sums -> block reduction -> KL and row statistics -> gradient from registers -> store.
+// Every thread copies, and later reads back, only its own shared-memory slots, so the copy
+// needs no block barrier; the maxima consume every loaded register before the next copy
+// overwrites those slots (in-order issue), which orders the reuse.
+// Registers bound the row length (kFusedMaxThreads * kFusedPacks packs); longer rows, rows that
+// are not 16-byte aligned or not a whole number of packs, and float64 take the two-pass kernels
+// (kl_fused_on_chip() says which; the torch binding falls back).
+#include "kl_common.cuh"
+
+namespace scope_kernels {
+namespace cuda {
+namespace {
+
+using detail::exp2_acc;
+using detail::KLGrad;
+using detail::kLn2;
+using detail::kLog2e;
+using detail::Pack;
+
+constexpr int kFusedPacks = 10;
+constexpr int kFusedMaxThreads = 512;
+constexpr int kFusedMaxWarps = kFusedMaxThreads / detail::kWarpSize;
+
+// ---- asynchronous global -> shared copies (sm_80+; a plain copy through registers before) ----
+__device__ __forceinline__ void copy_async_16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = __ldg(static_cast<const uint4*>(gmem));
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ Pack<T, detail::kPackWidth<T>> as_pack(const uint4& raw) {
+  Pack<T, detail::kPackWidth<T>> p;
+  memcpy(&p, &raw, sizeof(raw));
+  return p;
+}
+
+// How many of pack p's N elements are valid columns (0..N).
+template <int N>
+__device__ __forceinline__ int valid_in_pack(int p, int64_t valid) {
+  const int64_t rest = valid - static_cast<int64_t>(p) * N;
+  return rest >= N ? N : (rest > 0 ? static_cast<int>(rest) : 0);
+}
+
+// Warp-level PairStats reduction (every lane gets the warp's total).
+template <typename Acc>
+__device__ __forceinline__ PairStats<Acc> warp_pair_reduce(PairStats<Acc> v, Acc inv_w, Acc inv_o) {
+#pragma unroll
+  for (int offset = detail::kWarpSize / 2; offset > 0; offset /= 2) {
+    v = pair_merge(v, detail::shfl_xor(v, offset), inv_w, inv_o);
+  }
+  return v;
+}
+
+// Starts copying this thread's packs of row r of both inputs into its shared-memory slots.
+template <typename T, int N>
+__device__ __forceinline__ void prefetch_row(const KLArgs<T>& args, int64_t r, int packs,
+                                             uint4* s_buf, uint4* t_buf) {
+  const T* s = args.student.data + r * args.student.row_stride;
+  const T* t = args.teacher.data + r * args.teacher.row_stride;
+  const int nt = blockDim.x, tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kFusedPacks; ++i) {
+    const int p = tid + i * nt;
+    if (p < packs) {
+      copy_async_16(&s_buf[i * nt + tid], s + static_cast<int64_t>(p) * N);
+      copy_async_16(&t_buf[i * nt + tid], t + static_cast<int64_t>(p) * N);
+    }
+  }
+  copy_async_commit();
+}
+
+// launch: blockDim.x = 32 * 2^k <= kFusedMaxThreads with blockDim.x * kFusedPacks >= packs;
+// dynamic shared memory 2 * slots * blockDim.x * 16 bytes, slots = ceil(packs / blockDim.x).
+template <typename T, bool kReverse>
+__global__ void __launch_bounds__(kFusedMaxThreads, 1)
+    kl_fused_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ weight,
+                    acc_t<T>* __restrict__ kl_out, acc_t<T>* __restrict__ row_stats,
+                    int32_t* __restrict__ flags_out, const MutRows<T> grad, const int slots) {
+  using Acc = acc_t<T>;
+  using R = KLRowLayout;
+  constexpr int N = detail::kPackWidth<T>;
+  constexpr int P = kFusedPacks;
+  extern __shared__ uint4 buffer[];  // [slots][blockDim.x] student packs, then the teacher's
+  __shared__ PairStats<Acc> scratch[kFusedMaxWarps + 1];
+
+  const int nt = blockDim.x;
+  const int tid = threadIdx.x;
+  const int lane = tid % detail::kWarpSize, warp = tid / detail::kWarpSize;
+  const int64_t rows = args.student.rows;
+  const int packs = static_cast<int>(args.student.cols / N);  // < 2^31: see fused_shape
+  const int64_t valid = valid_columns(args.vocab_start, args.vocab_size, args.student.cols);
+  const Acc inv_s = args.inv_temperature_student, inv_t = args.inv_temperature_teacher;
+  const Acc k_s = inv_s * kLog2e<Acc>, k_t = inv_t * kLog2e<Acc>;
+  const Acc inv_w = kReverse ? inv_s : inv_t, inv_o = kReverse ? inv_t : inv_s;
+  uint4* const s_buf = buffer;
+  uint4* const t_buf = buffer + static_cast<int64_t>(slots) * nt;
+
+  int64_t r = blockIdx.x;
+  if (r < rows) prefetch_row<T, N>(args, r, packs, s_buf, t_buf);
+  for (; r < rows; r += gridDim.x) {
+    copy_async_wait_all();
+    uint4 s_reg[P], t_reg[P];
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      if (tid + i * nt < packs) {
+        s_reg[i] = s_buf[i * nt + tid];
+        t_reg[i] = t_buf[i * nt + tid];
+      }
+    }
+
+    // Thread maxima over the valid columns, and the non-finite checks.
+    Acc max_s = neg_inf<Acc>(), max_t = neg_inf<Acc>(), check_s = 0, check_t = 0;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int p = tid + i * nt;
+      if (p < packs) {
+        const auto sp = as_pack<T>(s_reg[i]);
+        const auto tp = as_pack<T>(t_reg[i]);
+        const int lim = valid_in_pack<N>(p, valid);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (e < lim) {
+            const Acc s = detail::to_acc(sp.e[e]), t = detail::to_acc(tp.e[e]);
+            max_s = fmax(max_s, s);  // ignores NaN, which the checks catch
+            max_t = fmax(max_t, t);
+            check_s = detail::nonfinite_check(s, check_s);
+            check_t = detail::nonfinite_check(t, check_t);
+          }
+        }
+      }
+    }
+    // Every register loaded from the buffer has been consumed: the next copy may overwrite it.
+    if (r + gridDim.x < rows) prefetch_row<T, N>(args, r + gridDim.x, packs, s_buf, t_buf);
+
+    // Sums relative to the thread maxima, in base 2 (see ThreadPair in kl.cu).
+    Acc z_s = 0, z_t = 0, c2 = 0;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int p = tid + i * nt;
+      if (p < packs) {
+        const auto sp = as_pack<T>(s_reg[i]);
+        const auto tp = as_pack<T>(t_reg[i]);
+        const int lim = valid_in_pack<N>(p, valid);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          if (e < lim) {
+            const Acc ds = (detail::to_acc(sp.e[e]) - max_s) * k_s;
+            const Acc dt = (detail::to_acc(tp.e[e]) - max_t) * k_t;
+            const Acc es = exp2_acc(ds), et = exp2_acc(dt);
+            z_s += es;
+            z_t += et;
+            c2 += kReverse ? es * (ds - dt) : et * (dt - ds);
+          }
+        }
+      }
+    }
+    PairStats<Acc> v = kReverse ? PairStats<Acc>{max_s, z_s, c2 * kLn2<Acc>, max_t, z_t}
+                                : PairStats<Acc>{max_t, z_t, c2 * kLn2<Acc>, max_s, z_s};
+
+    // Block reduction: warps, then the warp totals in warp 0. The barriers of __syncthreads_or
+    // also keep this row's scratch writes behind the previous row's reads.
+    const bool nonfinite_s = __syncthreads_or(check_s != Acc(0));
+    const bool nonfinite_t = __syncthreads_or(check_t != Acc(0));
+    v = warp_pair_reduce(v, inv_w, inv_o);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+      v = lane < nt / detail::kWarpSize ? scratch[lane] : pair_empty<Acc>();
+      v = warp_pair_reduce(v, inv_w, inv_o);
+      if (lane == 0) scratch[kFusedMaxWarps] = v;
+    }
+    __syncthreads();
+    const PairStats<Acc> total = scratch[kFusedMaxWarps];
+
+    const Acc kl = pair_kl(total);
+    const Acc m_s = kReverse ? total.m_w : total.m_o, m_t = kReverse ? total.m_o : total.m_w;
+    const Acc log_sum_s = stats_log(kReverse ? total.z_w : total.z_o);
+    const Acc log_sum_t = stats_log(kReverse ? total.z_o : total.z_w);
+    if (tid == 0) {
+      kl_out[r] = kl;
+      Acc* rs = row_stats + r * R::kWidth;
+      rs[R::kKL] = kl;
+      rs[R::kMaxStudent] = m_s;
+      rs[R::kLogSumStudent] = log_sum_s;
+      rs[R::kMaxTeacher] = m_t;
+      rs[R::kLogSumTeacher] = log_sum_t;
+      flags_out[r] = (nonfinite_s ? kFlagNonFiniteFirst : 0) | (nonfinite_t ? kFlagNonFiniteSecond : 0);
+    }
+
+    // Gradient from the registers, written once.
+    const KLGrad<Acc, kReverse> fn{weight[r] * inv_s, m_s, inv_s, log_sum_s, m_t, inv_t, log_sum_t,
+                                   kl, valid};
+    T* __restrict__ out = grad.data + r * grad.row_stride;
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int p = tid + i * nt;
+      if (p < packs) {
+        const auto sp = as_pack<T>(s_reg[i]);
+        const auto tp = as_pack<T>(t_reg[i]);
+        Pack<T, N> res;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          res.e[e] = detail::from_acc<T>(
+              fn(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]), p * N + e));
+        }
+        detail::store_pack(out + static_cast<int64_t>(p) * N, res);
+      }
+    }
+  }
+}
+
+// The launch shape of a row of `packs` packs: the smallest block (32..512 threads, powers of
+// two) whose registers hold the row, and the shared-memory slots per thread.
+struct FusedShape {
+  int threads = 0;
+  int slots = 0;
+  size_t smem = 0;
+};
+
+inline FusedShape fused_shape(int64_t packs) {
+  FusedShape shape;
+  int threads = detail::kWarpSize;
+  while (static_cast<int64_t>(threads) * kFusedPacks < packs && threads < kFusedMaxThreads) {
+    threads *= 2;
+  }
+  if (packs < 1 || static_cast<int64_t>(threads) * kFusedPacks < packs) return shape;
+  shape.threads = threads;
+  shape.slots = static_cast<int>((packs + threads - 1) / threads);
+  shape.smem = 2 * static_cast<size_t>(shape.slots) * threads * sizeof(uint4);
+  return shape;
+}
+
+template <typename T, bool kReverse>
+int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
+                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, cudaStream_t stream) {
+  const FusedShape shape = fused_shape(args.student.cols / detail::kPackWidth<T>);
+  auto kernel = kl_fused_kernel<T, kReverse>;
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(shape.smem));
+  }
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
+  }
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (per_sm < 1) return static_cast<int>(cudaErrorLaunchOutOfResources);
+  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+  const auto blocks = static_cast<unsigned int>(args.student.rows < resident ? args.student.rows : resident);
+  kernel<<<blocks, shape.threads, shape.smem, stream>>>(args, weight, kl, row_stats, flags, grad,
+                                                        shape.slots);
+  return detail::launch_status();
+}
+
+}  // namespace
+
+template <typename T>
+bool kl_fused_on_chip(const KLArgs<T>& args, const MutRows<T>& grad) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return false;  // float64 (gradcheck) takes the two-pass kernels
+  } else {
+    constexpr int N = detail::kPackWidth<T>;
+    const int64_t cols = args.student.cols;
+    if (cols % N != 0 || fused_shape(cols / N).threads == 0) return false;
+    if (!detail::pair_aligned(args) || !detail::rows_aligned(static_cast<const T*>(grad.data),
+                                                              grad.rows, grad.row_stride)) {
+      return false;
+    }
+    int device = 0, optin = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+      cudaGetLastError();  // clear the error so that the next launch check does not report it
+      return false;
+    }
+    return fused_shape(cols / N).smem <= static_cast<size_t>(optin);
+  }
+}
+
+template <typename T>
+int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<T>* row_stats,
+             int32_t* flags, MutRows<T> grad, void* stream) {
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return static_cast<int>(cudaErrorNotSupported);
+  } else {
+    if (args.student.rows == 0) return 0;
+    if (!kl_fused_on_chip(args, grad)) return static_cast<int>(cudaErrorNotSupported);
+    const auto s = static_cast<cudaStream_t>(stream);
+    return args.reverse ? launch_kl_fused<T, true>(args, weight, kl, row_stats, flags, grad, s)
+                        : launch_kl_fused<T, false>(args, weight, kl, row_stats, flags, grad, s);
+  }
+}
+
+#define SCOPE_CUDA_INSTANTIATE_KL_FUSED(T)                                                    \
+  template bool kl_fused_on_chip<T>(const KLArgs<T>&, const MutRows<T>&);                     \
+  template int kl_fused<T>(const KLArgs<T>&, const acc_t<T>*, acc_t<T>*, acc_t<T>*, int32_t*, \
+                           MutRows<T>, void*);
+
+SCOPE_CUDA_INSTANTIATE_KL_FUSED(float)
+SCOPE_CUDA_INSTANTIATE_KL_FUSED(double)
+SCOPE_CUDA_INSTANTIATE_KL_FUSED(BFloat16)
+SCOPE_CUDA_INSTANTIATE_KL_FUSED(Half)
+
+#undef SCOPE_CUDA_INSTANTIATE_KL_FUSED
+
+}  // namespace cuda
+}  // namespace scope_kernels
