@@ -96,11 +96,46 @@ def _run_case(case: dict) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
         return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
 
+    def kernels_only(provider):
+        """The raw ops alone (no autograd, checks or host syncs), timed with CUDA events."""
+        from scope_megatron.ops._library import ops
+
+        s, v = student.detach(), vocab
+        if case["op"] == "kl" and provider == "fused":
+            call = lambda: ops.kl_fused(s, teacher, weights, v, 1.0, 1.0, True)  # noqa: E731
+        elif case["op"] == "kl":
+            def call():
+                stats = ops.kl_partial(s, teacher, 0, v, 1.0, 1.0, True)
+                _, row_stats, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
+                return ops.kl_backward(weights, s, teacher, row_stats, 0, v, 1.0, 1.0, True)
+        else:
+            def call():
+                stats = ops.logprob_partial(s, target, 0, v, 1.0)
+                _, row_stats, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
+                return ops.logprob_backward(weights, s, target, row_stats, 0, v, 1.0)
+        for _ in range(case["warmup"]):
+            call()
+        times = []
+        for _ in range(case["repeats"]):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
     for provider in case["providers"]:
         fn = {"scope": ours, "fused": fused, "eager": ref, "compile": None}[provider]
         try:
             result = run(fn if provider != "compile" else torch.compile(ref))
+            if device.type == "cuda" and provider in ("scope", "fused") and case["op"] in ("kl", "logprob") \
+                    and not (provider == "fused" and case["op"] != "kl"):
+                try:
+                    result["kernels_ms"] = kernels_only(provider)
+                except Exception as exc:  # keep the end-to-end row
+                    result["kernels_error"] = str(exc).splitlines()[0][:200]
         except torch.OutOfMemoryError as exc:
             result = {"error": "out of memory: " + str(exc).splitlines()[0][:120]}
         print(json.dumps({provider: result}), flush=True)
@@ -243,9 +278,11 @@ def main(argv=None) -> int:
                     results.update(_spawn(case, args.timeout))
                 for provider in providers:
                     res = results[provider]
+                    kernels = (f", kernels alone p50 {_percentile(res['kernels_ms'], 0.5):.2f} ms"
+                               if "kernels_ms" in res else "")
                     print(f"[bench]   {provider}: " + (res["error"] if "error" in res else
                           f"p50 {_percentile(res['times_ms'], 0.5):.2f} ms, "
-                          f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB"), flush=True)
+                          f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB{kernels}"), flush=True)
                 elem = torch.empty(0, dtype=getattr(torch, DTYPES[dtype])).element_size()
                 floors = ({k: f * elem * t * v / bandwidth * 1e3 for k, f in FLOOR_FACTORS[op].items()}
                           if bandwidth else {})
@@ -266,6 +303,11 @@ def main(argv=None) -> int:
                                    speedup_vs_compile=round(compile_p50 / p50, 2) if compile_p50 else "")
                         for k, floor in floors.items():
                             row[f"ratio_to_{k}_floor"] = round(p50 / floor, 2)
+                        if "kernels_ms" in res:
+                            kp50 = _percentile(res["kernels_ms"], 0.5)
+                            row["kernels_p50_ms"] = round(kp50, 3)
+                            for k, floor in floors.items():
+                                row[f"kernels_ratio_to_{k}_floor"] = round(kp50 / floor, 2)
                     if floors:
                         row.update({f"{k}_floor_ms": round(f, 3) for k, f in floors.items()})
                     if bandwidth:
@@ -297,25 +339,32 @@ def _markdown(rows, meta, args, bandwidth) -> str:
         "vs compile = torch.compile time / provider time (higher = provider faster).",
     ]
     if bandwidth:
-        lines.append(f"Copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s.")
+        lines.append(f"Copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s. 'kernels alone': "
+                     "the raw ops (partial, combine, backward; or kl_fused) timed with CUDA events, "
+                     "without autograd, input checks and the host sync of the error check.")
     header = "| op | T x V | dtype | provider | p50 ms | peak extra GiB | scope speedup | vs compile |"
     sep = "|---|---|---|---|---|---|---|---|"
     if bandwidth:
-        header += " × two-pass floor | × one-pass floor |"
-        sep += "---|---|"
+        header += " × two-pass floor | × one-pass floor | kernels alone ms | kernels × two-pass | kernels × one-pass |"
+        sep += "---|---|---|---|---|"
     lines += ["", header, sep]
     for r in rows:
         size = f"{r['tokens']} x {r['vocab']}"
         if "error" in r:
             line = f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['error']} | | | |"
             if bandwidth:
-                line += " | |"
+                line += " | | | | |"
         else:
             line = (f"| {r['op']} | {size} | {r['dtype']} | {r['provider']} | {r['p50_ms']:.2f} | "
                     f"{r['peak_extra_gib']:.3f} | {r['speedup_of_scope']}× | "
                     f"{str(r['speedup_vs_compile']) + '×' if r['speedup_vs_compile'] != '' else ''} |")
             if bandwidth:
                 line += f" {r['ratio_to_two_pass_floor']} | {r['ratio_to_one_pass_floor']} |"
+                if "kernels_p50_ms" in r:
+                    line += (f" {r['kernels_p50_ms']:.2f} | {r['kernels_ratio_to_two_pass_floor']} | "
+                             f"{r['kernels_ratio_to_one_pass_floor']} |")
+                else:
+                    line += " | | |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -18,15 +18,20 @@ struct KLGrad {
   Acc g, m_s, inv_s, log_sum_s, m_t, inv_t, log_sum_t, kl;
   int64_t valid;
 
-  __device__ __forceinline__ Acc operator()(Acc s, Acc t, int64_t j) const {
+  // The gradient of a valid column.
+  __device__ __forceinline__ Acc value(Acc s, Acc t) const {
     const Acc ls = (s - m_s) * inv_s - log_sum_s;
     const Acc lt = (t - m_t) * inv_t - log_sum_t;
-    Acc v;
     if constexpr (kReverse) {
-      v = g * exp_acc(ls) * ((ls - lt) - kl);
+      return g * exp_acc(ls) * ((ls - lt) - kl);
     } else {
-      v = g * (exp_acc(ls) - exp_acc(lt));
+      return g * (exp_acc(ls) - exp_acc(lt));
     }
+  }
+
+  // The gradient of column j (0 on padding).
+  __device__ __forceinline__ Acc operator()(Acc s, Acc t, int64_t j) const {
+    const Acc v = value(s, t);
     return j < valid ? v : Acc(0);
   }
 };

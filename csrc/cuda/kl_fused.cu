@@ -18,7 +18,8 @@
 // overwrites those slots (in-order issue), which orders the reuse.
 // Registers bound the row length (kFusedMaxThreads * kFusedPacks packs); longer rows, rows that
 // are not 16-byte aligned or not a whole number of packs, and float64 take the two-pass kernels
-// (kl_fused_on_chip() says which; the torch binding falls back).
+// (kl_fused_on_chip() says which; the torch binding falls back). The gradient must be written
+// to 16-byte aligned rows (a fresh contiguous tensor).
 #include "kl_common.cuh"
 
 namespace scope_kernels {
@@ -62,13 +63,6 @@ __device__ __forceinline__ Pack<T, detail::kPackWidth<T>> as_pack(const uint4& r
   Pack<T, detail::kPackWidth<T>> p;
   memcpy(&p, &raw, sizeof(raw));
   return p;
-}
-
-// How many of pack p's N elements are valid columns (0..N).
-template <int N>
-__device__ __forceinline__ int valid_in_pack(int p, int64_t valid) {
-  const int64_t rest = valid - static_cast<int64_t>(p) * N;
-  return rest >= N ? N : (rest > 0 ? static_cast<int>(rest) : 0);
 }
 
 // Warp-level PairStats reduction (every lane gets the warp's total).
@@ -119,6 +113,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   const int64_t rows = args.student.rows;
   const int packs = static_cast<int>(args.student.cols / N);  // < 2^31: see fused_shape
   const int64_t valid = valid_columns(args.vocab_start, args.vocab_size, args.student.cols);
+  const int valid_cols = static_cast<int>(valid);  // <= cols, which fit in registers: < 2^31
   const Acc inv_s = args.inv_temperature_student, inv_t = args.inv_temperature_teacher;
   const Acc k_s = inv_s * kLog2e<Acc>, k_t = inv_t * kLog2e<Acc>;
   const Acc inv_w = kReverse ? inv_s : inv_t, inv_o = kReverse ? inv_t : inv_s;
@@ -146,10 +141,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
-        const int lim = valid_in_pack<N>(p, valid);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          if (e < lim) {
+          if (p * N + e < valid_cols) {
             const Acc s = detail::to_acc(sp.e[e]), t = detail::to_acc(tp.e[e]);
             max_s = fmax(max_s, s);  // ignores NaN, which the checks catch
             max_t = fmax(max_t, t);
@@ -170,10 +164,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
-        const int lim = valid_in_pack<N>(p, valid);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          if (e < lim) {
+          if (p * N + e < valid_cols) {
             const Acc ds = (detail::to_acc(sp.e[e]) - max_s) * k_s;
             const Acc dt = (detail::to_acc(tp.e[e]) - max_t) * k_t;
             const Acc es = exp2_acc(ds), et = exp2_acc(dt);
@@ -230,8 +223,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
         Pack<T, N> res;
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          res.e[e] = detail::from_acc<T>(
-              fn(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]), p * N + e));
+          const Acc v = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+          res.e[e] = detail::from_acc<T>(p * N + e < valid_cols ? v : Acc(0));
         }
         detail::store_pack(out + static_cast<int64_t>(p) * N, res);
       }
@@ -287,17 +280,14 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
 }  // namespace
 
 template <typename T>
-bool kl_fused_on_chip(const KLArgs<T>& args, const MutRows<T>& grad) {
+bool kl_fused_on_chip(const KLArgs<T>& args) {
   if constexpr (sizeof(T) == sizeof(double)) {
     return false;  // float64 (gradcheck) takes the two-pass kernels
   } else {
     constexpr int N = detail::kPackWidth<T>;
     const int64_t cols = args.student.cols;
     if (cols % N != 0 || fused_shape(cols / N).threads == 0) return false;
-    if (!detail::pair_aligned(args) || !detail::rows_aligned(static_cast<const T*>(grad.data),
-                                                              grad.rows, grad.row_stride)) {
-      return false;
-    }
+    if (!detail::pair_aligned(args)) return false;
     int device = 0, optin = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
@@ -316,7 +306,10 @@ int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<
     return static_cast<int>(cudaErrorNotSupported);
   } else {
     if (args.student.rows == 0) return 0;
-    if (!kl_fused_on_chip(args, grad)) return static_cast<int>(cudaErrorNotSupported);
+    if (!kl_fused_on_chip(args)) return static_cast<int>(cudaErrorNotSupported);
+    if (!detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride)) {
+      return static_cast<int>(cudaErrorMisalignedAddress);
+    }
     const auto s = static_cast<cudaStream_t>(stream);
     return args.reverse ? launch_kl_fused<T, true>(args, weight, kl, row_stats, flags, grad, s)
                         : launch_kl_fused<T, false>(args, weight, kl, row_stats, flags, grad, s);
@@ -324,7 +317,7 @@ int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<
 }
 
 #define SCOPE_CUDA_INSTANTIATE_KL_FUSED(T)                                                    \
-  template bool kl_fused_on_chip<T>(const KLArgs<T>&, const MutRows<T>&);                     \
+  template bool kl_fused_on_chip<T>(const KLArgs<T>&);                                        \
   template int kl_fused<T>(const KLArgs<T>&, const acc_t<T>*, acc_t<T>*, acc_t<T>*, int32_t*, \
                            MutRows<T>, void*);
 

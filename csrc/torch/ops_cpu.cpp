@@ -71,7 +71,7 @@ struct CpuBackend {
   }
 
   template <typename T>
-  static bool kl_fused_on_chip(const k::KLArgs<T>&, const k::MutRows<T>&) {
+  static bool kl_fused_on_chip(const k::KLArgs<T>&) {
     return true;  // the CPU kernel blocks rows to stay in cache for any shape
   }
 

@@ -84,8 +84,8 @@ struct CudaBackend {
   }
 
   template <typename T>
-  static bool kl_fused_on_chip(const k::KLArgs<T>& args, const k::MutRows<T>& grad) {
-    return k::cuda::kl_fused_on_chip<T>(args, grad);
+  static bool kl_fused_on_chip(const k::KLArgs<T>& args) {
+    return k::cuda::kl_fused_on_chip<T>(args);
   }
 
   template <typename T>

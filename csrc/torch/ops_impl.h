@@ -10,7 +10,7 @@
 //   logprob_partial / logprob_combine / logprob_backward / kl_partial / kl_combine /
 //   kl_backward / kl_fused / sequence_logppl / sequence_logppl_backward / group_weights (kernel calls with
 //   the arguments of csrc/include/scope_kernels/ops.h, plus the device)
-//   kl_fused_on_chip<T>(args, grad) whether kl_fused runs in one pass for these inputs (else the
+//   kl_fused_on_chip<T>(args)    whether kl_fused runs in one pass for these inputs (else the
 //                                op composes kl_partial, kl_combine and kl_backward)
 #pragma once
 
@@ -214,24 +214,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fused(
   const auto acc = acc_dtype(student.scalar_type());
   check_vector(weight, rows, acc, op, "weight", student.device());
   const typename B::Guard guard(student.device());
-  at::Tensor grad = at::empty({rows, student.size(1)}, student.options());
   bool on_chip = false;
   dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    on_chip = B::template kl_fused_on_chip<T>(
-        kl_args<T>(student, teacher, 0, vocab_size, inv_temperature_student,
-                   inv_temperature_teacher, reverse),
-        mut_rows<T>(grad));
+    on_chip = B::template kl_fused_on_chip<T>(kl_args<T>(student, teacher, 0, vocab_size,
+                                                         inv_temperature_student,
+                                                         inv_temperature_teacher, reverse));
   });
   if (!on_chip) {
     const at::Tensor stats = kl_partial<B>(student, teacher, 0, vocab_size,
                                            inv_temperature_student, inv_temperature_teacher, reverse);
     auto [kl, row_stats, flags] = kl_combine<B>(stats.unsqueeze(0), reverse,
                                                 inv_temperature_student, inv_temperature_teacher);
-    grad = kl_backward<B>(weight, student, teacher, row_stats, 0, vocab_size,
+    at::Tensor grad = kl_backward<B>(weight, student, teacher, row_stats, 0, vocab_size,
                           inv_temperature_student, inv_temperature_teacher, reverse);
     return {kl, row_stats, flags, grad};
   }
+  at::Tensor grad = at::empty({rows, student.size(1)}, student.options());
   at::Tensor kl = at::empty({rows}, weight.options());
   at::Tensor row_stats = at::empty({rows, k::KLRowLayout::kWidth}, weight.options());
   at::Tensor flags = at::empty({rows}, weight.options().dtype(at::kInt));

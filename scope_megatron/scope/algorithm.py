@@ -114,7 +114,8 @@ def compute_loss(
     teacher_path = None
     if config.uses_teacher:
         kl_grad = None
-        if config.kl_estimator == "full" and torch.is_grad_enabled() and student_logits.requires_grad:
+        if (config.fused_kl and config.kl_estimator == "full" and torch.is_grad_enabled()
+                and student_logits.requires_grad):
             kl_grad = _token_term_grad(batch, teacher_members, teacher_weights, loss_grad)
         teacher_path = _guard_nonfinite(
             batch, tp, vocab_size, {"student": student_logits, "teacher": teacher_logits},

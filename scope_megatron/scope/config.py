@@ -37,6 +37,9 @@ class ScopeConfig:
     kl_estimator: per-token reverse-KL estimator of the teacher path: "sampled", "k3", "full",
       "topk". "full" and "topk" need teacher logits (a colocated teacher).
     topk_k: number of teacher top ids for "topk" (capped at the vocabulary size).
+    fused_kl: with "full" and no tensor parallelism, predict the gradient the loss sends to the
+      per-token KL and compute KL and gradient in one pass (vocab_parallel_kl's expected_grad).
+      Same result; off by default (on an H100 the two-pass kernels measured faster so far).
     clip_eps: PPO clip range of the "sampled" estimator and of GRPO.
     old_logprobs: the behaviour policy log pi_S_old of the PPO ratio: "rollout" (the rollout
       engine's log-probs in the batch) or "recomputed" (this forward's log-probs, detached: one
@@ -67,6 +70,9 @@ class ScopeConfig:
     kl_estimator: str = option("full", help="per-token reverse-KL estimator of the distillation "
                                "path: 'full', 'topk' (need teacher logits), 'k3', 'sampled'")
     topk_k: int = option(64, help="teacher top ids of the 'topk' estimator")
+    fused_kl: bool = option(False, help="'full' estimator without tensor parallelism: compute the "
+                            "KL and its gradient in one fused pass in the forward (see "
+                            "benchmarks/NOTES.md for when it is faster)")
     clip_eps: float = option(0.2, help="PPO clip range of 'sampled' and GRPO")
     old_logprobs: str = option("rollout", help="behaviour policy of the PPO ratio: 'rollout' "
                                "(the engine's log-probs) or 'recomputed'")
@@ -82,7 +88,7 @@ class ScopeConfig:
         _choice("normalize", self.normalize, NORMALIZATIONS)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("old_logprobs", self.old_logprobs, OLD_LOGPROBS)
-        for name in ("routing", "flip_student_direction", "flip_teacher_direction"):
+        for name in ("routing", "flip_student_direction", "flip_teacher_direction", "fused_kl"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ScopeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _positive("tau", self.tau)
@@ -141,6 +147,8 @@ class ScopeConfig:
                 fields |= {"clip_eps", "old_logprobs"}
             elif self.kl_estimator == "topk":
                 fields.add("topk_k")
+            elif self.kl_estimator == "full":
+                fields.add("fused_kl")
         return frozenset(fields)
 
     def _describe(self) -> str:

@@ -404,7 +404,7 @@ def test_full_kl_runs_fused_with_the_predicted_gradient(packed, loss_factor, gen
 
     monkeypatch.setattr(kl_module, "ops", Spy())
     p = make_problem(gen)
-    config = ScopeConfig(kl_estimator="full")
+    config = ScopeConfig(kl_estimator="full", fused_kl=True)
     batch = make_batch(p, packed=packed)
     student = fresh_leaf(layout(p, p.student, packed))
     groups = batch.num_groups

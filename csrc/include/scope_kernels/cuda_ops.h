@@ -38,11 +38,11 @@ int kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>*
                 MutRows<T> grad, void* stream);
 
 // The fused KL of ops.h (cpu::kl_fused) in one pass over the logits. Runs when
-// kl_fused_on_chip(args, grad) (16-byte aligned rows, a whole number of 16-byte packs, at most
-// 40960 bf16 / fp16 or 20480 float32 columns, not float64); otherwise returns
-// cudaErrorNotSupported and the caller uses kl_partial / kl_combine / kl_backward.
+// kl_fused_on_chip(args) (16-byte aligned rows, a whole number of 16-byte packs, at most
+// 40960 bf16 / fp16 or 20480 float32 columns, not float64) and grad's rows are 16-byte aligned;
+// otherwise returns an error (cudaErrorNotSupported: use kl_partial / kl_combine / kl_backward).
 template <typename T>
-bool kl_fused_on_chip(const KLArgs<T>& args, const MutRows<T>& grad);
+bool kl_fused_on_chip(const KLArgs<T>& args);
 
 template <typename T>
 int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<T>* row_stats,
