@@ -45,8 +45,18 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SCOPE
 # pytest -o addopts="": the slow tests (64-bit offsets) run too.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=8 --no-header -rfE)
 stamp "== CUDA tests: fused KL and 64-bit offsets"
-timeout 240 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "fused or large" >"$OUT/tests_fused.log" 2>&1 || status=1
-tail -4 "$OUT/tests_fused.log"
+timeout 240 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "fused or large" >"$OUT/tests.log" 2>&1 || status=1
+tail -4 "$OUT/tests.log"
+
+stamp "== launch knob of the row kernels (kernels alone, several SCOPE_CUDA_PACKS_PER_WARP)"
+if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1; then
+  cat "$OUT/tune.log"
+  best=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['best'] or '')" "$OUT/tune.json")
+  [ -n "$best" ] && export SCOPE_CUDA_PACKS_PER_WARP=$best
+else
+  tail -5 "$OUT/tune.log"; status=1
+fi
+echo "benchmark and remaining tests with SCOPE_CUDA_PACKS_PER_WARP=${SCOPE_CUDA_PACKS_PER_WARP:-default}"
 
 stamp "== benchmark"
 timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf16 \
@@ -56,7 +66,7 @@ timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf1
 grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40
 
 stamp "== CUDA tests: the rest"
-timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >"$OUT/tests.log" 2>&1 || status=1
+timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >>"$OUT/tests.log" 2>&1 || status=1
 tail -4 "$OUT/tests.log"
 
 if [ "${GPU_CHECK_CPP:-0}" = 1 ] && [ -x tools/run_cpp_tests.sh ]; then

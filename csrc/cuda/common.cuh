@@ -11,7 +11,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "scope_kernels/cuda_ops.h"
 
@@ -121,6 +123,30 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
   }
 }
 
+// N accumulated values -> a pack of elements, rounding to nearest even: two at a time with the
+// paired conversions (one instruction per pair) for bf16 / fp16.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> pack_from_acc(const acc_t<T> (&v)[N]) {
+  Pack<T, N> out;
+  if constexpr (N % 2 == 0 && std::is_same<T, BFloat16>::value) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(v[i], v[i + 1]);
+      memcpy(&out.e[i], &pair, sizeof(pair));
+    }
+  } else if constexpr (N % 2 == 0 && std::is_same<T, Half>::value) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      const __half2 pair = __floats2half2_rn(v[i], v[i + 1]);
+      memcpy(&out.e[i], &pair, sizeof(pair));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out.e[i] = from_acc<T>(v[i]);
+  }
+  return out;
+}
+
 // Row traversals: visit(...) is called for this thread's packs p = threadIdx.x + i * blockDim.x
 // < packs of a row. Each thread keeps two 16-byte loads in flight (a streaming kernel needs tens
 // of KB in flight per SM to cover the memory latency): one row is read two packs at a time, two
@@ -198,23 +224,47 @@ __device__ __forceinline__ S shfl_xor(const S& v, int lane_mask) {
   return out;
 }
 
+// shfl_down of any trivially copyable value of whole 32-bit words.
+template <typename S>
+__device__ __forceinline__ S shfl_down(const S& v, int delta) {
+  constexpr int kWords = sizeof(S) / 4;
+  uint32_t w[kWords];
+  memcpy(w, &v, sizeof(S));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __shfl_down_sync(0xffffffffu, w[i], delta);
+  S out;
+  memcpy(&out, w, sizeof(S));
+  return out;
+}
+
 // Reduces one value per thread with merge(a, b) and returns the block's total to every thread
-// (the same value on all of them: lane 0's warp results are merged in warp order). blockDim.x
-// must be a multiple of 32 and at most kMaxBlockThreads; scratch is a __shared__ array of
-// kMaxWarps values. Safe to call repeatedly with the same scratch (it synchronizes first).
+// (the same value on all of them). Each warp reduces its values with shuffles, then warp 0
+// merges the warp totals (a tree: log2(warps) merges instead of one per warp on every thread).
+// blockDim.x must be a multiple of 32 and at most 32 * 32; scratch is a __shared__ array of
+// blockDim.x / 32 values. Safe to call repeatedly with the same scratch (it synchronizes first).
 template <typename S, typename Merge>
 __device__ __forceinline__ S block_allreduce(S v, const Merge& merge, S* scratch) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = merge(v, shfl_xor(v, offset));
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
   __syncthreads();  // the previous call's readers are done with scratch
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  S total = scratch[0];
-  const int warps = blockDim.x / kWarpSize;
-  for (int w = 1; w < warps; ++w) total = merge(total, scratch[w]);
-  return total;
+  if (warps > 1 && warp == 0) {
+    S w = scratch[lane < warps ? lane : 0];
+    // shuffle-down tree over the first `warps` lanes: lane 0 ends with the total
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const S other = shfl_down(w, offset);
+      if (offset < warps && lane + offset < warps) w = merge(w, other);
+    }
+    __syncwarp();  // every lane of warp 0 has read scratch before lane 0 overwrites it
+    if (lane == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  return scratch[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,12 +277,25 @@ inline unsigned int grid_size(int64_t items) {
   return static_cast<unsigned int>(items < kMaxGrid ? items : kMaxGrid);
 }
 
-// Threads of a one-block-per-row kernel whose rows hold `work` packs: a warp per 128 packs (so
-// that each thread handles a few), from one warp up to kMaxBlockThreads. Short rows thus do not
-// leave most of a 256-thread block idle.
+// Packs of a row per warp of a one-block-per-row kernel. Fewer threads per row means fewer
+// block reductions per element (each costs a few hundred instructions per thread and two
+// barriers) and a smaller partial last round; more threads, more rows in flight per SM.
+// SCOPE_CUDA_PACKS_PER_WARP overrides the default (read once; for tuning: tools/tune_kernels.py).
+inline int64_t packs_per_warp() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("SCOPE_CUDA_PACKS_PER_WARP");
+    const long long v = env != nullptr ? std::atoll(env) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{4 * kWarpSize};
+  }();
+  return value;
+}
+
+// Threads of a one-block-per-row kernel whose rows hold `work` packs: a warp per
+// packs_per_warp() packs, from one warp up to kMaxBlockThreads. Short rows thus do not leave
+// most of a 256-thread block idle.
 inline int row_block_threads(int64_t work) {
-  constexpr int64_t kPacksPerWarp = 4 * kWarpSize;
-  const int64_t warps = (work + kPacksPerWarp - 1) / kPacksPerWarp;
+  const int64_t per_warp = packs_per_warp();
+  const int64_t warps = (work + per_warp - 1) / per_warp;
   return kWarpSize * static_cast<int>(warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps));
 }
 

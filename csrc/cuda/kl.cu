@@ -157,13 +157,19 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
                                    valid};
     detail::for_each_pack_pair<N>(
         s, t, packs, [&](const Pack<T, N>& s_pack, const Pack<T, N>& t_pack, int64_t p) {
-          Pack<T, N> res;
+          Acc v[N];
+          if ((p + 1) * N <= valid) {  // every column of the pack is valid (all but one pack)
 #pragma unroll
-          for (int i = 0; i < N; ++i) {
-            res.e[i] = detail::from_acc<T>(
-                fn(detail::to_acc(s_pack.e[i]), detail::to_acc(t_pack.e[i]), p * N + i));
+            for (int i = 0; i < N; ++i) {
+              v[i] = fn.value(detail::to_acc(s_pack.e[i]), detail::to_acc(t_pack.e[i]));
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+              v[i] = fn(detail::to_acc(s_pack.e[i]), detail::to_acc(t_pack.e[i]), p * N + i);
+            }
           }
-          detail::store_pack(out + p * N, res);
+          detail::store_pack(out + p * N, detail::pack_from_acc<T, N>(v));
         });
     for (int64_t j = packs * N + threadIdx.x; j < cols; j += blockDim.x) {
       out[j] = detail::from_acc<T>(fn(detail::to_acc(s[j]), detail::to_acc(t[j]), j));

@@ -75,6 +75,68 @@ __device__ __forceinline__ PairStats<Acc> warp_pair_reduce(PairStats<Acc> v, Acc
   return v;
 }
 
+// Running maximum and minimum of a thread's elements. 16-bit types compare whole packs as
+// element pairs (one instruction per two elements, no conversion; NaN is ignored like fmax
+// does, and shows in the sums instead); float element by element.
+template <typename T>
+struct Range {
+  using Acc = acc_t<T>;
+  Acc hi = neg_inf<Acc>(), lo = -neg_inf<Acc>();
+  __device__ __forceinline__ void add_one(Acc x) {
+    hi = fmax(hi, x);
+    lo = fmin(lo, x);
+  }
+  __device__ __forceinline__ void add(const uint4& raw) {
+    const auto pack = as_pack<T>(raw);
+#pragma unroll
+    for (int e = 0; e < detail::kPackWidth<T>; ++e) add_one(detail::to_acc(pack.e[e]));
+  }
+  __device__ __forceinline__ Acc max() const { return hi; }
+  // +-Inf among the elements, or NaN (which turns the sum z of exponentials into NaN).
+  __device__ __forceinline__ bool nonfinite(Acc z) const {
+    return hi == -neg_inf<Acc>() || lo == neg_inf<Acc>() || z != z;
+  }
+};
+
+template <typename P2, uint32_t kNegInf2, uint32_t kPosInf2>
+struct PairRange {
+  // Element pairs (__nv_bfloat162 / __half2) as 32-bit words.
+  P2 hi, lo;
+  float hi_one = neg_inf<float>(), lo_one = -neg_inf<float>();  // the partial pack's elements
+  __device__ __forceinline__ PairRange() {
+    const uint32_t n = kNegInf2, q = kPosInf2;
+    memcpy(&hi, &n, 4);
+    memcpy(&lo, &q, 4);
+  }
+  __device__ __forceinline__ void add_one(float x) {
+    hi_one = fmaxf(hi_one, x);
+    lo_one = fminf(lo_one, x);
+  }
+  __device__ __forceinline__ void add(const uint4& raw) {
+    P2 w[4];
+    memcpy(w, &raw, sizeof(raw));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      hi = __hmax2(hi, w[i]);
+      lo = __hmin2(lo, w[i]);
+    }
+  }
+  __device__ __forceinline__ float max() const {
+    return fmaxf(hi_one, fmaxf(__low2float(hi), __high2float(hi)));
+  }
+  __device__ __forceinline__ float min() const {
+    return fminf(lo_one, fminf(__low2float(lo), __high2float(lo)));
+  }
+  __device__ __forceinline__ bool nonfinite(float z) const {
+    return max() == -neg_inf<float>() || min() == neg_inf<float>() || z != z;
+  }
+};
+
+template <>
+struct Range<BFloat16> : PairRange<__nv_bfloat162, 0xff80ff80u, 0x7f807f80u> {};
+template <>
+struct Range<Half> : PairRange<__half2, 0xfc00fc00u, 0x7c007c00u> {};
+
 // Starts copying this thread's packs of row r of both inputs into its shared-memory slots.
 template <typename T, int N>
 __device__ __forceinline__ void prefetch_row(const KLArgs<T>& args, int64_t r, int packs,
@@ -133,57 +195,68 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       }
     }
 
-    // Thread maxima over the valid columns, and the non-finite checks.
-    Acc max_s = neg_inf<Acc>(), max_t = neg_inf<Acc>(), check_s = 0, check_t = 0;
+    // Thread maxima and minima over the valid columns (the minima only for the non-finite check:
+    // NaN shows in the sums, +-Inf in the maxima / minima).
+    Range<T> range_s, range_t;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       const int p = tid + i * nt;
       if (p < packs) {
-        const auto sp = as_pack<T>(s_reg[i]);
-        const auto tp = as_pack<T>(t_reg[i]);
+        if (p * N + N <= valid_cols) {
+          range_s.add(s_reg[i]);
+          range_t.add(t_reg[i]);
+        } else {  // the pack with the last valid column
+          const auto sp = as_pack<T>(s_reg[i]);
+          const auto tp = as_pack<T>(t_reg[i]);
 #pragma unroll
-        for (int e = 0; e < N; ++e) {
-          if (p * N + e < valid_cols) {
-            const Acc s = detail::to_acc(sp.e[e]), t = detail::to_acc(tp.e[e]);
-            max_s = fmax(max_s, s);  // ignores NaN, which the checks catch
-            max_t = fmax(max_t, t);
-            check_s = detail::nonfinite_check(s, check_s);
-            check_t = detail::nonfinite_check(t, check_t);
+          for (int e = 0; e < N; ++e) {
+            if (p * N + e < valid_cols) {
+              range_s.add_one(detail::to_acc(sp.e[e]));
+              range_t.add_one(detail::to_acc(tp.e[e]));
+            }
           }
         }
       }
     }
     // Every register loaded from the buffer has been consumed: the next copy may overwrite it.
     if (r + gridDim.x < rows) prefetch_row<T, N>(args, r + gridDim.x, packs, s_buf, t_buf);
+    const Acc max_s = range_s.max(), max_t = range_t.max();
 
     // Sums relative to the thread maxima, in base 2 (see ThreadPair in kl.cu).
     Acc z_s = 0, z_t = 0, c2 = 0;
+    auto add = [&](Acc s, Acc t) {
+      const Acc ds = (s - max_s) * k_s;
+      const Acc dt = (t - max_t) * k_t;
+      const Acc es = exp2_acc(ds), et = exp2_acc(dt);
+      z_s += es;
+      z_t += et;
+      c2 += kReverse ? es * (ds - dt) : et * (dt - ds);
+    };
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       const int p = tid + i * nt;
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
+        if (p * N + N <= valid_cols) {
 #pragma unroll
-        for (int e = 0; e < N; ++e) {
-          if (p * N + e < valid_cols) {
-            const Acc ds = (detail::to_acc(sp.e[e]) - max_s) * k_s;
-            const Acc dt = (detail::to_acc(tp.e[e]) - max_t) * k_t;
-            const Acc es = exp2_acc(ds), et = exp2_acc(dt);
-            z_s += es;
-            z_t += et;
-            c2 += kReverse ? es * (ds - dt) : et * (dt - ds);
+          for (int e = 0; e < N; ++e) add(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+        } else {
+#pragma unroll
+          for (int e = 0; e < N; ++e) {
+            if (p * N + e < valid_cols) add(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
           }
         }
       }
     }
+    const bool bad_s = range_s.nonfinite(z_s), bad_t = range_t.nonfinite(z_t);
     PairStats<Acc> v = kReverse ? PairStats<Acc>{max_s, z_s, c2 * kLn2<Acc>, max_t, z_t}
                                 : PairStats<Acc>{max_t, z_t, c2 * kLn2<Acc>, max_s, z_s};
 
     // Block reduction: warps, then the warp totals in warp 0. The barriers of __syncthreads_or
     // also keep this row's scratch writes behind the previous row's reads.
-    const bool nonfinite_s = __syncthreads_or(check_s != Acc(0));
-    const bool nonfinite_t = __syncthreads_or(check_t != Acc(0));
+    const bool nonfinite_s = __syncthreads_or(bad_s);
+    const bool nonfinite_t = __syncthreads_or(bad_t);
     v = warp_pair_reduce(v, inv_w, inv_o);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
@@ -220,13 +293,18 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
-        Pack<T, N> res;
+        Acc g[N];
+        if (p * N + N <= valid_cols) {
 #pragma unroll
-        for (int e = 0; e < N; ++e) {
-          const Acc v = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
-          res.e[e] = detail::from_acc<T>(p * N + e < valid_cols ? v : Acc(0));
+          for (int e = 0; e < N; ++e) g[e] = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+        } else {
+#pragma unroll
+          for (int e = 0; e < N; ++e) {
+            const Acc v = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+            g[e] = p * N + e < valid_cols ? v : Acc(0);
+          }
         }
-        detail::store_pack(out + static_cast<int64_t>(p) * N, res);
+        detail::store_pack(out + static_cast<int64_t>(p) * N, detail::pack_from_acc<T, N>(g));
       }
     }
   }

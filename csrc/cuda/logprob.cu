@@ -101,6 +101,11 @@ struct LogprobGrad {
     const Acc v = j == local ? g * (Acc(1) - p) : -g * p;
     return j < valid ? v : Acc(0);
   }
+
+  // A valid column other than the target's.
+  __device__ __forceinline__ Acc other(Acc x) const {
+    return -g * detail::exp_acc((x - m) * inv_t - log_sum);
+  }
 };
 
 template <typename T, int N>
@@ -129,12 +134,16 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
                               valid,
                               local >= 0 && local < valid ? local : -1};
     detail::for_each_pack<N>(x, packs, [&](const Pack<T, N>& in, int64_t p) {
-      Pack<T, N> res;
+      Acc v[N];
+      const int64_t first = p * N;
+      if (first + N <= valid && (fn.local < first || fn.local >= first + N)) {  // the usual pack
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        res.e[i] = detail::from_acc<T>(fn(detail::to_acc(in.e[i]), p * N + i));
+        for (int i = 0; i < N; ++i) v[i] = fn.other(detail::to_acc(in.e[i]));
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = fn(detail::to_acc(in.e[i]), first + i);
       }
-      detail::store_pack(out + p * N, res);
+      detail::store_pack(out + first, detail::pack_from_acc<T, N>(v));
     });
     for (int64_t j = packs * N + threadIdx.x; j < cols; j += blockDim.x) {
       out[j] = detail::from_acc<T>(fn(detail::to_acc(x[j]), j));

@@ -87,15 +87,17 @@ class _FusedKL(torch.autograd.Function):
 
 
 def _proportion(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
-    """s with got == s * expected to EXPECTED_GRAD_RTOL (relative to max |got|), else None."""
+    """s with got == s * expected to EXPECTED_GRAD_RTOL (relative to max |got|), else None.
+    One host sync."""
     if got.numel() == 0:
         return 1.0
-    e = expected.double()
-    g = got.double()
-    norm = float((e * e).sum())
-    scale = float((g * e).sum()) / norm if norm > 0 else 1.0
-    bound = EXPECTED_GRAD_RTOL * max(float(g.abs().max()), float(e.abs().max()) * abs(scale))
-    return scale if float((g - scale * e).abs().max()) <= bound else None
+    e, g = expected.double(), got.double()
+    norm = (e * e).sum()
+    scale = torch.where(norm > 0, (g * e).sum() / norm.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    deviation = (g - scale * e).abs().max()
+    scale, deviation, g_max, e_max = torch.stack([scale, deviation, g.abs().max(), e.abs().max()]).tolist()
+    bound = EXPECTED_GRAD_RTOL * max(g_max, e_max * abs(scale))
+    return scale if deviation <= bound else None
 
 
 def vocab_parallel_kl(

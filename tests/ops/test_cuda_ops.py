@@ -7,6 +7,7 @@ the error flags, the per-sequence ops, more rows than a grid dimension allows an
 beyond 2^31 elements.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -711,6 +712,45 @@ def test_large_kl_fused_64bit_offsets():
                             row_stats3[check].contiguous(), 0, vocab, 1.0, 1.0, True)
     assert_grad_close(grad[check].cpu(), grad3.cpu().double(), torch.bfloat16, logit_scale=15.0)
     assert bool(torch.isfinite(grad[-100:].float()).all())
+
+
+@pytest.mark.parametrize("packs_per_warp", ["1", "8192"])
+def test_row_kernels_at_every_block_shape(packs_per_warp):
+    """SCOPE_CUDA_PACKS_PER_WARP (the launch knob tools/tune_kernels.py tunes) from 256 threads per
+    row down to one warp per row: the two-pass kernels still match the float64 reference."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
+        from scope_megatron.ops.reference import kl_reference, logprob_reference
+        g = torch.Generator().manual_seed(0)
+        for rows, vocab, vocab_size in [(5, 37984, 37984), (9, 2177, 2000), (3, 151936, 151900)]:
+            s = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3)
+            t = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3)
+            w = torch.randn(rows, generator=g, dtype=torch.float64)
+            target = torch.randint(0, vocab_size, (rows,), generator=g)
+            for op, ref, args in [(vocab_parallel_kl, kl_reference, (t,)),
+                                  (vocab_parallel_logprob, logprob_reference, (target,))]:
+                for dtype in (torch.float32, torch.bfloat16):
+                    x = s.to(dtype).cuda().requires_grad_()
+                    cuda_args = [a.to(dtype).cuda() if a.is_floating_point() else a.cuda() for a in args]
+                    out = op(x, *cuda_args, vocab_size=vocab_size)
+                    (out * w.cuda().float()).sum().backward()
+                    xr = s.to(dtype).double().requires_grad_()
+                    r = ref(xr, *[a.to(dtype).double() if a.is_floating_point() else a for a in args],
+                            vocab_size=vocab_size)
+                    (r * w).sum().backward()
+                    torch.testing.assert_close(out.double().cpu(), r.detach(), rtol=1e-5, atol=1e-5)
+                    err = (x.grad.double().cpu() - xr.grad).abs().max() / xr.grad.abs().max()
+                    assert err < (1e-5 if dtype == torch.float32 else 1e-2), (op.__name__, dtype, float(err))
+        print("ok")
+    """)
+    env = dict(os.environ, SCOPE_CUDA_PACKS_PER_WARP=packs_per_warp)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 # Last in the file: the profiler (CUPTI) stays attached to the process afterwards.

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Times the raw CUDA ops (no autograd, no host syncs) for several values of the row-kernel
+launch knob SCOPE_CUDA_PACKS_PER_WARP (packs of a row per warp: fewer threads per row = fewer
+block reductions per element), against the memory-bandwidth floors measured in the same run,
+and prints the knob value with the lowest geometric-mean time over the sizes.
+
+  python tools/tune_kernels.py --variants 128,512,2048,8192 --json out.json
+  export SCOPE_CUDA_PACKS_PER_WARP=$(python tools/tune_kernels.py --print-best)
+
+Each variant runs in its own process (the knob is read once per process). Timed per size: the
+two-pass KL (kl_partial + kl_combine + kl_backward), the token log-prob (logprob_partial +
+logprob_combine + logprob_backward) and, for the default variant, the fused KL (kl_fused).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = "16384x151936,4096x151936,16384x75968,16384x37984,16384x18992"
+# bytes per element (bf16) of the two floors: two-pass / one-pass
+FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
+
+
+def _child(sizes, repeats, fused):
+    import torch
+
+    from scope_megatron.ops._library import ops
+
+    def timed(call):
+        for _ in range(2):
+            call()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    out = {}
+    for size in sizes:
+        t, v = (int(x) for x in size.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        s = torch.empty(t, v, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
+        q = torch.empty(t, v, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
+        w = torch.rand(t, device="cuda", generator=g)
+        target = torch.randint(0, v, (t,), device="cuda", generator=g)
+
+        def kl():
+            stats = ops.kl_partial(s, q, 0, v, 1.0, 1.0, True)
+            _, rows, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
+            return ops.kl_backward(w, s, q, rows, 0, v, 1.0, 1.0, True)
+
+        def logprob():
+            stats = ops.logprob_partial(s, target, 0, v, 1.0)
+            _, rows, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
+            return ops.logprob_backward(w, s, target, rows, 0, v, 1.0)
+
+        out[size] = {"kl": timed(kl), "logprob": timed(logprob)}
+        if fused:
+            out[size]["kl_fused"] = timed(lambda: ops.kl_fused(s, q, w, v, 1.0, 1.0, True))
+        del s, q
+        torch.cuda.empty_cache()
+    return out
+
+
+def _bandwidth():
+    import torch
+
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(8):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="128,512,2048,8192")
+    parser.add_argument("--sizes", default=SIZES)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None, help="write all timings here")
+    parser.add_argument("--print-best", action="store_true", help="print only the best variant")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = args.sizes.split(",")
+    if args.child is not None:
+        print(json.dumps(_child(sizes, args.repeats, fused=args.child == "fused")))
+        return 0
+
+    bandwidth = _bandwidth()
+    variants = args.variants.split(",")
+    results = {}
+    for i, variant in enumerate(variants):
+        env = dict(os.environ, SCOPE_CUDA_PACKS_PER_WARP=variant)
+        cmd = [sys.executable, __file__, "--sizes", args.sizes, "--repeats", str(args.repeats),
+               "--child", "fused" if i == 0 else "plain"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        if res.returncode != 0:
+            print(f"[tune] variant {variant} failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+
+    def floor_ms(op, size, which):
+        t, v = (int(x) for x in size.split("x"))
+        return FLOOR_BYTES[op][which] * t * v / bandwidth * 1e3
+
+    def score(variant):  # geometric mean of two-pass kl and logprob times over the sizes
+        logs = [math.log(results[variant][size][op]) for size in sizes for op in ("kl", "logprob")]
+        return math.exp(sum(logs) / len(logs))
+
+    best = min(results, key=score) if results else None
+    if args.print_best:
+        print(best or "")
+        return 0 if best else 1
+    print(f"[tune] copy bandwidth {bandwidth / 1e12:.2f} TB/s; kernels alone, ms (x two-pass floor)")
+    header = "| variant (packs per warp) | " + " | ".join(f"{op} {s}" for s in sizes for op in ("kl", "logprob")) + " |"
+    print(header)
+    print("|" + "---|" * (1 + 2 * len(sizes)))
+    for variant, res in results.items():
+        cells = [f"{res[s][op]:.2f} ({res[s][op] / floor_ms(op, s, 0):.2f})" for s in sizes for op in ("kl", "logprob")]
+        print(f"| {variant}{' (best)' if variant == best else ''} | " + " | ".join(cells) + " |")
+    first = results.get(variants[0], {})
+    if first and "kl_fused" in first[sizes[0]]:
+        cells = []
+        for s in sizes:
+            cells += [f"{first[s]['kl_fused']:.2f} ({first[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)", ""]
+        print("| fused KL (ops.kl_fused) | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results, "best": best}, indent=1))
+    print(f"[tune] best: SCOPE_CUDA_PACKS_PER_WARP={best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
