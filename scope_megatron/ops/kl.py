@@ -69,7 +69,10 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        scale = _proportion(grad_kl.to(expected.dtype), expected) if grad is not None else None
+        got = grad_kl.to(expected.dtype)
+        if grad is not None and torch.equal(got, expected):  # the usual case: one small kernel
+            return grad, None, None, None, None, None, None
+        scale = _proportion(got, expected) if grad is not None else None
         if grad is None:
             grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
                                    row_stats, *ctx.args)
@@ -192,7 +195,6 @@ def _check_expected_grad(expected_grad: torch.Tensor, student_logits: torch.Tens
         raise ValueError(f"{_OP}: expected_grad is on {expected_grad.device}, the logits on "
                          f"{student_logits.device}")
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    expected = expected_grad.detach().to(acc).reshape(-1).contiguous()
-    if not bool(torch.isfinite(expected).all()):
-        raise FloatingPointError(f"{_OP}: expected_grad contains NaN or Inf")
-    return expected
+    # Not checked for NaN here (a host sync): a non-finite expected_grad can only fail to match
+    # in backward, which then recomputes the gradient from the one it receives.
+    return expected_grad.detach().to(acc).reshape(-1).contiguous()
