@@ -6,7 +6,7 @@ compiled extension (scope_megatron._C) and says how to build it if it is missing
 
   vocab_parallel_logprob(logits, target, *, tp_group, vocab_size, temperature)
   vocab_parallel_kl(student_logits, teacher_logits, *, tp_group, vocab_size, direction,
-                    student_temperature, teacher_temperature)
+                    student_temperature, teacher_temperature, expected_grad)
   sequence_perplexity(token_logprobs, mask=None, *, cu_seqlens=None)
   group_normalized_weights(log_ppl, group_ids, member_mask, *, sign, tau, normalize)
 
