@@ -196,6 +196,41 @@ void compare_kl(Layout L, bool extreme, bool reverse, double ts, double tt, cons
   check_grads(d_grad.host(), grad, what + " backward");
 }
 
+// The fused KL (one shard holding the whole vocabulary) against the CPU's: on chip where
+// cuda::kl_fused_on_chip says so, else the launcher must refuse (the binding then composes the
+// three phases).
+template <typename T>
+void compare_kl_fused(int64_t rows, int64_t cols, int64_t vocab, bool reverse, const std::string& what) {
+  using Acc = acc_t<T>;
+  const Acc is = static_cast<Acc>(1.0 / 0.9), it = static_cast<Acc>(1.0 / 1.1);
+  const auto student = random_logits<T>(rows, cols, false);
+  const auto teacher = random_logits<T>(rows, cols, false);
+  std::vector<Acc> weight(rows);
+  for (auto& g : weight) g = static_cast<Acc>(std::normal_distribution<double>(0, 1)(rng()));
+  weight[0] = 0;
+  Device<T> d_s(student), d_t(teacher);
+  Device<Acc> d_w(weight);
+  const KLArgs<T> host{{student.data(), rows, cols, cols}, {teacher.data(), rows, cols, cols}, 0, vocab, is, it, reverse};
+  const KLArgs<T> dev{{d_s.ptr, rows, cols, cols}, {d_t.ptr, rows, cols, cols}, 0, vocab, is, it, reverse};
+  std::vector<Acc> kl(rows), rs(rows * KLRowLayout::kWidth);
+  std::vector<int32_t> flags(rows);
+  std::vector<T> grad(rows * cols);
+  cpu::kl_fused<T>(host, weight.data(), kl.data(), rs.data(), flags.data(), {grad.data(), rows, cols, cols}, 0, rows);
+  Device<Acc> d_kl(rows), d_rs(rs.size());
+  Device<int32_t> d_flags(rows);
+  Device<T> d_grad(std::vector<T>(rows * cols, from_double<T>(7.0)));
+  const int code = cuda::kl_fused<T>(dev, d_w.ptr, d_kl.ptr, d_rs.ptr, d_flags.ptr, {d_grad.ptr, rows, cols, cols}, nullptr);
+  if (!cuda::kl_fused_on_chip<T>(dev)) {
+    CHECK(code == static_cast<int>(cudaErrorNotSupported), what << ": expected a refusal, got " << code);
+    return;
+  }
+  CUDA_OK(code);
+  check_stats(d_kl.host(), kl, what + " kl");
+  check_stats(d_rs.host(), rs, what + " row stats");
+  CHECK(d_flags.host() == flags, what << " flags");
+  check_grads(d_grad.host(), grad, what + " grad");
+}
+
 template <typename T>
 void logit_suite() {
   const std::string t = type_name<T>();
@@ -213,6 +248,16 @@ void logit_suite() {
     }
     compare_logprob<T>({5, shards, 2048, shards * 2048}, true, 1.0, s + " extreme");
     compare_kl<T>({5, shards, 2048, shards * 2048}, true, true, 1.0, 1.0, s + " extreme");
+  }
+  // fused: one warp .. 512 threads per block, many rows per block, padding, too long, unaligned
+  for (bool reverse : {true, false}) {
+    const std::string d = reverse ? " reverse" : " forward";
+    compare_kl_fused<T>(7, 64, 64, reverse, t + " fused 7x64" + d);
+    compare_kl_fused<T>(3000, 256, 250, reverse, t + " fused 3000x256" + d);
+    compare_kl_fused<T>(40, 18992, 18900, reverse, t + " fused 40x18992" + d);
+    compare_kl_fused<T>(9, 37984, 37984, reverse, t + " fused 9x37984" + d);
+    compare_kl_fused<T>(2, 151936, 151936, reverse, t + " fused 2x151936" + d);
+    compare_kl_fused<T>(5, 1001, 1001, reverse, t + " fused 5x1001" + d);
   }
 }
 
