@@ -56,6 +56,10 @@ def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
             self.stdout = json.dumps(res)
 
     def fake_run(cmd, env, **kw):
+        if env.get("SCOPE_CUDA_FUSED_CLUSTER") == "1":
+            done = Done("128")
+            done.stdout = json.dumps({"16384x151936": {"kl_fused": 6.0}})
+            return done
         return Done(env["SCOPE_CUDA_PACKS_PER_WARP"])
 
     monkeypatch.setattr(tune, "_bandwidth", lambda: 3.0e12)
@@ -66,6 +70,7 @@ def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
     assert "| 512 (best) |" in printed and "fused KL" in printed
     saved = json.loads(report.read_text())
     assert saved["best"] == "512" and set(saved["results"]) == {"128", "512", "2048"}
+    assert "clusters of 4" in printed and saved["fused_clusters"] == {"16384x151936": {"kl_fused": 6.0}}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

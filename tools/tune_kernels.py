@@ -27,7 +27,7 @@ SIZES = "16384x151936,4096x151936,16384x75968,16384x37984,16384x18992"
 FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
 
 
-def _child(sizes, repeats, fused):
+def _child(sizes, repeats, fused, only_fused=False):
     import torch
 
     from scope_megatron.ops._library import ops
@@ -64,7 +64,7 @@ def _child(sizes, repeats, fused):
             _, rows, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
             return ops.logprob_backward(w, s, target, rows, 0, v, 1.0)
 
-        out[size] = {"kl": timed(kl), "logprob": timed(logprob)}
+        out[size] = {} if only_fused else {"kl": timed(kl), "logprob": timed(logprob)}
         if fused:
             out[size]["kl_fused"] = timed(lambda: ops.kl_fused(s, q, w, v, 1.0, 1.0, True))
         del s, q
@@ -100,7 +100,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     if args.child is not None:
-        print(json.dumps(_child(sizes, args.repeats, fused=args.child == "fused")))
+        print(json.dumps(_child(sizes, args.repeats, fused=args.child in ("fused", "cluster"),
+                                only_fused=args.child == "cluster")))
         return 0
 
     bandwidth = _bandwidth()
@@ -115,6 +116,20 @@ def main(argv=None):
             print(f"[tune] variant {variant} failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
             continue
         results[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+
+    # The fused KL with rows split over clusters (opt-in: SCOPE_CUDA_FUSED_CLUSTER=1), at the
+    # sizes one block cannot hold.
+    cluster = None
+    long_sizes = [s for s in sizes if int(s.split("x")[1]) > 40960]
+    if long_sizes:
+        env = dict(os.environ, SCOPE_CUDA_FUSED_CLUSTER="1")
+        cmd = [sys.executable, __file__, "--sizes", ",".join(long_sizes), "--repeats", str(args.repeats),
+               "--child", "cluster"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        if res.returncode == 0:
+            cluster = json.loads(res.stdout.strip().splitlines()[-1])
+        else:
+            print(f"[tune] fused clusters failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
 
     def floor_ms(op, size, which):
         t, v = (int(x) for x in size.split("x"))
@@ -141,8 +156,15 @@ def main(argv=None):
         for s in sizes:
             cells += [f"{first[s]['kl_fused']:.2f} ({first[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)", ""]
         print("| fused KL (ops.kl_fused) | " + " | ".join(cells) + " |")
+    if cluster:
+        cells = []
+        for s in sizes:
+            cells += [f"{cluster[s]['kl_fused']:.2f} ({cluster[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)"
+                      if s in cluster else "", ""]
+        print("| fused KL, clusters of 4 (SCOPE_CUDA_FUSED_CLUSTER=1) | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results, "best": best}, indent=1))
+        Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results, "best": best,
+                                               "fused_clusters": cluster}, indent=1))
     print(f"[tune] best: SCOPE_CUDA_PACKS_PER_WARP={best}")
     return 0
 

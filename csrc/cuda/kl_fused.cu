@@ -23,7 +23,14 @@
 // Registers bound the row length (kFusedMaxThreads * kFusedPacks packs); longer rows, rows that
 // are not 16-byte aligned or not a whole number of packs, and float64 take the two-pass kernels
 // (kl_fused_on_chip() says which; the torch binding falls back). The gradient must be written
-// to 16-byte aligned rows (a fresh contiguous tensor).
+// to 16-byte aligned rows (a fresh contiguous tensor). With SCOPE_CUDA_FUSED_CLUSTER=1 on sm_90,
+// rows up to 4x longer (Qwen's full 151936 columns) run on clusters of 4 blocks that split each
+// row and merge their statistics through distributed shared memory: written and tested for
+// compilation only so far, hence opt-in (benchmarks/NOTES.md).
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+
 #include "kl_common.cuh"
 
 namespace scope_kernels {
@@ -159,9 +166,57 @@ __device__ __forceinline__ void prefetch_row(const KLArgs<T>& args, int64_t r, i
   copy_async_commit();
 }
 
-// launch: blockDim.x = 32 * 2^k <= kFusedMaxThreads with blockDim.x * kFusedPacks >= packs;
-// dynamic shared memory 2 * slots * blockDim.x * 16 bytes, slots = ceil(packs / blockDim.x).
-template <typename T, bool kReverse>
+// Merges the block totals of the kCluster blocks of a cluster (distributed shared memory,
+// sm_90): every block ends with the same row total and flags, merged in rank order. One cluster
+// barrier per row: the slots alternate with the row parity, and a block writes a slot again
+// only after the next row's barrier, which every block reaches after its reads.
+// broadcast: a shared slot that every thread of the block has read before the call.
+template <int kCluster, typename Acc>
+__device__ __forceinline__ void cluster_merge(PairStats<Acc>& total, int32_t& flags, int parity,
+                                              Acc inv_w, Acc inv_o, PairStats<Acc>* broadcast) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ PairStats<Acc> part[2];
+  __shared__ int32_t part_flags[2];
+  __shared__ int32_t merged_flags;
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (threadIdx.x == 0) {
+    part[parity] = total;
+    part_flags[parity] = flags;
+  }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    PairStats<Acc> merged = pair_empty<Acc>();
+    int32_t f = 0;
+    for (int q = 0; q < kCluster; ++q) {
+      merged = pair_merge(merged, *cluster.map_shared_rank(&part[parity], q), inv_w, inv_o);
+      f |= *cluster.map_shared_rank(&part_flags[parity], q);
+    }
+    *broadcast = merged;
+    merged_flags = f;
+  }
+  __syncthreads();
+  total = *broadcast;
+  flags = merged_flags;
+#else
+  __trap();  // clusters need sm_90; the launcher never starts this kernel on older devices
+#endif
+}
+
+// No block of a cluster may exit while another can still read its shared memory.
+template <int kCluster>
+__device__ __forceinline__ void cluster_exit_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kCluster > 1) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// launch: blockDim.x = 32 * 2^k <= kFusedMaxThreads with blockDim.x * kFusedPacks >= the
+// packs of a block's columns; dynamic shared memory 2 * slots * blockDim.x * 16 bytes,
+// slots = ceil(packs / blockDim.x). kCluster > 1 (sm_90, launched as clusters of kCluster
+// blocks): the blocks of a cluster split each row's columns into kCluster contiguous parts and
+// merge their statistics through distributed shared memory; rows too long for one block's
+// registers (Qwen's 151936 columns at TP=1) then stay on chip too.
+template <typename T, bool kReverse, int kCluster>
 __global__ void __launch_bounds__(kFusedMaxThreads, 1)
     kl_fused_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ weight,
                     acc_t<T>* __restrict__ kl_out, acc_t<T>* __restrict__ row_stats,
@@ -177,18 +232,30 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   const int tid = threadIdx.x;
   const int lane = tid % detail::kWarpSize, warp = tid / detail::kWarpSize;
   const int64_t rows = args.student.rows;
-  const int packs = static_cast<int>(args.student.cols / N);  // < 2^31: see fused_shape
+  // This block's columns: packs [first, first + packs) of every row (all of them without a
+  // cluster). Pack counts fit in int: at most kCluster * kFusedMaxThreads * kFusedPacks.
+  const int all_packs = static_cast<int>(args.student.cols / N);
+  const int rank = kCluster > 1 ? static_cast<int>(blockIdx.x % kCluster) : 0;
+  const int chunk = (all_packs + kCluster - 1) / kCluster;
+  const int first = rank * chunk;
+  const int packs = all_packs - first < chunk ? (all_packs > first ? all_packs - first : 0) : chunk;
+  // valid columns counted from this block's first column (may be <= 0: all padding)
   const int64_t valid = valid_columns(args.vocab_start, args.vocab_size, args.student.cols);
-  const int valid_cols = static_cast<int>(valid);  // <= cols, which fit in registers: < 2^31
+  const int valid_cols = static_cast<int>(valid) - first * N;
   const Acc inv_s = args.inv_temperature_student, inv_t = args.inv_temperature_teacher;
   const Acc k_s = inv_s * kLog2e<Acc>, k_t = inv_t * kLog2e<Acc>;
   const Acc inv_w = kReverse ? inv_s : inv_t, inv_o = kReverse ? inv_t : inv_s;
   uint4* const s_buf = buffer;
   uint4* const t_buf = buffer + static_cast<int64_t>(slots) * nt;
+  KLArgs<T> part = args;  // this block's columns
+  part.student.data += static_cast<int64_t>(first) * N;
+  part.teacher.data += static_cast<int64_t>(first) * N;
+  const int64_t row_step = gridDim.x / kCluster;
+  int parity = 0;  // of the cluster exchange slots
 
-  int64_t r = blockIdx.x;
-  if (r < rows) prefetch_row<T, N>(args, r, packs, s_buf, t_buf);
-  for (; r < rows; r += gridDim.x) {
+  int64_t r = blockIdx.x / kCluster;
+  if (r < rows) prefetch_row<T, N>(part, r, packs, s_buf, t_buf);
+  for (; r < rows; r += row_step) {
     copy_async_wait_all();
     uint4 s_reg[P], t_reg[P];
 #pragma unroll
@@ -223,7 +290,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       }
     }
     // Every register loaded from the buffer has been consumed: the next copy may overwrite it.
-    if (r + gridDim.x < rows) prefetch_row<T, N>(args, r + gridDim.x, packs, s_buf, t_buf);
+    if (r + row_step < rows) prefetch_row<T, N>(part, r + row_step, packs, s_buf, t_buf);
     const Acc max_s = range_s.max(), max_t = range_t.max();
 
     // Sums relative to the thread maxima, in base 2 (see ThreadPair in kl.cu).
@@ -270,13 +337,18 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (lane == 0) scratch[kFusedMaxWarps] = v;
     }
     __syncthreads();
-    const PairStats<Acc> total = scratch[kFusedMaxWarps];
+    PairStats<Acc> total = scratch[kFusedMaxWarps];
+    int32_t flags = (nonfinite_s ? kFlagNonFiniteFirst : 0) | (nonfinite_t ? kFlagNonFiniteSecond : 0);
+    if constexpr (kCluster > 1) {
+      cluster_merge<kCluster>(total, flags, parity, inv_w, inv_o, scratch + kFusedMaxWarps);
+      parity ^= 1;
+    }
 
     const Acc kl = pair_kl(total);
     const Acc m_s = kReverse ? total.m_w : total.m_o, m_t = kReverse ? total.m_o : total.m_w;
     const Acc log_sum_s = stats_log(kReverse ? total.z_w : total.z_o);
     const Acc log_sum_t = stats_log(kReverse ? total.z_o : total.z_w);
-    if (tid == 0) {
+    if (tid == 0 && rank == 0) {
       kl_out[r] = kl;
       Acc* rs = row_stats + r * R::kWidth;
       rs[R::kKL] = kl;
@@ -284,13 +356,13 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       rs[R::kLogSumStudent] = log_sum_s;
       rs[R::kMaxTeacher] = m_t;
       rs[R::kLogSumTeacher] = log_sum_t;
-      flags_out[r] = (nonfinite_s ? kFlagNonFiniteFirst : 0) | (nonfinite_t ? kFlagNonFiniteSecond : 0);
+      flags_out[r] = flags;
     }
 
     // Gradient from the registers, written once.
     const KLGrad<Acc, kReverse> fn{weight[r] * inv_s, m_s, inv_s, log_sum_s, m_t, inv_t, log_sum_t,
                                    kl, valid};
-    T* __restrict__ out = grad.data + r * grad.row_stride;
+    T* __restrict__ out = grad.data + r * grad.row_stride + static_cast<int64_t>(first) * N;
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       const int p = tid + i * nt;
@@ -312,6 +384,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       }
     }
   }
+  cluster_exit_barrier<kCluster>();
 }
 
 // The launch shape of a row of `packs` packs: the smallest block (32..512 threads, powers of
@@ -335,28 +408,105 @@ inline FusedShape fused_shape(int64_t packs) {
   return shape;
 }
 
-template <typename T, bool kReverse>
+// Blocks of a cluster when a row is too long for one block: 4 (a quarter of the row each).
+constexpr int kFusedCluster = 4;
+
+// Row-splitting clusters are opt-in until they are measured on a GPU:
+// SCOPE_CUDA_FUSED_CLUSTER=1 (benchmarks/NOTES.md).
+inline bool clusters_enabled() {
+  static const bool value = [] {
+    const char* env = std::getenv("SCOPE_CUDA_FUSED_CLUSTER");
+    return env != nullptr && env[0] == '1';
+  }();
+  return value;
+}
+
+// How a row of `packs` packs runs: on one block, or split over a cluster (cluster = 1 / 4);
+// cluster = 0 when it cannot run on chip here.
+struct FusedPlan {
+  int cluster = 0;
+  FusedShape shape;
+};
+
+inline FusedPlan fused_plan(int64_t packs) {
+  FusedPlan plan;
+  int device = 0, optin = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that the next launch check does not report it
+    return plan;
+  }
+  const FusedShape one = fused_shape(packs);
+  if (one.threads != 0 && one.smem <= static_cast<size_t>(optin)) {
+    plan.cluster = 1;
+    plan.shape = one;
+  } else if (clusters_enabled() && major >= 9) {
+    const FusedShape part = fused_shape((packs + kFusedCluster - 1) / kFusedCluster);
+    if (part.threads != 0 && part.smem <= static_cast<size_t>(optin)) {
+      plan.cluster = kFusedCluster;
+      plan.shape = part;
+    }
+  }
+  return plan;
+}
+
+template <typename T, bool kReverse, int kCluster>
 int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
-                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, cudaStream_t stream) {
-  const FusedShape shape = fused_shape(args.student.cols / detail::kPackWidth<T>);
-  auto kernel = kl_fused_kernel<T, kReverse>;
-  int device = 0, sms = 0, per_sm = 0;
+                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, const FusedShape& shape,
+                    cudaStream_t stream) {
+  auto kernel = kl_fused_kernel<T, kReverse, kCluster>;
+  int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(shape.smem));
   }
-  if (err == cudaSuccess) {
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int64_t rows = args.student.rows;
+  cudaLaunchConfig_t config = {};
+  config.blockDim = dim3(shape.threads);
+  config.dynamicSmemBytes = shape.smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = kCluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = kCluster > 1 ? 1 : 0;  // no cluster attribute at all for single blocks
+  int64_t resident = 0;  // clusters (single blocks when kCluster == 1) resident at once
+  if constexpr (kCluster == 1) {
+    int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
+    resident = static_cast<int64_t>(per_sm) * sms;
+  } else {
+    int clusters = 0;
+    config.gridDim = dim3(kCluster);
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    resident = clusters;
   }
   if (err != cudaSuccess) return static_cast<int>(err);
-  if (per_sm < 1) return static_cast<int>(cudaErrorLaunchOutOfResources);
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  const auto blocks = static_cast<unsigned int>(args.student.rows < resident ? args.student.rows : resident);
-  kernel<<<blocks, shape.threads, shape.smem, stream>>>(args, weight, kl, row_stats, flags, grad,
-                                                        shape.slots);
+  if (resident < 1) return static_cast<int>(cudaErrorLaunchOutOfResources);
+  config.gridDim = dim3(static_cast<unsigned int>((rows < resident ? rows : resident) * kCluster));
+  err = cudaLaunchKernelEx(&config, kernel, args, weight, kl, row_stats, flags, grad, shape.slots);
+  if (err != cudaSuccess) return static_cast<int>(err);
   return detail::launch_status();
+}
+
+template <typename T, bool kReverse>
+int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
+                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, cudaStream_t stream) {
+  const FusedPlan plan = fused_plan(args.student.cols / detail::kPackWidth<T>);
+  if (plan.cluster == 1) {
+    return launch_kl_fused<T, kReverse, 1>(args, weight, kl, row_stats, flags, grad, plan.shape, stream);
+  }
+  if (plan.cluster == kFusedCluster) {
+    return launch_kl_fused<T, kReverse, kFusedCluster>(args, weight, kl, row_stats, flags, grad,
+                                                         plan.shape, stream);
+  }
+  return static_cast<int>(cudaErrorNotSupported);
 }
 
 }  // namespace
@@ -368,16 +518,8 @@ bool kl_fused_on_chip(const KLArgs<T>& args) {
   } else {
     constexpr int N = detail::kPackWidth<T>;
     const int64_t cols = args.student.cols;
-    if (cols % N != 0 || fused_shape(cols / N).threads == 0) return false;
-    if (!detail::pair_aligned(args)) return false;
-    int device = 0, optin = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess) {
-      cudaGetLastError();  // clear the error so that the next launch check does not report it
-      return false;
-    }
-    return fused_shape(cols / N).smem <= static_cast<size_t>(optin);
+    if (cols % N != 0 || !detail::pair_aligned(args)) return false;
+    return fused_plan(cols / N).cluster != 0;
   }
 }
 

@@ -753,6 +753,55 @@ def test_row_kernels_at_every_block_shape(packs_per_warp):
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="thread-block clusters need sm_90")
+def test_kl_fused_clusters_split_long_rows():
+    """SCOPE_CUDA_FUSED_CLUSTER=1: rows longer than one block holds run on clusters of 4 blocks
+    (a quarter of the row each, statistics merged through distributed shared memory). Against the
+    three-phase kernels: more rows than resident clusters, padding that leaves a whole quarter
+    empty, both directions, non-finite flags in the last quarter; and the profiler must see the
+    fused kernel (not the two-pass ones)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from scope_megatron.ops._library import ops
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for rows, cols, vocab in [(300, 151936, 151936), (37, 75968, 75900), (20, 151936, 100000)]:
+            s = torch.randn((rows, cols), generator=g, device="cuda").mul_(3).to(torch.bfloat16)
+            t = torch.randn((rows, cols), generator=g, device="cuda").mul_(3).to(torch.bfloat16)
+            w = torch.randn(rows, generator=g, device="cuda")
+            w[::5] = 0
+            for reverse in (True, False):
+                kl, rs, flags, grad = ops.kl_fused(s, t, w, vocab, 1 / 0.9, 1 / 1.1, reverse)
+                st = ops.kl_partial(s, t, 0, vocab, 1 / 0.9, 1 / 1.1, reverse)
+                kl3, rs3, flags3 = ops.kl_combine(st.unsqueeze(0), reverse, 1 / 0.9, 1 / 1.1)
+                grad3 = ops.kl_backward(w, s, t, rs3, 0, vocab, 1 / 0.9, 1 / 1.1, reverse)
+                torch.testing.assert_close(kl, kl3, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(rs, rs3, rtol=1e-5, atol=1e-5)
+                assert torch.equal(flags, flags3) and int(flags.abs().sum()) == 0
+                err = (grad.float() - grad3.float()).abs().max() / grad3.float().abs().max()
+                assert err < 1e-2, float(err)
+                assert bool((grad[:, vocab:] == 0).all()) and bool((grad[w == 0] == 0).all())
+        s[3, 151000] = float("nan")
+        t[7, 140000] = float("inf")
+        flags = ops.kl_fused(s, t, w, 151936, 1.0, 1.0, True)[2].cpu()
+        assert flags[3] == 1 and flags[7] == 2 and int((flags != 0).sum()) == 2, flags.nonzero()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops.kl_fused(s[:8].contiguous(), t[:8].contiguous(), w[:8].contiguous(), 151936, 1.0, 1.0, True)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert not names or (any("kl_fused_kernel" in n for n in names)
+                             and not any("kl_backward_kernel" in n for n in names)), names
+        print("ok")
+    """)
+    env = dict(os.environ, SCOPE_CUDA_FUSED_CLUSTER="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 # Last in the file: the profiler (CUPTI) stays attached to the process afterwards.
 def test_kl_fused_runs_on_chip_where_it_should(gen):
     """The profiler sees the one-pass kernel for rows that fit on chip, and the two-pass kernels
