@@ -69,24 +69,22 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        got = grad_kl.to(expected.dtype)
-        if grad is not None and torch.equal(got, expected):  # the usual case: one small kernel
-            return grad, None, None, None, None, None, None
-        scale = _proportion(got, expected) if grad is not None else None
-        if grad is None:
-            grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
-                                   row_stats, *ctx.args)
-        elif scale is None:
+        none = (None,) * 6
+        if grad is not None:
+            got = grad_kl.to(expected.dtype)
+            if torch.equal(got, expected):  # the usual case: one small kernel
+                return (grad, *none)
+            scale = _proportion(got, expected)
+            if scale is not None:  # e.g. a loss scale: one more pass over the gradient
+                return (grad.mul_(scale) if abs(scale - 1.0) > EXPECTED_GRAD_RTOL else grad, *none)
             warnings.warn(
                 f"{_OP}: the gradient backward received is not proportional to expected_grad; "
                 "recomputing the exact gradient (two more passes over the logits). Pass the "
                 "gradient the loss actually backpropagates into the KL as expected_grad.",
                 RuntimeWarning, stacklevel=2)
-            grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
-                                   row_stats, *ctx.args)
-        elif abs(scale - 1.0) > EXPECTED_GRAD_RTOL:
-            grad.mul_(scale)  # e.g. a loss scale: one more pass over the gradient
-        return grad, None, None, None, None, None, None
+        grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
+                               row_stats, *ctx.args)
+        return (grad, *none)
 
 
 def _proportion(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
