@@ -254,10 +254,13 @@ void check_kl(Layout L, Kind kind, bool reverse, double ts, double tt, const std
                                     (reverse ? std::exp(ls) * ((ls - lt) - ref) : std::exp(ls) - std::exp(lt)));
       gmax = std::max(gmax, std::fabs(gref[j]));
     }
-    // The reverse-KL bracket (log p - log q) - KL subtracts numbers as large as the logits:
-    // float32 resolves them to ~eps32 * |logits| (see tests/helpers.py assert_grad_close).
+    // The reverse-KL bracket (log p - log q) - KL subtracts numbers as large as the scaled
+    // logit spans (|x - max| / T up to 2 * scale / T on each side): the accumulation type
+    // resolves them to ~eps * that, times the gradient's factor g / T (see tests/helpers.py
+    // assert_grad_close). At +-1e4 logits in float64 that is ~1e-10 absolute.
     const double eps = std::is_same<Acc, float>::value ? 1.2e-7 : 2.3e-16;
-    const double magnitude_tol = reverse ? 16 * eps * scale : 0.0;
+    const double g_factor = std::max(1.0, std::fabs(static_cast<double>(grad_out[r])) * is);
+    const double magnitude_tol = reverse ? 16 * eps * 2 * scale * (is + it) * g_factor : 0.0;
     for (int64_t j = 0; j < W; ++j) {
       CHECK_CLOSE(to_double(grad[r * W + j]), gref[j], grad_rtol<T>(),
                   std::max(grad_rtol<T>() * std::max(1.0, gmax), magnitude_tol),
