@@ -670,7 +670,9 @@ def test_kl_fused_extreme_logits(kind, dtype, gen):
     (ref * weight).sum().backward()
     assert bool((flags == 0).all()) and bool(torch.isfinite(kl).all()) and bool(torch.isfinite(grad.float()).all())
     torch.testing.assert_close(kl.double(), ref.detach(), **value_tolerance(dtype))
-    assert_grad_close(grad, ref_leaf.grad, dtype, logit_scale=1e4)
+    # the bracket's float32 error grows with both scaled logit spans and the upstream gradient
+    logit_scale = 1e4 * (1 / 0.8 + 1 / 1.1) * max(1.0, float(weight.abs().max()) / 0.8)
+    assert_grad_close(grad, ref_leaf.grad, dtype, logit_scale=logit_scale)
 
 
 def test_kl_fused_flags_and_poisoned_output(gen):

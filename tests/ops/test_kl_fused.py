@@ -96,7 +96,8 @@ def test_expected_grad_extreme_logits_and_padding(kind, gen):
     weights = _weights(rows, gen, torch.float32)
     out, grad, ref, ref_grad = _fused_and_reference(student, teacher, weights, vocab_size=true_vocab)
     torch.testing.assert_close(out.double(), ref, **value_tolerance(torch.float32))
-    assert_grad_close(grad, ref_grad, torch.float32, logit_scale=1e4)
+    # the bracket's float32 error grows with both logit spans and the upstream gradient
+    assert_grad_close(grad, ref_grad, torch.float32, logit_scale=2e4 * max(1.0, float(weights.abs().max())))
     assert bool((grad[:, true_vocab:] == 0).all())
 
 
