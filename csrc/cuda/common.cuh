@@ -210,31 +210,29 @@ constexpr int kMaxWarps = kMaxBlockThreads / kWarpSize;
 template <typename Acc>
 constexpr int kMinBlocksPerSM = sizeof(Acc) == sizeof(double) ? 2 : 6;
 
-// Shuffles any trivially copyable value of whole 32-bit words (the statistics structs).
-template <typename S>
-__device__ __forceinline__ S shfl_xor(const S& v, int lane_mask) {
+// Shuffles any trivially copyable value of whole 32-bit words (the statistics structs), one
+// word at a time with shuffle(word).
+template <typename S, typename Shuffle>
+__device__ __forceinline__ S shuffle_words(const S& v, const Shuffle& shuffle) {
   static_assert(sizeof(S) % 4 == 0, "shuffled values must consist of 32-bit words");
   constexpr int kWords = sizeof(S) / 4;
   uint32_t w[kWords];
   memcpy(w, &v, sizeof(S));
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], lane_mask);
+  for (int i = 0; i < kWords; ++i) w[i] = shuffle(w[i]);
   S out;
   memcpy(&out, w, sizeof(S));
   return out;
 }
 
-// shfl_down of any trivially copyable value of whole 32-bit words.
+template <typename S>
+__device__ __forceinline__ S shfl_xor(const S& v, int lane_mask) {
+  return shuffle_words(v, [lane_mask](uint32_t w) { return __shfl_xor_sync(0xffffffffu, w, lane_mask); });
+}
+
 template <typename S>
 __device__ __forceinline__ S shfl_down(const S& v, int delta) {
-  constexpr int kWords = sizeof(S) / 4;
-  uint32_t w[kWords];
-  memcpy(w, &v, sizeof(S));
-#pragma unroll
-  for (int i = 0; i < kWords; ++i) w[i] = __shfl_down_sync(0xffffffffu, w[i], delta);
-  S out;
-  memcpy(&out, w, sizeof(S));
-  return out;
+  return shuffle_words(v, [delta](uint32_t w) { return __shfl_down_sync(0xffffffffu, w, delta); });
 }
 
 // Reduces one value per thread with merge(a, b) and returns the block's total to every thread

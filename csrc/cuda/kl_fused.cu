@@ -86,6 +86,21 @@ __device__ __forceinline__ PairStats<Acc> warp_pair_reduce(PairStats<Acc> v, Acc
   return v;
 }
 
+// Calls f(e) for the elements e of pack p (of N) that are valid columns (< valid_cols): without
+// a test per element on every pack but the one holding the last valid column.
+template <int N, typename F>
+__device__ __forceinline__ void for_valid_elements(int p, int valid_cols, const F& f) {
+  if (p * N + N <= valid_cols) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) f(e);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      if (p * N + e < valid_cols) f(e);
+    }
+  }
+}
+
 // Running maximum and minimum of a thread's elements. 16-bit types compare whole packs as
 // element pairs (one instruction per two elements, no conversion; NaN is ignored like fmax
 // does, and shows in the sums instead); float element by element.
@@ -279,13 +294,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
         } else {  // the pack with the last valid column
           const auto sp = as_pack<T>(s_reg[i]);
           const auto tp = as_pack<T>(t_reg[i]);
-#pragma unroll
-          for (int e = 0; e < N; ++e) {
-            if (p * N + e < valid_cols) {
-              range_s.add_one(detail::to_acc(sp.e[e]));
-              range_t.add_one(detail::to_acc(tp.e[e]));
-            }
-          }
+          for_valid_elements<N>(p, valid_cols, [&](int e) {
+            range_s.add_one(detail::to_acc(sp.e[e]));
+            range_t.add_one(detail::to_acc(tp.e[e]));
+          });
         }
       }
     }
@@ -309,15 +321,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
-        if (p * N + N <= valid_cols) {
-#pragma unroll
-          for (int e = 0; e < N; ++e) add(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
-        } else {
-#pragma unroll
-          for (int e = 0; e < N; ++e) {
-            if (p * N + e < valid_cols) add(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
-          }
-        }
+        for_valid_elements<N>(p, valid_cols, [&](int e) {
+          add(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+        });
       }
     }
     const bool bad_s = range_s.nonfinite(z_s), bad_t = range_t.nonfinite(z_t);
@@ -369,17 +375,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
       if (p < packs) {
         const auto sp = as_pack<T>(s_reg[i]);
         const auto tp = as_pack<T>(t_reg[i]);
-        Acc g[N];
-        if (p * N + N <= valid_cols) {
-#pragma unroll
-          for (int e = 0; e < N; ++e) g[e] = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
-        } else {
-#pragma unroll
-          for (int e = 0; e < N; ++e) {
-            const Acc v = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
-            g[e] = p * N + e < valid_cols ? v : Acc(0);
-          }
-        }
+        Acc g[N] = {};  // padding columns keep 0
+        for_valid_elements<N>(p, valid_cols, [&](int e) {
+          g[e] = fn.value(detail::to_acc(sp.e[e]), detail::to_acc(tp.e[e]));
+        });
         detail::store_pack(out + static_cast<int64_t>(p) * N, detail::pack_from_acc<T, N>(g));
       }
     }
@@ -497,16 +496,22 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
 
 template <typename T, bool kReverse>
 int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
-                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, cudaStream_t stream) {
-  const FusedPlan plan = fused_plan(args.student.cols / detail::kPackWidth<T>);
-  if (plan.cluster == 1) {
-    return launch_kl_fused<T, kReverse, 1>(args, weight, kl, row_stats, flags, grad, plan.shape, stream);
-  }
+                    acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, const FusedPlan& plan,
+                    cudaStream_t stream) {
   if (plan.cluster == kFusedCluster) {
     return launch_kl_fused<T, kReverse, kFusedCluster>(args, weight, kl, row_stats, flags, grad,
                                                          plan.shape, stream);
   }
-  return static_cast<int>(cudaErrorNotSupported);
+  return launch_kl_fused<T, kReverse, 1>(args, weight, kl, row_stats, flags, grad, plan.shape, stream);
+}
+
+// The plan of a pair of inputs, or cluster = 0 when they cannot run on chip.
+template <typename T>
+FusedPlan fused_plan(const KLArgs<T>& args) {
+  constexpr int N = detail::kPackWidth<T>;
+  const int64_t cols = args.student.cols;
+  if (cols % N != 0 || !detail::pair_aligned(args)) return FusedPlan{};
+  return fused_plan(cols / N);
 }
 
 }  // namespace
@@ -516,10 +521,7 @@ bool kl_fused_on_chip(const KLArgs<T>& args) {
   if constexpr (sizeof(T) == sizeof(double)) {
     return false;  // float64 (gradcheck) takes the two-pass kernels
   } else {
-    constexpr int N = detail::kPackWidth<T>;
-    const int64_t cols = args.student.cols;
-    if (cols % N != 0 || !detail::pair_aligned(args)) return false;
-    return fused_plan(cols / N).cluster != 0;
+    return fused_plan(args).cluster != 0;
   }
 }
 
@@ -530,13 +532,14 @@ int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<
     return static_cast<int>(cudaErrorNotSupported);
   } else {
     if (args.student.rows == 0) return 0;
-    if (!kl_fused_on_chip(args)) return static_cast<int>(cudaErrorNotSupported);
+    const FusedPlan plan = fused_plan(args);
+    if (plan.cluster == 0) return static_cast<int>(cudaErrorNotSupported);
     if (!detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride)) {
       return static_cast<int>(cudaErrorMisalignedAddress);
     }
     const auto s = static_cast<cudaStream_t>(stream);
-    return args.reverse ? launch_kl_fused<T, true>(args, weight, kl, row_stats, flags, grad, s)
-                        : launch_kl_fused<T, false>(args, weight, kl, row_stats, flags, grad, s);
+    return args.reverse ? launch_kl_fused<T, true>(args, weight, kl, row_stats, flags, grad, plan, s)
+                        : launch_kl_fused<T, false>(args, weight, kl, row_stats, flags, grad, plan, s);
   }
 }
 
