@@ -62,7 +62,7 @@ def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
             return done
         return Done(env["SCOPE_CUDA_PACKS_PER_WARP"])
 
-    monkeypatch.setattr(tune, "_bandwidth", lambda: 3.0e12)
+    monkeypatch.setattr(tune, "copy_bandwidth", lambda device: 3.0e12)
     monkeypatch.setattr(tune.subprocess, "run", fake_run)
     report = tmp_path / "tune.json"
     assert tune.main(["--variants", "128,512,2048", "--sizes", ",".join(sizes), "--json", str(report)]) == 0

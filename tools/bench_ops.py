@@ -44,6 +44,50 @@ FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3
 
 
 # ----------------------------------------------------------------------------------------------
+# the raw ops alone (also used by tools/tune_kernels.py)
+# ----------------------------------------------------------------------------------------------
+def raw_op_call(op: str, student, teacher, target, weights):
+    """A no-argument call of the raw ops of `op` on one shard holding the whole vocabulary (no
+    autograd, input checks or host syncs): "kl" (kl_partial, kl_combine, kl_backward), "kl_fused"
+    (kl_fused) or "logprob" (logprob_partial, logprob_combine, logprob_backward)."""
+    from scope_megatron.ops._library import ops
+
+    s, v = student.detach(), student.shape[-1]
+    if op == "kl_fused":
+        return lambda: ops.kl_fused(s, teacher, weights, v, 1.0, 1.0, True)
+    if op == "kl":
+        def call():
+            stats = ops.kl_partial(s, teacher, 0, v, 1.0, 1.0, True)
+            _, row_stats, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
+            return ops.kl_backward(weights, s, teacher, row_stats, 0, v, 1.0, 1.0, True)
+        return call
+    if op == "logprob":
+        def call():
+            stats = ops.logprob_partial(s, target, 0, v, 1.0)
+            _, row_stats, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
+            return ops.logprob_backward(weights, s, target, row_stats, 0, v, 1.0)
+        return call
+    raise ValueError(f"unknown op {op!r}")
+
+
+def cuda_event_times(call, warmup: int, repeats: int) -> list:
+    """Milliseconds of each of `repeats` calls, timed with CUDA events after `warmup` calls."""
+    import torch
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
 # one case, in a child process
 # ----------------------------------------------------------------------------------------------
 def _run_case(case: dict) -> dict:
@@ -70,7 +114,7 @@ def _run_case(case: dict) -> dict:
         fused = lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights)  # noqa: E731
         ref = lambda s: kl_reference(s, teacher)  # noqa: E731
     else:
-        ours = fused = lambda s: vocab_parallel_logprob(s, target)  # noqa: E731
+        ours, fused = (lambda s: vocab_parallel_logprob(s, target)), None  # noqa: E731
         ref = lambda s: logprob_reference(s, target)  # noqa: E731
 
     def sync():
@@ -96,44 +140,16 @@ def _run_case(case: dict) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
         return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
 
-    def kernels_only(provider):
-        """The raw ops alone (no autograd, checks or host syncs), timed with CUDA events."""
-        from scope_megatron.ops._library import ops
-
-        s, v = student.detach(), vocab
-        if case["op"] == "kl" and provider == "fused":
-            call = lambda: ops.kl_fused(s, teacher, weights, v, 1.0, 1.0, True)  # noqa: E731
-        elif case["op"] == "kl":
-            def call():
-                stats = ops.kl_partial(s, teacher, 0, v, 1.0, 1.0, True)
-                _, row_stats, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
-                return ops.kl_backward(weights, s, teacher, row_stats, 0, v, 1.0, 1.0, True)
-        else:
-            def call():
-                stats = ops.logprob_partial(s, target, 0, v, 1.0)
-                _, row_stats, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
-                return ops.logprob_backward(weights, s, target, row_stats, 0, v, 1.0)
-        for _ in range(case["warmup"]):
-            call()
-        times = []
-        for _ in range(case["repeats"]):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return times
-
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
     for provider in case["providers"]:
         fn = {"scope": ours, "fused": fused, "eager": ref, "compile": None}[provider]
         try:
             result = run(fn if provider != "compile" else torch.compile(ref))
-            if device.type == "cuda" and provider in ("scope", "fused") and case["op"] in ("kl", "logprob") \
-                    and not (provider == "fused" and case["op"] != "kl"):
+            if device.type == "cuda" and provider in ("scope", "fused"):
+                raw = case["op"] + ("_fused" if provider == "fused" else "")
                 try:
-                    result["kernels_ms"] = kernels_only(provider)
+                    result["kernels_ms"] = cuda_event_times(
+                        raw_op_call(raw, student, teacher, target, weights), case["warmup"], case["repeats"])
                 except Exception as exc:  # keep the end-to-end row
                     result["kernels_error"] = str(exc).splitlines()[0][:200]
         except torch.OutOfMemoryError as exc:
@@ -144,7 +160,7 @@ def _run_case(case: dict) -> dict:
             torch.cuda.empty_cache()
 
 
-def _copy_bandwidth(device: str) -> float:
+def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written), 1 GiB buffers."""
     import torch
 
@@ -251,7 +267,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if cpu else 20)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
     markdown = Path(args.markdown or out.with_suffix(".md"))
-    bandwidth = None if cpu else _copy_bandwidth("cuda")
+    bandwidth = None if cpu else copy_bandwidth("cuda")
 
     meta = {
         "device": _device_name(args.device),

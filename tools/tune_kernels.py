@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ops import copy_bandwidth, cuda_event_times, raw_op_call  # noqa: E402
 SIZES = "16384x151936,4096x151936,16384x75968,16384x37984,16384x18992"
 # bytes per element (bf16) of the two floors: two-pass / one-pass
 FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
@@ -30,19 +33,8 @@ FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
 def _child(sizes, repeats, fused, only_fused=False):
     import torch
 
-    from scope_megatron.ops._library import ops
-
-    def timed(call):
-        for _ in range(2):
-            call()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+    def timed(op):
+        times = cuda_event_times(raw_op_call(op, s, q, target, w), warmup=2, repeats=repeats)
         return sorted(times)[len(times) // 2]
 
     out = {}
@@ -53,40 +45,12 @@ def _child(sizes, repeats, fused, only_fused=False):
         q = torch.empty(t, v, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
         w = torch.rand(t, device="cuda", generator=g)
         target = torch.randint(0, v, (t,), device="cuda", generator=g)
-
-        def kl():
-            stats = ops.kl_partial(s, q, 0, v, 1.0, 1.0, True)
-            _, rows, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
-            return ops.kl_backward(w, s, q, rows, 0, v, 1.0, 1.0, True)
-
-        def logprob():
-            stats = ops.logprob_partial(s, target, 0, v, 1.0)
-            _, rows, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
-            return ops.logprob_backward(w, s, target, rows, 0, v, 1.0)
-
-        out[size] = {} if only_fused else {"kl": timed(kl), "logprob": timed(logprob)}
+        out[size] = {} if only_fused else {"kl": timed("kl"), "logprob": timed("logprob")}
         if fused:
-            out[size]["kl_fused"] = timed(lambda: ops.kl_fused(s, q, w, v, 1.0, 1.0, True))
+            out[size]["kl_fused"] = timed("kl_fused")
         del s, q
         torch.cuda.empty_cache()
     return out
-
-
-def _bandwidth():
-    import torch
-
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for i in range(8):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 2:
-            best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 4 / best
 
 
 def main(argv=None):
@@ -104,7 +68,7 @@ def main(argv=None):
                                 only_fused=args.child == "cluster")))
         return 0
 
-    bandwidth = _bandwidth()
+    bandwidth = copy_bandwidth("cuda")
     variants = args.variants.split(",")
     results = {}
     for i, variant in enumerate(variants):
