@@ -37,9 +37,13 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats = ctx.saved_tensors
         # Exact gradient of the replicated KL w.r.t. this rank's student shard; no collective.
-        grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
-                               row_stats, *ctx.args)
-        return grad, None, None, None, None, None, None
+        return _exact_grad(grad_kl, student, teacher, row_stats, ctx.args), None, None, None, None, None, None
+
+
+def _exact_grad(grad_kl, student, teacher, row_stats, args):
+    """The gradient of grad_kl-weighted KL w.r.t. the student shard from the combined row
+    statistics (args: vocab_start, vocab_size, inv_ts, inv_tt, reverse)."""
+    return ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher, row_stats, *args)
 
 
 # backward takes the fused gradient when the gradient it receives is expected_grad times s with
@@ -82,9 +86,7 @@ class _FusedKL(torch.autograd.Function):
                 "recomputing the exact gradient (two more passes over the logits). Pass the "
                 "gradient the loss actually backpropagates into the KL as expected_grad.",
                 RuntimeWarning, stacklevel=2)
-        grad = ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher,
-                               row_stats, *ctx.args)
-        return (grad, *none)
+        return (_exact_grad(grad_kl, student, teacher, row_stats, ctx.args), *none)
 
 
 def _proportion(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:

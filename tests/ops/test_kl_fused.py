@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from scope_megatron.ops import vocab_parallel_kl
-from scope_megatron.ops._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
+from scope_megatron.ops._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, acc_dtype, ops
 from scope_megatron.ops.reference import kl_reference
 from tests.helpers import assert_grad_close, random_logits, value_tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _weights(rows, gen, dtype):
@@ -32,7 +28,7 @@ def test_raw_op_equals_the_three_phases(reverse, dtype, rows, vocab, vocab_size,
     """Same kernels, blocked by rows: bit-identical to partial -> combine -> backward."""
     student = random_logits((rows, vocab), dtype, gen)
     teacher = random_logits((rows, vocab), dtype, gen)
-    weight = _weights(rows, gen, _acc(dtype))
+    weight = _weights(rows, gen, acc_dtype(dtype))
     inv_s, inv_t = 1 / 0.7, 1 / 1.3
     kl, row_stats, flags, grad = ops.kl_fused(student, teacher, weight, vocab_size, inv_s, inv_t, reverse)
     stats = ops.kl_partial(student, teacher, 0, vocab_size, inv_s, inv_t, reverse)
@@ -80,7 +76,7 @@ def test_expected_grad_matches_reference(direction, dtype, shape, gen):
         warnings.simplefilter("error")  # the expected gradient is the actual one: no recompute
         out, grad, ref, ref_grad = _fused_and_reference(student, teacher, weights, direction=direction,
                                                         student_temperature=0.8)
-    assert out.shape == shape[:-1] and out.dtype == _acc(dtype)
+    assert out.shape == shape[:-1] and out.dtype == acc_dtype(dtype)
     torch.testing.assert_close(out.double(), ref, **value_tolerance(dtype))
     scale = max(float(student.double().abs().max()), float(teacher.double().abs().max()))
     assert_grad_close(grad, ref_grad, dtype, logit_scale=scale if direction == "reverse" else 0.0)
