@@ -8,10 +8,13 @@ size, or missing a cross-shard term, fails these comparisons.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
 from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
+from scope_megatron.ops._library import acc_dtype
 from scope_megatron.ops.reference import kl_reference, logprob_reference
 from tests.distributed import run_checks
 from tests.helpers import assert_grad_close, random_logits, value_tolerance
@@ -61,7 +64,9 @@ def check_logprob(ctx, dtype, *, group=None, salt=0, rows=19, local_vocab=131, p
 
 
 def check_kl(ctx, dtype, direction, *, group=None, salt=0, rows=19, local_vocab=131, pad=50,
-             kind="normal", temperatures=(0.8, 1.2)):
+             kind="normal", temperatures=(0.8, 1.2), expected_grad=False):
+    """expected_grad: pass the upstream weights as vocab_parallel_kl's expected_grad (ignored
+    under tensor parallelism: the result must be the same, without a recompute warning)."""
     shards = Shards(group or dist.group.WORLD, local_vocab)
     gen = _gen(ctx, salt)
     vocab = shards.size * local_vocab
@@ -73,8 +78,15 @@ def check_kl(ctx, dtype, direction, *, group=None, salt=0, rows=19, local_vocab=
               teacher_temperature=temperatures[1])
 
     leaf = shards.local(student).requires_grad_()
-    out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw)
-    (out * weights.to(out.dtype)).sum().backward()
+    if expected_grad:
+        kw_fused = dict(kw, expected_grad=weights.to(acc_dtype(dtype)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw_fused)
+            (out * weights.to(out.dtype)).sum().backward()
+    else:
+        out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw)
+        (out * weights.to(out.dtype)).sum().backward()
 
     ref_leaf = student.double().requires_grad_()
     ref = kl_reference(ref_leaf, teacher.double(), **kw)
@@ -240,6 +252,8 @@ def checks_for(world_size: int) -> dict:
     for kind in ("extreme", "peaked"):
         checks[f"logprob_{kind}_logits"] = lambda ctx, k=kind: check_logprob(ctx, torch.float32, salt=4, kind=k)
         checks[f"kl_{kind}_logits"] = lambda ctx, k=kind: check_kl(ctx, torch.float32, "reverse", salt=5, kind=k)
+    checks["kl_expected_grad_bf16"] = lambda ctx: check_kl(ctx, torch.bfloat16, "reverse", salt=6,
+                                                           expected_grad=True)
     checks["tp_equals_single_shard_fp32"] = check_tp_equals_single_shard
     checks["fully_padded_shards"] = check_fully_padded_shards
     checks["megatron_sbv_layout"] = check_megatron_layout

@@ -146,6 +146,9 @@ def checks() -> dict:
                                              student_temperature=0.7, teacher_temperature=1.3, **x),
                             salt=2, packed=True, student_temperature=0.7, teacher_temperature=1.3)
     out["full_fp32"] = lambda ctx: check_reference(ctx, ScopeConfig(), salt=3, dtype=torch.float32)
+    # fused_kl under tensor parallelism: the predicted gradient is ignored, the result unchanged
+    out["full_fused_kl_fp32"] = lambda ctx: check_reference(ctx, ScopeConfig(fused_kl=True), salt=3,
+                                                            dtype=torch.float32)
     out["topk_fp32"] = lambda ctx: check_reference(ctx, ScopeConfig(kl_estimator="topk", topk_k=4),
                                                    salt=4, dtype=torch.float32)
     # rank 1 holds 4 real columns and 20 padding ones: top-k must come from both shards
