@@ -1,6 +1,7 @@
 """The benchmark tools on this machine: bench_ops.py end to end on the CPU at a tiny size, the
-parent logic of tune_kernels.py (variant choice, table, JSON) with stubbed child runs, and
-gpu_check.sh's refusal without a GPU."""
+parent logic of tune_kernels.py (variant choice, table, JSON) with stubbed child runs,
+trace_step.py's timeline split (on made-up spans, and on a real CPU profile), and gpu_check.sh's
+refusal without a GPU."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -79,3 +81,45 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path):
                          cwd=ROOT, timeout=120, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin",
                                                      "PYTHON": sys.executable})
     assert res.returncode == 2 and "no CUDA device" in res.stderr
+
+
+def test_trace_split_on_made_up_spans():
+    trace = _load("trace_step")
+    Span = trace.Span
+    window = Span("step", 0.0, 100.0)
+    # a and b overlap (one busy stretch 10-40), then a gap 40-55, c until 80, tail 80-100
+    work = [Span("b", 20.0, 40.0), Span("a", 10.0, 30.0), Span("c", 55.0, 80.0),
+            Span("outside", 120.0, 130.0)]
+    host = [Span("autograd", 35.0, 50.0), Span("sync", 48.0, 60.0), Span("early", 0.0, 5.0)]
+    split = trace.split_step(window, work, host)
+    assert [k.name for k in split.kernels] == ["a", "b", "c"]
+    assert (split.wall, split.busy, split.lead, split.tail) == (100.0, 55.0, 10.0, 20.0)
+    assert len(split.gaps) == 1
+    after, before, us, ops = split.gaps[0]
+    assert (after, before, us) == ("b", "c", 15.0)
+    assert ops == [("autograd", 10.0), ("sync", 7.0)]  # overlap with 40-55, longest first
+    assert split.busy + split.lead + split.gap_total + split.tail == split.wall
+    # no work at all: everything is lead
+    empty = trace.split_step(window, [], host)
+    assert (empty.busy, empty.lead, empty.gaps) == (0.0, 100.0, [])
+    assert trace.short_name("void scope::kl_partial_kernel<__nv_bfloat16, 8>(Args<float>)") == \
+        "scope::kl_partial_kernel"
+
+
+def test_trace_step_cpu_profile(tmp_path):
+    trace = _load("trace_step")
+    out = tmp_path / "trace.md"
+    assert trace.main(["--sizes", "33x1000", "--steps", "3", "--warmup", "1", "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "## kl scope, 33 x 1000 bf16" in text and "## kl fused, 33 x 1000 bf16" in text
+    res = trace.trace_case("kl", "scope", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
+    names = ["scope_megatron::kl_partial", "scope_megatron::kl_combine", "scope_megatron::kl_backward"]
+    for part in ("step", "raw"):
+        summary = res[part]
+        assert [n for n, _ in summary.kernels] == names, part
+        assert all(us > 0 for _, us in summary.kernels)
+        assert summary.wall >= summary.busy > 0
+    fused = trace.trace_case("kl", "fused", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
+    assert [n for n, _ in fused["step"].kernels] == ["scope_megatron::kl_fused"]
+    lp = trace.trace_case("logprob", "scope", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
+    assert [n for n, _ in lp["step"].kernels][-1] == "scope_megatron::logprob_backward"

@@ -90,17 +90,12 @@ def cuda_event_times(call, warmup: int, repeats: int) -> list:
 # ----------------------------------------------------------------------------------------------
 # one case, in a child process
 # ----------------------------------------------------------------------------------------------
-def _run_case(case: dict) -> dict:
-    """Times case["providers"] on one set of inputs: {provider: result or {"error": ...}}."""
+def make_inputs(case: dict):
+    """Random student / teacher logits [rows, vocab] (the student requires grad), target ids and
+    per-token weights for case {"rows", "vocab", "dtype", "device"}; seeded, never zeros."""
     import torch
 
-    from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
-    from scope_megatron.ops.reference import kl_reference, logprob_reference
-    from scope_megatron.utils.memory import PeakMemory
-
     device = torch.device(case["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, DTYPES[case["dtype"]])
     rows, vocab = case["rows"], case["vocab"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -108,24 +103,48 @@ def _run_case(case: dict) -> dict:
     teacher = torch.empty(rows, vocab, dtype=dtype, device=device).normal_(generator=g)
     target = torch.randint(0, vocab, (rows,), device=device, generator=g)
     weights = torch.rand(rows, device=device, generator=g)
+    return student, teacher, target, weights
 
-    if case["op"] == "kl":
-        ours = lambda s: vocab_parallel_kl(s, teacher)  # noqa: E731
-        fused = lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights)  # noqa: E731
-        ref = lambda s: kl_reference(s, teacher)  # noqa: E731
-    else:
-        ours, fused = (lambda s: vocab_parallel_logprob(s, target)), None  # noqa: E731
-        ref = lambda s: logprob_reference(s, target)  # noqa: E731
+
+def provider_fn(op: str, provider: str, teacher, target, weights):
+    """student -> per-token result of `op` for provider scope / fused / eager (compile: wrap the
+    eager one in torch.compile); None where the op has no such provider."""
+    from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
+    from scope_megatron.ops.reference import kl_reference, logprob_reference
+
+    if op == "kl":
+        return {"scope": lambda s: vocab_parallel_kl(s, teacher),
+                "fused": lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights),
+                "eager": lambda s: kl_reference(s, teacher)}.get(provider)
+    return {"scope": lambda s: vocab_parallel_logprob(s, target),
+            "eager": lambda s: logprob_reference(s, target)}.get(provider)
+
+
+def loss_step(fn, student, weights):
+    """The timed step: `(fn(student) * weights).sum().backward()`, then the gradient dropped."""
+    def step():
+        (fn(student) * weights).sum().backward()
+        student.grad = None
+    return step
+
+
+def _run_case(case: dict) -> dict:
+    """Times case["providers"] on one set of inputs: {provider: result or {"error": ...}}."""
+    import torch
+
+    from scope_megatron.utils.memory import PeakMemory
+
+    device = torch.device(case["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    student, teacher, target, weights = make_inputs(case)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     def run(fn):
-        def step():
-            (fn(student) * weights).sum().backward()
-            student.grad = None
-
+        step = loss_step(fn, student, weights)
         for _ in range(case["warmup"]):
             step()
         sync()
@@ -142,9 +161,9 @@ def _run_case(case: dict) -> dict:
 
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
     for provider in case["providers"]:
-        fn = {"scope": ours, "fused": fused, "eager": ref, "compile": None}[provider]
         try:
-            result = run(fn if provider != "compile" else torch.compile(ref))
+            result = run(provider_fn(case["op"], provider, teacher, target, weights) if provider != "compile"
+                         else torch.compile(provider_fn(case["op"], "eager", teacher, target, weights)))
             if device.type == "cuda" and provider in ("scope", "fused"):
                 raw = case["op"] + ("_fused" if provider == "fused" else "")
                 try:
@@ -211,9 +230,14 @@ def _spawn(case: dict, timeout: float) -> dict:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, with "+changes" when the working tree differs from it (as on a device
+    machine whose copy of the tree carries a newer state than its .git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=REPO, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

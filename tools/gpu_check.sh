@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, in one call of about 6-8 minutes, build the extension with its
 # CUDA kernels, run the fused-KL and core CUDA tests, benchmark the ops against torch eager /
-# torch.compile and the bandwidth floors, run the rest of the CUDA tests, and print a short table
-# last. Logs and results go to $OUT (default build/gpu_check; at most 8 files).
+# torch.compile and the bandwidth floors, take a profiler timeline of the benchmark's step, run the
+# rest of the CUDA tests, and print a short table last. Logs and results go to $OUT (default
+# build/gpu_check; exactly 8 files, the most the device tool brings back: gpu.txt, build.log,
+# tests.log, tune.json, ops_cuda.csv, ops_cuda.md, bench.log, trace.md).
 #
 #   tools/gpu_check.sh                 # H100: TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16 by default
 #
@@ -49,12 +51,13 @@ timeout 240 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "fused or large" >"$OUT
 tail -4 "$OUT/tests.log"
 
 stamp "== launch knob of the row kernels (kernels alone, several SCOPE_CUDA_PACKS_PER_WARP)"
-if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1; then
-  cat "$OUT/tune.log"
+mkdir -p /tmp/scope_gpu_check
+if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >/tmp/scope_gpu_check/tune.log 2>&1; then
+  cat /tmp/scope_gpu_check/tune.log
   best=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['best'] or '')" "$OUT/tune.json")
   [ -n "$best" ] && export SCOPE_CUDA_PACKS_PER_WARP=$best
 else
-  tail -5 "$OUT/tune.log"; status=1
+  tail -5 /tmp/scope_gpu_check/tune.log; status=1
 fi
 echo "benchmark and remaining tests with SCOPE_CUDA_PACKS_PER_WARP=${SCOPE_CUDA_PACKS_PER_WARP:-default}"
 
@@ -64,6 +67,12 @@ timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf1
   --baseline-sizes 4096x151936,16384x151936 --repeats ${BENCH_REPEATS:-10} --timeout 150 \
   --out "$OUT/ops_cuda.csv" --markdown "$OUT/ops_cuda.md" >"$OUT/bench.log" 2>&1 || status=1
 grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40
+
+stamp "== step timeline (torch.profiler): the time through autograd above the kernels alone"
+timeout 120 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x37984,16384x18992 \
+  --ops kl:scope,kl:fused,logprob:scope --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
+  || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
+grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null
 
 stamp "== CUDA tests: the rest"
 timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >>"$OUT/tests.log" 2>&1 || status=1
