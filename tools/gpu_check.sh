@@ -10,7 +10,8 @@
 #
 # Optional steps (each costs a minute or more of device time):
 #   GPU_CHECK_CPP=1     the C++ CTest suite (CPU and CUDA launchers; builds the kernels again)
-#   GPU_CHECK_TRAIN=1   a 6-step toy training run (needs megatron-core: a cp312 wheel in .whl/)
+#   GPU_CHECK_TRAIN=1   a 6-step toy training run (needs megatron-core: tools/device_wheels.sh puts
+#                       a cp312 wheel in .whl/ here; carry .whl with the call)
 # Wheels in .whl/ are installed to /tmp/site first (the test machine has no network). The package
 # is used in place (build_ext --inplace), so pip never resolves dependencies there.
 set -uo pipefail
