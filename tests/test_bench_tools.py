@@ -29,14 +29,15 @@ def test_bench_ops_cpu_rows_for_every_provider(tmp_path):
     out = tmp_path / "ops.csv"
     res = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--sizes", "64x1000", "--dtypes", "bf16",
-         "--providers", "scope,fused,eager", "--repeats", "2", "--warmup", "1", "--out", str(out)],
+         "--providers", "scope,deferred,fused,fused_deferred,eager", "--repeats", "2", "--warmup", "1",
+         "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     got = {(r["op"], r["provider"]) for r in rows}
-    # fused is a KL provider only
-    assert got == {("kl", "scope"), ("kl", "fused"), ("kl", "eager"), ("logprob", "scope"),
-                   ("logprob", "eager")}
+    # fused and fused_deferred are KL providers only
+    assert got == {("kl", "scope"), ("kl", "deferred"), ("kl", "fused"), ("kl", "fused_deferred"),
+                   ("kl", "eager"), ("logprob", "scope"), ("logprob", "deferred"), ("logprob", "eager")}
     for r in rows:
         assert "error" not in r or not r["error"], r
         assert float(r["p50_ms"]) > 0 and float(r["peak_extra_gib"]) >= 0
@@ -112,7 +113,7 @@ def test_trace_step_cpu_profile(tmp_path):
     assert trace.main(["--sizes", "33x1000", "--steps", "3", "--warmup", "1", "--markdown", str(out)]) == 0
     text = out.read_text()
     assert "## kl scope, 33 x 1000 bf16" in text and "## kl fused, 33 x 1000 bf16" in text
-    res = trace.trace_case("kl", "scope", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
+    res = trace.trace_case("kl", "deferred", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
     names = ["scope_megatron::kl_partial", "scope_megatron::kl_combine", "scope_megatron::kl_backward"]
     for part in ("step", "raw"):
         summary = res[part]

@@ -5,8 +5,11 @@ of the same math, measured in the same run on the same device.
 For each op (kl = full-vocabulary reverse KL, logprob = token log-prob), size T x V and dtype it
 times `loss = (op(...) * w).sum(); loss.backward()` for these providers:
   scope    scope_megatron.ops (the C++ / CUDA kernels; for kl: forward, then backward)
+  deferred scope with error_check="backward": the forward does not wait for the error flags
+           (backward checks them), so the host queues the backward while the forward runs
   fused    kl only: vocab_parallel_kl(..., expected_grad=w), the KL and its gradient in one pass
            (ops.kl_fused) when the row fits on chip, returned by backward
+  fused_deferred  kl only: fused with error_check="backward"
   eager    scope_megatron.ops.reference in plain PyTorch (float32 upcast, as user code does)
   compile  torch.compile of that reference
 and reports the p20/p50/p80 time, the peak memory above the inputs, and the ratios. On CUDA it
@@ -37,8 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PROVIDERS = ("scope", "fused", "eager", "compile")
-OP_PROVIDERS = {"kl": PROVIDERS, "logprob": ("scope", "eager", "compile")}
+PROVIDERS = ("scope", "deferred", "fused", "fused_deferred", "eager", "compile")
+OP_PROVIDERS = {"kl": PROVIDERS, "logprob": ("scope", "deferred", "eager", "compile")}
 # bytes moved per logits element (in units of the element size) by an ideal implementation
 FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3, "one_pass": 2}}
 
@@ -112,11 +115,15 @@ def provider_fn(op: str, provider: str, teacher, target, weights):
     from scope_megatron.ops import vocab_parallel_kl, vocab_parallel_logprob
     from scope_megatron.ops.reference import kl_reference, logprob_reference
 
+    late = dict(error_check="backward")
     if op == "kl":
         return {"scope": lambda s: vocab_parallel_kl(s, teacher),
+                "deferred": lambda s: vocab_parallel_kl(s, teacher, **late),
                 "fused": lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights),
+                "fused_deferred": lambda s: vocab_parallel_kl(s, teacher, expected_grad=weights, **late),
                 "eager": lambda s: kl_reference(s, teacher)}.get(provider)
     return {"scope": lambda s: vocab_parallel_logprob(s, target),
+            "deferred": lambda s: vocab_parallel_logprob(s, target, **late),
             "eager": lambda s: logprob_reference(s, target)}.get(provider)
 
 
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
                              "for that size (default: per device)")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="of scope,fused,eager,compile (fused: kl only)")
+                        help="of " + ",".join(PROVIDERS) + " (fused, fused_deferred: kl only)")
     parser.add_argument("--baseline-sizes", default=None,
                         help="comma-separated TxV: run eager and compile only at these sizes")
     parser.add_argument("--repeats", type=int, default=None)

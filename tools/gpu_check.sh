@@ -70,13 +70,15 @@ timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf1
 grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40
 
 stamp "== step timeline (torch.profiler): the time through autograd above the kernels alone"
-timeout 120 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x37984,16384x18992 \
-  --ops kl:scope,kl:fused,logprob:scope --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
+timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x18992 \
+  --ops kl:scope,kl:deferred,kl:fused,kl:fused_deferred,logprob:scope,logprob:deferred \
+  --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
 grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null
 
 stamp "== CUDA tests: the rest"
 timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >>"$OUT/tests.log" 2>&1 || status=1
+timeout 60 "${PYTEST[@]}" tests/ops/test_error_check.py -m cuda >>"$OUT/tests.log" 2>&1 || status=1
 tail -4 "$OUT/tests.log"
 
 if [ "${GPU_CHECK_CPP:-0}" = 1 ] && [ -x tools/run_cpp_tests.sh ]; then

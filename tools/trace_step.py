@@ -173,7 +173,8 @@ def trace_case(op: str, provider: str, rows: int, vocab: int, dtype: str, device
     if fn is None:
         raise ValueError(f"{op} has no provider {provider!r}")
     step = loss_step(fn, student, weights)
-    raw = raw_op_call(op + ("_fused" if provider == "fused" else ""), student, teacher, target, weights)
+    raw = raw_op_call(op + ("_fused" if provider.startswith("fused") else ""), student, teacher, target,
+                      weights)
 
     def sync():
         if device == "cuda":
@@ -229,7 +230,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ops", default="kl:scope,kl:fused,logprob:scope",
-                        help="comma-separated op:provider (kl:scope, kl:fused, logprob:scope)")
+                        help="comma-separated op:provider, providers as in bench_ops.py (scope, "
+                             "deferred, fused, fused_deferred)")
     parser.add_argument("--sizes", default="64x4096", help="comma-separated TxV")
     parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=5)

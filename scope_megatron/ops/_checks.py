@@ -66,7 +66,7 @@ def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optiona
 
     names: {FLAG_NONFINITE_FIRST: "logits", ...} naming the inputs for the messages.
     """
-    if not bool(flags.any()):
+    if flags.numel() == 0 or int(flags.amax()) == 0:  # one reduction, one sync
         return
     flags = flags.cpu()
     rows = flags.numel()
@@ -100,6 +100,51 @@ def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optiona
             "(rank r holds ids [r * V_local, (r + 1) * V_local)), as Megatron partitions them."
         )
     raise RuntimeError(f"{op}: kernel reported unknown error flags {int(flags.max())}")
+
+
+ERROR_CHECKS = ("forward", "backward")
+
+
+def check_error_check(op: str, error_check: str) -> str:
+    if error_check not in ERROR_CHECKS:
+        raise ValueError(f"{op}: error_check must be one of {ERROR_CHECKS}, got {error_check!r}")
+    return error_check
+
+
+class FlagCheck:
+    """The kernels' per-row error flags of one forward, checked now or in backward.
+
+    Checked in the forward (deferred=False), raise_on_flags waits for the device. Deferred, the
+    forward only queues, on CUDA, a copy of the largest flag into pinned host memory behind an
+    event, and marks the flagged tokens' results NaN (a target out of range would otherwise give
+    a finite, meaningless log-prob); check() in backward then waits for that event alone (the
+    forward's kernels finished long before; the backward kernel just queued keeps running) and
+    raises the error the forward would have raised.
+    """
+
+    def __init__(self, op: str, flags: torch.Tensor, names: dict, *, deferred: bool,
+                 target: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
+        self.op, self.flags, self.names, self.target, self.vocab_size = op, flags, names, target, vocab_size
+        self.largest, self.event = None, None
+        if not deferred:
+            self.check()
+        elif flags.is_cuda and flags.numel():
+            self.largest = torch.empty((), dtype=flags.dtype, pin_memory=True)
+            self.largest.copy_(flags.amax(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(flags.device))  # the stream of the copy
+
+    def mark_results(self, result: torch.Tensor) -> torch.Tensor:
+        """result [rows] with the flagged rows set to NaN (in place; no host sync)."""
+        return result.masked_fill_(self.flags != 0, float("nan"))
+
+    def check(self) -> None:
+        """Raises the op's error if any row was flagged (waits for the flags only)."""
+        if self.event is not None:
+            self.event.synchronize()
+            if int(self.largest) == 0:
+                return
+        raise_on_flags(self.op, self.flags, self.names, target=self.target, vocab_size=self.vocab_size)
 
 
 def check_same_placement(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:

@@ -10,24 +10,35 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (check_logits, check_same_placement, check_temperature, flatten_rows,
-                      raise_on_flags, resolve_vocab_size)
+from ._checks import (FlagCheck, check_error_check, check_logits, check_same_placement,
+                      check_temperature, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
 
 _OP = "vocab_parallel_kl"
 DIRECTIONS = ("reverse", "forward")
+_FLAG_NAMES = {FLAG_NONFINITE_FIRST: "student logits", FLAG_NONFINITE_SECOND: "teacher logits"}
+
+
+def _flag_check(flags: torch.Tensor, result: torch.Tensor, deferred: bool) -> Optional[FlagCheck]:
+    """Checks the flags now, or (deferred) marks the flagged tokens NaN and returns the check
+    for backward."""
+    check = FlagCheck(_OP, flags, _FLAG_NAMES, deferred=deferred)
+    if not deferred:
+        return None
+    check.mark_results(result)
+    return check
 
 
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, shard: ShardInfo,
-                vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool) -> torch.Tensor:
+                vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool,
+                deferred: bool) -> torch.Tensor:
         stats = ops.kl_partial(student, teacher, shard.vocab_start, vocab_size, inv_ts, inv_tt,
                                reverse)
         kl, row_stats, flags = ops.kl_combine(gather_stats(stats, shard), reverse, inv_ts, inv_tt)
-        raise_on_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "student logits",
-                                    FLAG_NONFINITE_SECOND: "teacher logits"})
+        ctx.check = _flag_check(flags, kl, deferred)
         ctx.save_for_backward(student, teacher, row_stats)
         ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
         return kl
@@ -37,7 +48,10 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats = ctx.saved_tensors
         # Exact gradient of the replicated KL w.r.t. this rank's student shard; no collective.
-        return _exact_grad(grad_kl, student, teacher, row_stats, ctx.args), None, None, None, None, None, None
+        grad = _exact_grad(grad_kl, student, teacher, row_stats, ctx.args)
+        if ctx.check is not None:  # after the launch: the kernel runs while the host waits
+            ctx.check.check()
+        return (grad, *(None,) * 7)
 
 
 def _exact_grad(grad_kl, student, teacher, row_stats, args):
@@ -58,11 +72,11 @@ class _FusedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, expected: torch.Tensor,
-                vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool) -> torch.Tensor:
+                vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool,
+                deferred: bool) -> torch.Tensor:
         kl, row_stats, flags, grad = ops.kl_fused(student, teacher, expected, vocab_size, inv_ts,
                                                   inv_tt, reverse)
-        raise_on_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "student logits",
-                                    FLAG_NONFINITE_SECOND: "teacher logits"})
+        ctx.check = _flag_check(flags, kl, deferred)
         ctx.save_for_backward(student, teacher, row_stats, expected)
         ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
         ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)
@@ -73,7 +87,9 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        none = (None,) * 6
+        if ctx.check is not None:
+            ctx.check.check()
+        none = (None,) * 7
         if grad is not None:
             got = grad_kl.to(expected.dtype)
             if torch.equal(got, expected):  # the usual case: one small kernel
@@ -113,6 +129,7 @@ def vocab_parallel_kl(
     student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
     expected_grad: Optional[torch.Tensor] = None,
+    error_check: str = "forward",
 ) -> torch.Tensor:
     """Per-token KL divergence between the student's and the teacher's full-vocabulary softmax.
 
@@ -141,6 +158,13 @@ def vocab_parallel_kl(
         scale, say), it returns s times the fused gradient (one more pass unless s == 1);
         otherwise it recomputes the exact gradient, with a RuntimeWarning. Ignored under tensor
         parallelism (a shard's gradient needs the statistics of every shard first).
+      error_check: "forward" (default): NaN / Inf logits raise in the forward, which waits for
+        the device to know (one host sync per call). "backward", when the result will be
+        differentiated (grad enabled, student logits requiring grad): the forward does not wait,
+        the affected tokens' KL is NaN, and backward raises the same error before it returns a
+        gradient (it waits for the forward's flags only, not for its own kernel). For loops that
+        always backpropagate the result and want the host to run ahead of the device; otherwise
+        the same as "forward".
 
     Returns:
       float32 (float64 for float64 inputs) KL of shape [...], identical on every rank of the
@@ -150,7 +174,8 @@ def vocab_parallel_kl(
 
     Raises:
       ValueError / TypeError for mismatched shapes, dtypes or devices, an unknown direction, bad
-      temperatures or vocab_size; FloatingPointError if either logits contain NaN or Inf.
+      temperatures or vocab_size or error_check; FloatingPointError if either logits contain
+      NaN or Inf (in backward, with error_check="backward").
     """
     check_logits(_OP, "student_logits", student_logits)
     check_logits(_OP, "teacher_logits", teacher_logits)
@@ -167,6 +192,7 @@ def vocab_parallel_kl(
     check_same_placement(_OP, "student_logits", student_logits, "teacher_logits", teacher_logits)
     if direction not in DIRECTIONS:
         raise ValueError(f"{_OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    check_error_check(_OP, error_check)
     require_device_support(student_logits)
     inv_ts = 1.0 / check_temperature(_OP, "student_temperature", student_temperature)
     inv_tt = 1.0 / check_temperature(_OP, "teacher_temperature", teacher_temperature)
@@ -175,12 +201,15 @@ def vocab_parallel_kl(
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     student_rows, teacher_rows = flatten_rows(student_logits), flatten_rows(teacher_logits.detach())
     reverse = direction == "reverse"
-    if expected_grad is not None and shard.world_size == 1 and torch.is_grad_enabled() \
-            and student_logits.requires_grad:
+    differentiated = torch.is_grad_enabled() and student_logits.requires_grad
+    deferred = error_check == "backward" and differentiated
+    if expected_grad is not None and shard.world_size == 1 and differentiated:
         expected = _check_expected_grad(expected_grad, student_logits)
-        out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse)
+        out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse,
+                             deferred)
     else:
-        out = _VocabParallelKL.apply(student_rows, teacher_rows, shard, vocab_size, inv_ts, inv_tt, reverse)
+        out = _VocabParallelKL.apply(student_rows, teacher_rows, shard, vocab_size, inv_ts, inv_tt, reverse,
+                                     deferred)
     return out.reshape(student_logits.shape[:-1])
 
 

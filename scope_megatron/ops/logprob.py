@@ -9,8 +9,8 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (check_logits, check_same_placement, check_temperature, flatten_rows,
-                      raise_on_flags, resolve_vocab_size)
+from ._checks import (FlagCheck, check_error_check, check_logits, check_same_placement,
+                      check_temperature, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, ops
 
@@ -20,11 +20,14 @@ _OP = "vocab_parallel_logprob"
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, shard: ShardInfo,
-                vocab_size: int, inv_temperature: float) -> torch.Tensor:
+                vocab_size: int, inv_temperature: float, deferred: bool) -> torch.Tensor:
         stats = ops.logprob_partial(logits, target, shard.vocab_start, vocab_size, inv_temperature)
         logprob, row_stats, flags = ops.logprob_combine(gather_stats(stats, shard), inv_temperature)
-        raise_on_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"},
-                       target=target, vocab_size=vocab_size)
+        check = FlagCheck(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, deferred=deferred,
+                          target=target, vocab_size=vocab_size)
+        if deferred:  # an out-of-range target's log-prob would be finite and meaningless
+            check.mark_results(logprob)
+        ctx.check = check if deferred else None
         ctx.save_for_backward(logits, target, row_stats)
         ctx.shard, ctx.vocab_size, ctx.inv_temperature = shard, vocab_size, inv_temperature
         return logprob
@@ -38,7 +41,9 @@ class _VocabParallelLogprob(torch.autograd.Function):
         grad = ops.logprob_backward(grad_logprob.to(row_stats.dtype).contiguous(), logits, target,
                                     row_stats,
                                     ctx.shard.vocab_start, ctx.vocab_size, ctx.inv_temperature)
-        return grad, None, None, None, None
+        if ctx.check is not None:  # after the launch: the kernel runs while the host waits
+            ctx.check.check()
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_logprob(
@@ -48,6 +53,7 @@ def vocab_parallel_logprob(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     temperature: float = 1.0,
+    error_check: str = "forward",
 ) -> torch.Tensor:
     """Log-probability of each target token under softmax(logits / temperature).
 
@@ -63,6 +69,12 @@ def vocab_parallel_logprob(
       vocab_size: the true vocabulary size; columns with a global id >= vocab_size (padding of
         the embedding table) are excluded from the softmax. Default: V_local * tp_size.
       temperature: softmax temperature (> 0).
+      error_check: "forward" (default): NaN / Inf logits and out-of-range targets raise in the
+        forward, which waits for the device to know (one host sync per call). "backward", when
+        the result will be differentiated (grad enabled, logits requiring grad): the forward
+        does not wait, the affected tokens' log-prob is NaN, and backward raises the same error
+        before it returns a gradient (waiting for the forward's flags only). Otherwise the same
+        as "forward".
 
     Returns:
       float32 (float64 for float64 logits) tensor of shape [...], identical on every rank of
@@ -71,8 +83,9 @@ def vocab_parallel_logprob(
       float32 copy of the logits is made.
 
     Raises:
-      ValueError / TypeError for inconsistent shapes, dtypes, devices or ids out of range;
-      FloatingPointError if the logits contain NaN or Inf.
+      ValueError / TypeError for inconsistent shapes, dtypes, devices, ids out of range or an
+      unknown error_check; FloatingPointError if the logits contain NaN or Inf (ids out of range
+      and non-finite logits raise in backward with error_check="backward").
     """
     check_logits(_OP, "logits", logits)
     if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
@@ -82,6 +95,7 @@ def vocab_parallel_logprob(
         raise ValueError(f"{_OP}: target shape {tuple(target.shape)} must equal logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}")
     check_same_placement(_OP, "logits", logits, "target", target)
+    check_error_check(_OP, error_check)
     require_device_support(logits)
     inv_temperature = 1.0 / check_temperature(_OP, "temperature", temperature)
     local_vocab = logits.shape[-1]
@@ -89,5 +103,7 @@ def vocab_parallel_logprob(
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     rows = flatten_rows(logits)
     out = _VocabParallelLogprob.apply(rows, target.reshape(-1).to(torch.int64).contiguous(), shard,
-                                      vocab_size, inv_temperature)
+                                      vocab_size, inv_temperature,
+                                      error_check == "backward" and torch.is_grad_enabled()
+                                      and logits.requires_grad)
     return out.reshape(logits.shape[:-1])

@@ -41,7 +41,7 @@ def _gen(ctx, salt):
 
 
 def check_logprob(ctx, dtype, *, group=None, salt=0, rows=19, local_vocab=131, pad=50,
-                  temperature=0.7, kind="normal"):
+                  temperature=0.7, kind="normal", error_check="forward"):
     shards = Shards(group or dist.group.WORLD, local_vocab)
     gen = _gen(ctx, salt)
     vocab = shards.size * local_vocab
@@ -52,7 +52,7 @@ def check_logprob(ctx, dtype, *, group=None, salt=0, rows=19, local_vocab=131, p
 
     leaf = shards.local(full).requires_grad_()
     out = vocab_parallel_logprob(leaf, target, tp_group=shards.group, vocab_size=vocab_size,
-                                 temperature=temperature)
+                                 temperature=temperature, error_check=error_check)
     (out * weights.to(out.dtype)).sum().backward()
 
     ref_leaf = full.double().requires_grad_()
@@ -64,7 +64,7 @@ def check_logprob(ctx, dtype, *, group=None, salt=0, rows=19, local_vocab=131, p
 
 
 def check_kl(ctx, dtype, direction, *, group=None, salt=0, rows=19, local_vocab=131, pad=50,
-             kind="normal", temperatures=(0.8, 1.2), expected_grad=False):
+             kind="normal", temperatures=(0.8, 1.2), expected_grad=False, error_check="forward"):
     """expected_grad: pass the upstream weights as vocab_parallel_kl's expected_grad (ignored
     under tensor parallelism: the result must be the same, without a recompute warning)."""
     shards = Shards(group or dist.group.WORLD, local_vocab)
@@ -76,16 +76,17 @@ def check_kl(ctx, dtype, direction, *, group=None, salt=0, rows=19, local_vocab=
     weights = torch.randn(rows, dtype=torch.float64, generator=gen)
     kw = dict(vocab_size=vocab_size, direction=direction, student_temperature=temperatures[0],
               teacher_temperature=temperatures[1])
+    op_kw = dict(error_check=error_check)
 
     leaf = shards.local(student).requires_grad_()
     if expected_grad:
         kw_fused = dict(kw, expected_grad=weights.to(acc_dtype(dtype)))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw_fused)
+            out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw_fused, **op_kw)
             (out * weights.to(out.dtype)).sum().backward()
     else:
-        out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw)
+        out = vocab_parallel_kl(leaf, shards.local(teacher), tp_group=shards.group, **kw, **op_kw)
         (out * weights.to(out.dtype)).sum().backward()
 
     ref_leaf = student.double().requires_grad_()
@@ -193,6 +194,20 @@ def check_nan_raises_on_every_rank(ctx):
         else:
             raise AssertionError("NaN logits were not reported on rank %d" % ctx.rank)
         assert torch.isfinite(fn(shards.local(student))).all()
+    # error_check="backward": the forward returns (NaN on token 4 everywhere), every rank's
+    # backward raises; backward has no collective, so nobody is left waiting either
+    for fn in (lambda s: vocab_parallel_kl(s, shards.local(teacher), tp_group=shards.group,
+                                           error_check="backward"),
+               lambda s: vocab_parallel_logprob(s, torch.zeros(6, dtype=torch.long), tp_group=shards.group,
+                                                error_check="backward")):
+        out = fn(shards.local(bad).requires_grad_())
+        assert torch.isnan(out[4]) and torch.isfinite(out[:4]).all(), out
+        try:
+            out.sum().backward()
+        except FloatingPointError as exc:
+            assert "flattened token 4" in str(exc), str(exc)
+        else:
+            raise AssertionError("NaN logits were not reported in backward on rank %d" % ctx.rank)
 
 
 def check_unequal_shards_are_an_error(ctx):
@@ -254,6 +269,10 @@ def checks_for(world_size: int) -> dict:
         checks[f"kl_{kind}_logits"] = lambda ctx, k=kind: check_kl(ctx, torch.float32, "reverse", salt=5, kind=k)
     checks["kl_expected_grad_bf16"] = lambda ctx: check_kl(ctx, torch.bfloat16, "reverse", salt=6,
                                                            expected_grad=True)
+    checks["kl_error_check_backward_bf16"] = lambda ctx: check_kl(ctx, torch.bfloat16, "reverse", salt=7,
+                                                                  error_check="backward")
+    checks["logprob_error_check_backward_bf16"] = lambda ctx: check_logprob(ctx, torch.bfloat16, salt=8,
+                                                                            error_check="backward")
     checks["tp_equals_single_shard_fp32"] = check_tp_equals_single_shard
     checks["fully_padded_shards"] = check_fully_padded_shards
     checks["megatron_sbv_layout"] = check_megatron_layout
