@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,37 @@ def test_trace_step_cpu_profile(tmp_path):
     assert [n for n, _ in fused["step"].kernels] == ["scope_megatron::kl_fused"]
     lp = trace.trace_case("logprob", "scope", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
     assert [n for n, _ in lp["step"].kernels][-1] == "scope_megatron::logprob_backward"
+
+
+SASS = """
+        code for sm_90
+                Function : _ZN13scope_kernels4cuda50_GLOBAL__N__f34c5ca8_11_kl_fused_cu_d4086c52_2972215kl_fused_kernelIfLb1ELi1EEEvi
+        .headerflags    @"EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                     /* 0x00000a00ff017b82 */
+        /*0010*/              @!P0 BRA 0x90 ;                                 /* 0x000000000000094c */
+        /*0020*/                   FADD.FTZ R2, R3, R4 ;
+        /*10000*/            @P1 STL [R1], R2 ;
+        /*10010*/                   EXIT ;
+                ..........
+                Function : _Z5otherv
+        /*0000*/                   MUFU.EX2 R0, R0 ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_sass_report_parses_cuobjdump_output():
+    sass = _load("sass_report")
+    kernels = sass.parse_sass(SASS)
+    assert len(kernels) == 2
+    name = next(k for k in kernels if "kl_fused" in k)
+    assert kernels[name] == {"LDC": 1, "BRA": 1, "FADD": 1, "STL": 1, "EXIT": 1}  # 5-digit address too
+    assert kernels["_Z5otherv"] == {"MUFU": 1, "EXIT": 1}
+    assert sass.stable_name(name) == ("_ZN13scope_kernels4cuda50_GLOBAL__N_kl_fused_kernelIfLb1ELi1EEEvi")
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cuobjdump")), reason="needs nvcc and cuobjdump")
+def test_sass_report_on_the_fused_kernel(capsys):
+    sass = _load("sass_report")
+    assert sass.main(["csrc/cuda/kl_fused.cu", "--match", "BFloat16ELb1ELi1E"]) == 0
+    out = capsys.readouterr().out
+    assert "kl_fused_kernel" in out and " 0 spill loads/stores" in out
