@@ -159,3 +159,37 @@ def test_sass_report_on_the_fused_kernel(capsys):
     assert sass.main(["csrc/cuda/kl_fused.cu", "--match", "BFloat16ELb1ELi1E"]) == 0
     out = capsys.readouterr().out
     assert "kl_fused_kernel" in out and " 0 spill loads/stores" in out
+
+
+def test_trace_classifies_cuda_profiler_events():
+    """The CUDA side of a profile, made up: the step's record_function also appears as a device
+    annotation spanning its kernels (neither a window nor work); runtime calls count as host."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    trace = _load("trace_step")
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+
+    def ev(name, dev, start, end, parent=None, annotation=False):
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end),
+                               cpu_parent=parent, is_user_annotation=annotation)
+
+    step = ev("trace_step_0", cpu, 0.0, 100.0, annotation=True)
+    fwd = ev("_VocabParallelKL", cpu, 2.0, 30.0, parent=step)
+    events = [
+        step, fwd,
+        ev("aten::empty", cpu, 3.0, 4.0, parent=fwd),  # nested: not listed
+        ev("cudaLaunchKernel", cpu, 5.0, 8.0, parent=fwd),
+        ev("trace_step_0", gpu, 10.0, 90.0, annotation=True),
+        ev("void scope::kl_partial_kernel<float>(int)", gpu, 10.0, 40.0),
+        ev("autograd::engine::evaluate_function: X", cpu, 41.0, 55.0),  # the engine's thread
+        ev("cudaStreamSynchronize", cpu, 60.0, 99.0, parent=step),
+        ev("void scope::kl_backward_kernel<float>(int)", gpu, 60.0, 90.0),
+    ]
+    split, = trace.split_events(events, "cuda")
+    assert [k.name for k in split.kernels] == ["scope::kl_partial_kernel", "scope::kl_backward_kernel"]
+    assert (split.wall, split.busy, split.lead, split.tail) == (100.0, 60.0, 10.0, 10.0)
+    (after, before, us, host), = split.gaps
+    assert (after, before, us) == ("scope::kl_partial_kernel", "scope::kl_backward_kernel", 20.0)
+    assert host == [("autograd::engine::evaluate_function: X", 14.0)]

@@ -98,31 +98,45 @@ def short_name(name: str, width: int = 48) -> str:
 
 def profile_steps(step, sync, steps: int, device: str) -> list:
     """Runs `step` then `sync` `steps` times under torch.profiler: [StepSplit] per step."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for i in range(steps):
             sync()
-            with record_function(f"trace_step_{i}"):
+            with record_function(f"{STEP_PREFIX}{i}"):
                 step()
                 sync()
-    events = list(prof.events())
-    windows = sorted((e for e in events if e.name.startswith("trace_step_")), key=lambda e: e.time_range.start)
+    return split_events(list(prof.events()), device)
+
+
+STEP_PREFIX = "trace_step_"
+
+
+def split_events(events: list, device: str) -> list:
+    """[StepSplit] per step from the profiler's events (FunctionEvent-like: name, device_type,
+    time_range, cpu_parent, is_user_annotation). Steps: the host ranges named STEP_PREFIX*.
+    Work: on CUDA the device's events, less annotations (a record_function shows there too, as
+    a range spanning its kernels); on the CPU the scope_megatron:: ops. Host: ops at the top of
+    their thread's stack or right under the step, and on CUDA the runtime's calls."""
+    from torch.autograd import DeviceType
+
+    def is_step(e):
+        return e.name.startswith(STEP_PREFIX)
 
     def span(e):
         return Span(short_name(e.name), e.time_range.start, e.time_range.end)
 
+    windows = sorted((e for e in events if is_step(e) and e.device_type == DeviceType.CPU),
+                     key=lambda e: e.time_range.start)
+    step_ids = {id(w) for w in windows}
     if device == "cuda":
-        work = [span(e) for e in events if e.device_type == DeviceType.CUDA]
+        work = [span(e) for e in events if e.device_type == DeviceType.CUDA and not is_step(e)
+                and not getattr(e, "is_user_annotation", False)]
     else:
         work = [span(e) for e in events if e.name.startswith("scope_megatron::")]
-    step_ids = {id(w) for w in windows}
 
     def is_host(e):
-        """Host ops at the top of their thread's stack (or right under the step), and on CUDA
-        the runtime's calls (launches, syncs); not the step itself, not the CPU kernels."""
         if e.device_type != DeviceType.CPU or id(e) in step_ids:
             return False
         if device == "cuda" and e.name.startswith("cuda"):
