@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, in one call of about 6-8 minutes, build the extension with its
 # CUDA kernels, run the fused-KL and core CUDA tests, benchmark the ops against torch eager /
-# torch.compile and the bandwidth floors, take a profiler timeline of the benchmark's step, run the
-# rest of the CUDA tests, and print a short table last. Logs and results go to $OUT (default
-# build/gpu_check; exactly 8 files, the most the device tool brings back: gpu.txt, build.log,
-# tests.log, tune.json, ops_cuda.csv, ops_cuda.md, bench.log, trace.md).
+# torch.compile and the bandwidth floors, take a profiler timeline of the benchmark's step, run
+# the rest of the CUDA tests, and print the results and the performance targets
+# (tools/targets.py) last. Logs and results go to $OUT (default build/gpu_check; exactly 8
+# files, the most the device tool brings back: gpu.txt, build.log, tests.log, tune.json,
+# ops_cuda.csv, ops_cuda.md, bench.log, trace.md).
 #
 #   tools/gpu_check.sh                 # H100: TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16 by default
 #
@@ -101,4 +102,6 @@ fi
 
 stamp "== results (status $status)"
 cat "$OUT/ops_cuda.md" 2>/dev/null | sed -n '/^| op/,$p'
+echo
+"$PY" tools/targets.py --bench "$OUT/ops_cuda.csv" --tune "$OUT/tune.json" || status=1
 exit $status

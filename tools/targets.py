@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""The GPU performance targets (issue 8) against a benchmark run: reads tools/bench_ops.py's CSV
+(and tools/tune_kernels.py's JSON for the cluster kernel) and prints one row per target with the
+measured value, the limit and met / not met / not measured. Floors come from the copy bandwidth
+measured in the same run; with two variants of an entry (scope / deferred, fused /
+fused_deferred) each is listed.
+
+  python tools/targets.py --bench benchmarks/results/ops_cuda.csv --tune benchmarks/results/tune_cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+ROWS = 16384
+FULL = 151936
+# O(T) allowance of the memory target: per-token statistics, results and flags (a few dozen
+# bytes each) with room to spare
+PER_TOKEN_BYTES = 1024
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    limit: str
+    status: str  # "met", "not met", "not measured"
+
+
+def _status(value: Optional[float], limit: float, higher_is_better: bool = False) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= limit if higher_is_better else value <= limit
+    return "met" if ok else "not met"
+
+
+def _num(row: dict, key: str) -> Optional[float]:
+    value = row.get(key, "") if row else ""
+    return float(value) if value not in ("", None) else None
+
+
+def evaluate(bench_rows: list, tune: Optional[dict] = None) -> list:
+    """[Target] from bench_ops.py's CSV rows (dicts) and tune_kernels.py's JSON."""
+    index = {(r["op"], r["provider"], int(r["tokens"]), int(r["vocab"])): r for r in bench_rows
+             if r.get("dtype", "bf16") == "bf16" and not r.get("error")}
+
+    def row(op, provider, vocab, tokens=ROWS):
+        return index.get((op, provider, tokens, vocab))
+
+    out = []
+    compile_kl = _num(row("kl", "compile", FULL), "p50_ms")
+    for provider in ("scope", "deferred"):
+        r = row("kl", provider, FULL)
+        ratio = _num(r, "ratio_to_two_pass_floor")
+        out.append(Target(f"KL fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass floor",
+                          f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.10x",
+                          _status(ratio, 1.10)))
+        speedup = compile_kl / _num(r, "p50_ms") if r and compile_kl else None
+        out.append(Target(f"KL ({provider}) against torch.compile ({compile_kl or '—'} ms)",
+                          f"{speedup:.2f}x" if speedup else "—", "≥ 2.8x", _status(speedup, 2.8, True)))
+    r = row("kl", "scope", FULL)
+    extra = _num(r, "peak_extra_gib")
+    budget = (ROWS * FULL * 2 + ROWS * PER_TOKEN_BYTES) / 2**30
+    out.append(Target(f"KL extra memory, {ROWS} x {FULL}", f"{extra:.3f} GiB" if extra is not None else "—",
+                      f"≤ {budget:.3f} GiB (bf16 gradient + {PER_TOKEN_BYTES} B/token)", _status(extra, budget)))
+    for vocab, shard in ((FULL // 4, "V/4"), (FULL // 8, "V/8")):
+        fused = row("kl", "fused", vocab)
+        kernels = _num(fused, "kernels_ratio_to_one_pass_floor")
+        out.append(Target(f"fused KL kernel alone, {ROWS} x {vocab} ({shard}): x one-pass floor",
+                          f"{_num(fused, 'kernels_p50_ms'):.2f} ms = {kernels:.2f}x" if kernels else "—",
+                          "≤ 1.25x", _status(kernels, 1.25)))
+        for provider in ("fused", "fused_deferred"):
+            r = row("kl", provider, vocab)
+            ratio = _num(r, "ratio_to_one_pass_floor")
+            out.append(Target(f"fused KL through autograd ({provider}), {shard}: x one-pass floor",
+                              f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.25x",
+                              _status(ratio, 1.25)))
+    clusters = ((tune or {}).get("fused_clusters") or {}).get(f"{ROWS}x{FULL}", {})
+    cluster_ms = clusters.get("kl_fused") if isinstance(clusters, dict) else None
+    bandwidth = (tune or {}).get("bandwidth")
+    ratio = cluster_ms / (3 * 2 * ROWS * FULL / bandwidth * 1e3) if cluster_ms and bandwidth else None
+    out.append(Target(f"fused KL on clusters (stretch), {ROWS} x {FULL}: x one-pass floor",
+                      f"{cluster_ms:.2f} ms = {ratio:.2f}x" if ratio else "—", "≤ 1.25x", _status(ratio, 1.25)))
+    for provider in ("scope", "deferred"):
+        r = row("logprob", provider, FULL)
+        ratio = _num(r, "ratio_to_two_pass_floor")
+        out.append(Target(f"log-prob fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass floor",
+                          f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.10x",
+                          _status(ratio, 1.10)))
+    shards = [row("kl", "scope", FULL // n) for n in (1, 2, 4, 8)]
+    ratios = [_num(r, "kernels_ratio_to_two_pass_floor") for r in shards]
+    measured = None if None in ratios else max(ratios)
+    out.append(Target("TP shards V, V/2, V/4, V/8: per-rank KL kernels x two-pass floor (worst)",
+                      " / ".join(f"{_num(r, 'kernels_p50_ms'):.2f}" for r in shards) + f" ms, worst {measured:.2f}x"
+                      if measured else "—", "≤ 1.10x each", _status(measured, 1.10)))
+    return out
+
+
+def markdown(targets: list) -> str:
+    lines = ["| target | measured | limit | status |", "|---|---|---|---|"]
+    lines += [f"| {t.name} | {t.measured} | {t.limit} | {t.status} |" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", required=True, help="tools/bench_ops.py CSV (CUDA run)")
+    parser.add_argument("--tune", default=None, help="tools/tune_kernels.py JSON of the same run")
+    args = parser.parse_args(argv)
+    with open(args.bench, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tune = None
+    if args.tune:
+        with open(args.tune) as f:
+            tune = json.load(f)
+    print(markdown(evaluate(rows, tune)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
