@@ -215,9 +215,12 @@ def markdown(results: list, meta: dict, command: str) -> str:
              "then a sync. work: the union of the kernels; lead: host start to the first kernel; "
              "gaps: the device idle between kernels; tail: last kernel to the host's end.", ""]
     for r in results:
+        lines += [f"## {r['op']} {r['provider']}, {r['rows']} x {r['vocab']} {r['dtype']}", ""]
+        if "error" in r:
+            lines += [f"failed: {r['error']}", ""]
+            continue
         s, raw = r["step"], r["raw"]
-        lines += [f"## {r['op']} {r['provider']}, {r['rows']} x {r['vocab']} {r['dtype']}", "",
-                  "| | wall | work | lead | gaps | tail | kernels |", "|---|---|---|---|---|---|---|"]
+        lines += ["| | wall | work | lead | gaps | tail | kernels |", "|---|---|---|---|---|---|---|"]
         for name, x in (("step", s), ("raw", raw)):
             lines.append(f"| {name} | {_ms(x.wall)} | {_ms(x.busy)} | {_ms(x.lead)} | {_ms(x.gaps)} | "
                          f"{_ms(x.tail)} | {len(x.kernels)} |")
@@ -259,22 +262,26 @@ def main(argv=None) -> int:
         parser.error("--device cuda but torch.cuda.is_available() is False")
     meta = {"device": _device_name(args.device), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "commit": _git_commit()}
-    results = []
+    results, failed = [], False
     for size in args.sizes.split(","):
         rows, vocab = (int(x) for x in size.lower().split("x"))
         for spec in args.ops.split(","):
             op, _, provider = spec.partition(":")
-            res = trace_case(op, provider or "scope", rows, vocab, args.dtype, args.device, args.steps,
-                             args.warmup)
-            results.append(dict(op=op, provider=provider or "scope", rows=rows, vocab=vocab,
-                                dtype=args.dtype, **res))
+            row = dict(op=op, provider=provider or "scope", rows=rows, vocab=vocab, dtype=args.dtype)
+            try:
+                row.update(trace_case(op, row["provider"], rows, vocab, args.dtype, args.device, args.steps,
+                                      args.warmup))
+            except Exception as exc:  # one failed case keeps the others' tables
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                failed = True
+            results.append(row)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     text = markdown(results, meta, "python tools/trace_step.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
