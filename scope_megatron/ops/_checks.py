@@ -111,32 +111,24 @@ def check_error_check(op: str, error_check: str) -> str:
     return error_check
 
 
-class FlagCheck:
-    """The kernels' per-row error flags of one forward, checked now or in backward.
+class DeferredFlagCheck:
+    """The kernels' per-row error flags of one forward, to be checked in backward.
 
-    Checked in the forward (deferred=False), raise_on_flags waits for the device. Deferred, the
-    forward only queues, on CUDA, a copy of the largest flag into pinned host memory behind an
-    event, and marks the flagged tokens' results NaN (a target out of range would otherwise give
-    a finite, meaningless log-prob); check() in backward then waits for that event alone (the
-    forward's kernels finished long before; the backward kernel just queued keeps running) and
-    raises the error the forward would have raised.
+    On CUDA the forward only queues a copy of the largest flag into pinned host memory behind an
+    event; check() in backward waits for that event alone (the forward's kernels finished long
+    before; the backward kernel just queued keeps running) and raises the error the forward
+    would have raised.
     """
 
-    def __init__(self, op: str, flags: torch.Tensor, names: dict, *, deferred: bool,
-                 target: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None):
+    def __init__(self, op: str, flags: torch.Tensor, names: dict, *, target: Optional[torch.Tensor] = None,
+                 vocab_size: Optional[int] = None):
         self.op, self.flags, self.names, self.target, self.vocab_size = op, flags, names, target, vocab_size
         self.largest, self.event = None, None
-        if not deferred:
-            self.check()
-        elif flags.is_cuda and flags.numel():
+        if flags.is_cuda and flags.numel():
             self.largest = torch.empty((), dtype=flags.dtype, pin_memory=True)
             self.largest.copy_(flags.amax(), non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(flags.device))  # the stream of the copy
-
-    def mark_results(self, result: torch.Tensor) -> torch.Tensor:
-        """result [rows] with the flagged rows set to NaN (in place; no host sync)."""
-        return result.masked_fill_(self.flags != 0, float("nan"))
 
     def check(self) -> None:
         """Raises the op's error if any row was flagged (waits for the flags only)."""
@@ -145,6 +137,19 @@ class FlagCheck:
             if int(self.largest) == 0:
                 return
         raise_on_flags(self.op, self.flags, self.names, target=self.target, vocab_size=self.vocab_size)
+
+
+def check_flags(op: str, flags: torch.Tensor, names: dict, result: torch.Tensor, *, deferred: bool,
+                target: Optional[torch.Tensor] = None,
+                vocab_size: Optional[int] = None) -> Optional[DeferredFlagCheck]:
+    """The forward's error check: raises now (waiting for the device), or, deferred, marks the
+    flagged tokens' `result` NaN in place (a target out of range would otherwise give a finite,
+    meaningless log-prob) and returns the check for backward to run."""
+    if not deferred:
+        raise_on_flags(op, flags, names, target=target, vocab_size=vocab_size)
+        return None
+    result.masked_fill_(flags != 0, float("nan"))
+    return DeferredFlagCheck(op, flags, names, target=target, vocab_size=vocab_size)
 
 
 def check_same_placement(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (FlagCheck, check_error_check, check_logits, check_same_placement,
+from ._checks import (check_error_check, check_flags, check_logits, check_same_placement,
                       check_temperature, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
@@ -18,16 +18,6 @@ from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
 _OP = "vocab_parallel_kl"
 DIRECTIONS = ("reverse", "forward")
 _FLAG_NAMES = {FLAG_NONFINITE_FIRST: "student logits", FLAG_NONFINITE_SECOND: "teacher logits"}
-
-
-def _flag_check(flags: torch.Tensor, result: torch.Tensor, deferred: bool) -> Optional[FlagCheck]:
-    """Checks the flags now, or (deferred) marks the flagged tokens NaN and returns the check
-    for backward."""
-    check = FlagCheck(_OP, flags, _FLAG_NAMES, deferred=deferred)
-    if not deferred:
-        return None
-    check.mark_results(result)
-    return check
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -38,7 +28,7 @@ class _VocabParallelKL(torch.autograd.Function):
         stats = ops.kl_partial(student, teacher, shard.vocab_start, vocab_size, inv_ts, inv_tt,
                                reverse)
         kl, row_stats, flags = ops.kl_combine(gather_stats(stats, shard), reverse, inv_ts, inv_tt)
-        ctx.check = _flag_check(flags, kl, deferred)
+        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, kl, deferred=deferred)
         ctx.save_for_backward(student, teacher, row_stats)
         ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
         return kl
@@ -76,7 +66,7 @@ class _FusedKL(torch.autograd.Function):
                 deferred: bool) -> torch.Tensor:
         kl, row_stats, flags, grad = ops.kl_fused(student, teacher, expected, vocab_size, inv_ts,
                                                   inv_tt, reverse)
-        ctx.check = _flag_check(flags, kl, deferred)
+        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, kl, deferred=deferred)
         ctx.save_for_backward(student, teacher, row_stats, expected)
         ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
         ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)

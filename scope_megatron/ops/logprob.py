@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (FlagCheck, check_error_check, check_logits, check_same_placement,
+from ._checks import (check_error_check, check_flags, check_logits, check_same_placement,
                       check_temperature, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, ops
@@ -23,11 +23,8 @@ class _VocabParallelLogprob(torch.autograd.Function):
                 vocab_size: int, inv_temperature: float, deferred: bool) -> torch.Tensor:
         stats = ops.logprob_partial(logits, target, shard.vocab_start, vocab_size, inv_temperature)
         logprob, row_stats, flags = ops.logprob_combine(gather_stats(stats, shard), inv_temperature)
-        check = FlagCheck(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, deferred=deferred,
-                          target=target, vocab_size=vocab_size)
-        if deferred:  # an out-of-range target's log-prob would be finite and meaningless
-            check.mark_results(logprob)
-        ctx.check = check if deferred else None
+        ctx.check = check_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, logprob, deferred=deferred,
+                                target=target, vocab_size=vocab_size)
         ctx.save_for_backward(logits, target, row_stats)
         ctx.shard, ctx.vocab_size, ctx.inv_temperature = shard, vocab_size, inv_temperature
         return logprob
@@ -102,8 +99,7 @@ def vocab_parallel_logprob(
     shard = shard_info(tp_group, local_vocab, _OP)
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     rows = flatten_rows(logits)
+    deferred = error_check == "backward" and torch.is_grad_enabled() and logits.requires_grad
     out = _VocabParallelLogprob.apply(rows, target.reshape(-1).to(torch.int64).contiguous(), shard,
-                                      vocab_size, inv_temperature,
-                                      error_check == "backward" and torch.is_grad_enabled()
-                                      and logits.requires_grad)
+                                      vocab_size, inv_temperature, deferred)
     return out.reshape(logits.shape[:-1])
