@@ -11,6 +11,8 @@
 #
 # Optional steps (each costs a minute or more of device time):
 #   GPU_CHECK_CPP=1     the C++ CTest suite (CPU and CUDA launchers; builds the kernels again)
+#   GPU_CHECK_SKIP=tests,tune   leave steps out (of tests, tune, bench, trace): a rerun after a
+#                       Python-only change needs the build, the benchmark and the timeline only
 #   GPU_CHECK_TRAIN=1   a 6-step toy training run (needs megatron-core: tools/device_wheels.sh puts
 #                       a cp312 wheel in .whl/ here; carry .whl with the call)
 # Wheels in .whl/ are installed to /tmp/site first (the test machine has no network). The package
@@ -25,6 +27,7 @@ export PYTHONUNBUFFERED=1
 status=0
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+skip() { [[ ",${GPU_CHECK_SKIP:-}," == *",$1,"* ]]; }
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device visible to torch; run this on a GPU machine" >&2
@@ -48,39 +51,45 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SCOPE
 
 # pytest -o addopts="": the slow tests (64-bit offsets) run too.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=8 --no-header -rfE)
-stamp "== CUDA tests: fused KL and 64-bit offsets"
-timeout 240 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "fused or large" >"$OUT/tests.log" 2>&1 || status=1
-tail -4 "$OUT/tests.log"
+if ! skip tests; then
+  stamp "== CUDA tests: fused KL and 64-bit offsets"
+  timeout 240 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "fused or large" >"$OUT/tests.log" 2>&1 || status=1
+  tail -4 "$OUT/tests.log"
+fi
 
-stamp "== launch knob of the row kernels (kernels alone, several SCOPE_CUDA_PACKS_PER_WARP)"
 mkdir -p /tmp/scope_gpu_check
-if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >/tmp/scope_gpu_check/tune.log 2>&1; then
-  cat /tmp/scope_gpu_check/tune.log
-  best=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['best'] or '')" "$OUT/tune.json")
-  [ -n "$best" ] && export SCOPE_CUDA_PACKS_PER_WARP=$best
-else
-  tail -5 /tmp/scope_gpu_check/tune.log; status=1
+if ! skip tune; then
+  stamp "== launch knob of the row kernels (kernels alone, several SCOPE_CUDA_PACKS_PER_WARP)"
+  if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >/tmp/scope_gpu_check/tune.log 2>&1; then
+    cat /tmp/scope_gpu_check/tune.log
+    best=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['best'] or '')" "$OUT/tune.json")
+    [ -n "$best" ] && export SCOPE_CUDA_PACKS_PER_WARP=$best
+  else
+    tail -5 /tmp/scope_gpu_check/tune.log; status=1
+  fi
 fi
 echo "benchmark and remaining tests with SCOPE_CUDA_PACKS_PER_WARP=${SCOPE_CUDA_PACKS_PER_WARP:-default}"
 
-stamp "== benchmark"
+skip bench || { stamp "== benchmark"
 timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf16 \
   --sizes 4096x151936,16384x151936,16384x75968,16384x37984,16384x18992 \
   --baseline-sizes 4096x151936,16384x151936 --repeats ${BENCH_REPEATS:-10} --timeout 150 \
   --out "$OUT/ops_cuda.csv" --markdown "$OUT/ops_cuda.md" >"$OUT/bench.log" 2>&1 || status=1
-grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40
+grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40; }
 
-stamp "== step timeline (torch.profiler): the time through autograd above the kernels alone"
+skip trace || { stamp "== step timeline (torch.profiler): the time through autograd above the kernels alone"
 timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x18992 \
   --ops kl:scope,kl:deferred,kl:fused,kl:fused_deferred,logprob:scope,logprob:deferred \
   --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
-grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null
+grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null; }
 
-stamp "== CUDA tests: the rest"
-timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >>"$OUT/tests.log" 2>&1 || status=1
-timeout 60 "${PYTEST[@]}" tests/ops/test_error_check.py -m cuda >>"$OUT/tests.log" 2>&1 || status=1
-tail -4 "$OUT/tests.log"
+if ! skip tests; then
+  stamp "== CUDA tests: the rest"
+  timeout 200 "${PYTEST[@]}" tests/ops/test_cuda_ops.py -k "not fused and not large" >>"$OUT/tests.log" 2>&1 || status=1
+  timeout 60 "${PYTEST[@]}" tests/ops/test_error_check.py -m cuda >>"$OUT/tests.log" 2>&1 || status=1
+  tail -4 "$OUT/tests.log"
+fi
 
 if [ "${GPU_CHECK_CPP:-0}" = 1 ] && [ -x tools/run_cpp_tests.sh ]; then
   stamp "== C++ tests (CPU and CUDA kernels)"
@@ -103,5 +112,7 @@ fi
 stamp "== results (status $status)"
 cat "$OUT/ops_cuda.md" 2>/dev/null | sed -n '/^| op/,$p'
 echo
-"$PY" tools/targets.py --bench "$OUT/ops_cuda.csv" --tune "$OUT/tune.json" || status=1
+if [ -f "$OUT/ops_cuda.csv" ]; then
+  "$PY" tools/targets.py --bench "$OUT/ops_cuda.csv" $([ -f "$OUT/tune.json" ] && echo --tune "$OUT/tune.json") || status=1
+fi
 exit $status
