@@ -383,7 +383,10 @@ def _markdown(rows, meta, args, bandwidth) -> str:
         f"Command: `{cmd.strip()}`.",
         "Time: p50 over repeats of `(op(...) * w).sum().backward()`; memory: peak above the inputs; "
         "scope speedup = provider time / scope time (higher = scope faster); "
-        "vs compile = torch.compile time / provider time (higher = provider faster).",
+        "vs compile = torch.compile time / provider time (higher = provider faster). "
+        "Providers: scope = the ops as called by default; deferred = with error_check=\"backward\" "
+        "(no host sync in the forward); fused = with expected_grad=w (KL and gradient in one pass); "
+        "fused_deferred = both; eager / compile = the plain-PyTorch reference.",
     ]
     if bandwidth:
         lines.append(f"Copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s. 'kernels alone': "
