@@ -27,7 +27,7 @@ from scope_megatron.eval import summarize
 from scope_megatron.rewards import score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
 from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
-from scope_megatron.utils.logging import MetricsLogger, ProgressBar, plot_curves
+from scope_megatron.utils.logging import MetricsLogger, ProgressBar, plot_curves, read_metrics
 
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
@@ -300,8 +300,11 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def run(self) -> Dict[str, float]:
-        """Trains from start_step to training.train_iters; returns rank 0's last metrics."""
+        """Trains from start_step to training.train_iters; returns rank 0's last metrics (for a
+        run whose checkpoint already holds step train_iters: those logged at that step)."""
         cfg = self.cfg
+        if self.start_step >= cfg.training.train_iters:
+            return self._finished()
         log_dir = Path(cfg.logging.log_dir)
         resumed = self.start_step > 0
         logger = MetricsLogger(log_dir, is_rank0=self.is_rank0,
@@ -337,6 +340,23 @@ class Trainer:
             keys = ["reward/mean", "loss", "kl/mean"] + [f"eval/Avg@{e.k}"] + [f"eval/Pass@{k}" for k in e.pass_ks]
             plot_curves(logger.jsonl_path, log_dir / "curves.png", keys=keys,
                         title=f"{cfg.scope.algorithm} on {cfg.task.name}")
+        return last
+
+    def _finished(self) -> Dict[str, float]:
+        """Nothing to train: says so (rank 0) and returns the metrics logged at the checkpoint's
+        step, so that the same command run twice reports the run instead of starting it over."""
+        cfg = self.cfg
+        if not self.is_rank0:
+            return {}
+        path = Path(cfg.logging.log_dir) / "metrics.jsonl"
+        last: Dict[str, float] = {}
+        for record in read_metrics(path) if path.exists() else []:
+            if record["step"] == self.start_step:
+                last.update({k: v for k, v in record.items() if k not in ("step", "wall_time") and v is not None})
+        print(f"[scope-megatron] {cfg.checkpoint.save} already holds step {self.start_step} and "
+              f"--train-iters is {cfg.training.train_iters}: nothing to train. Raise --train-iters to "
+              "continue this run, or start another with a new --save and --log-dir (or delete "
+              f"{cfg.logging.log_dir}).", flush=True)
         return last
 
     def _log(self, logger: MetricsLogger, step: int, metrics: Dict[str, float]) -> Dict[str, float]:

@@ -53,6 +53,14 @@ def test_resume_equals_uninterrupted():
             assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (key, step)
 
 
+def test_a_finished_run_is_reported_not_retrained():
+    runs = _launch("layouts")
+    resumed, again = runs["resumed"], runs["again"]
+    assert again["loss"] == resumed["loss"] and again["checkpoints"] == resumed["checkpoints"]
+    assert again["returned"]["loss"] == pytest.approx(dict(resumed["loss"])[4])
+    assert "loss" in resumed["returned"]
+
+
 def test_loss_decreases_on_the_toy_task():
     """Each step's update lowers the SCOPE loss of that step's batch (the gradient points the
     right way through rollouts, teacher scoring, the loss and Megatron's schedule)."""

@@ -32,7 +32,7 @@ def _train(ctx, run_dir: Path, flags, *, iters: int):
     trainer = Trainer(cfg)
     teacher = [p.detach().clone() for c in trainer.teacher for p in c.parameters()]
     try:
-        trainer.run()
+        returned = trainer.run()
         frozen = all(not p.requires_grad and p.grad is None for c in trainer.teacher for p in c.parameters())
         unchanged = all(torch.equal(a, b) for a, b in
                         zip(teacher, [p for c in trainer.teacher for p in c.parameters()]))
@@ -45,7 +45,8 @@ def _train(ctx, run_dir: Path, flags, *, iters: int):
             "loss": [[r["step"], r["loss"]] for r in records if "loss" in r],
             "kl": [[r["step"], r["kl/mean"]] for r in records if "kl/mean" in r],
             "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r],
-            "checkpoints": sorted(p.name for p in (run_dir / "ckpt").glob("iter_*"))}
+            "checkpoints": sorted(p.name for p in (run_dir / "ckpt").glob("iter_*")),
+            "returned": returned if dist.get_rank() == 0 else None}
 
 
 def layouts(ctx):
@@ -62,6 +63,9 @@ def layouts(ctx):
     part = _run_dir(ctx, "part")
     out["first_half"] = _train(ctx, part, tp2, iters=2)
     out["resumed"] = _train(ctx, part, tp2, iters=4)
+    # the same command once more: the run is complete, nothing is trained or logged, and the
+    # metrics logged at its last step come back
+    out["again"] = _train(ctx, part, tp2, iters=4)
     return out
 
 
