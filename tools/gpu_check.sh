@@ -58,6 +58,12 @@ if ! skip tests; then
 fi
 
 mkdir -p /tmp/scope_gpu_check
+# Clocks, power and temperature every 100 ms while the kernels are timed (read only: the card's
+# settings are left alone), summarized into gpu.txt: does the card hold its clocks through the
+# benchmark, or do idle gaps let them drop?
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+  --format=csv,noheader,nounits -lms 100 >/tmp/scope_gpu_check/clocks.csv 2>/dev/null &
+sampler=$!
 if ! skip tune; then
   stamp "== launch knob of the row kernels (kernels alone, several SCOPE_CUDA_PACKS_PER_WARP)"
   if timeout 150 "$PY" tools/tune_kernels.py --json "$OUT/tune.json" >/tmp/scope_gpu_check/tune.log 2>&1; then
@@ -83,6 +89,25 @@ timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x1
   --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
 grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null; }
+
+kill "$sampler" 2>/dev/null
+"$PY" - /tmp/scope_gpu_check/clocks.csv <<'PYEOF' | tee -a "$OUT/gpu.txt"
+import statistics, sys
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append([float(x) for x in line.split(",")])
+    except ValueError:
+        pass
+if not rows:
+    print("clocks during tune / benchmark / timeline: no samples")
+else:
+    cols = list(zip(*rows))
+    mid = lambda c: f"{min(c):.0f} / {statistics.median(c):.0f} / {max(c):.0f}"
+    print(f"clocks during tune / benchmark / timeline ({len(rows)} samples, min / median / max): "
+          f"SM {mid(cols[0])} MHz, memory {mid(cols[1])} MHz, power {mid(cols[2])} W, "
+          f"temperature {mid(cols[3])} C, utilization {mid(cols[4])} %")
+PYEOF
 
 if ! skip tests; then
   stamp "== CUDA tests: the rest"
