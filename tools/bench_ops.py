@@ -49,12 +49,15 @@ FLOOR_FACTORS = {"kl": {"two_pass": 5, "one_pass": 3}, "logprob": {"two_pass": 3
 # ----------------------------------------------------------------------------------------------
 # the raw ops alone (also used by tools/tune_kernels.py)
 # ----------------------------------------------------------------------------------------------
-def raw_op_call(op: str, student, teacher, target, weights):
+def raw_op_call(op: str, student, teacher, target, weights, *, pause=None):
     """A no-argument call of the raw ops of `op` on one shard holding the whole vocabulary (no
     autograd, input checks or host syncs): "kl" (kl_partial, kl_combine, kl_backward), "kl_fused"
-    (kl_fused) or "logprob" (logprob_partial, logprob_combine, logprob_backward)."""
+    (kl_fused) or "logprob" (logprob_partial, logprob_combine, logprob_backward). pause: a
+    no-argument function called between the forward kernels and the backward kernel (e.g. a
+    device sync, to see what an idle device costs the backward)."""
     from scope_megatron.ops._library import ops
 
+    pause = pause or (lambda: None)
     s, v = student.detach(), student.shape[-1]
     if op == "kl_fused":
         return lambda: ops.kl_fused(s, teacher, weights, v, 1.0, 1.0, True)
@@ -62,12 +65,14 @@ def raw_op_call(op: str, student, teacher, target, weights):
         def call():
             stats = ops.kl_partial(s, teacher, 0, v, 1.0, 1.0, True)
             _, row_stats, _ = ops.kl_combine(stats.unsqueeze(0), True, 1.0, 1.0)
+            pause()
             return ops.kl_backward(weights, s, teacher, row_stats, 0, v, 1.0, 1.0, True)
         return call
     if op == "logprob":
         def call():
             stats = ops.logprob_partial(s, target, 0, v, 1.0)
             _, row_stats, _ = ops.logprob_combine(stats.unsqueeze(0), 1.0)
+            pause()
             return ops.logprob_backward(weights, s, target, row_stats, 0, v, 1.0)
         return call
     raise ValueError(f"unknown op {op!r}")

@@ -88,7 +88,7 @@ timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x1
   --ops kl:scope,kl:deferred,kl:fused,kl:fused_deferred,logprob:scope,logprob:deferred \
   --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
-grep -E "^## |^\| (step|raw|step − raw) \|" "$OUT/trace.md" 2>/dev/null; }
+grep -E "^## |^\| (step|raw|raw \+ sync|step − raw) \|" "$OUT/trace.md" 2>/dev/null; }
 
 kill "$sampler" 2>/dev/null
 "$PY" - /tmp/scope_gpu_check/clocks.csv <<'PYEOF' | tee -a "$OUT/gpu.txt"

@@ -178,7 +178,9 @@ def summarize(splits: list) -> Summary:
 
 def trace_case(op: str, provider: str, rows: int, vocab: int, dtype: str, device: str, steps: int,
                warmup: int) -> dict:
-    """{"step": Summary, "raw": Summary} for one op / provider / size."""
+    """{"step": Summary, "raw": Summary, "raw_sync": Summary} for one op / provider / size;
+    raw_sync (two-pass ops only): the raw ops with a device sync between the forward kernels and
+    the backward one, as the default error check does, but without autograd or checks."""
     import torch
 
     case = dict(rows=rows, vocab=vocab, dtype=dtype, device=device)
@@ -186,16 +188,18 @@ def trace_case(op: str, provider: str, rows: int, vocab: int, dtype: str, device
     fn = provider_fn(op, provider, teacher, target, weights)
     if fn is None:
         raise ValueError(f"{op} has no provider {provider!r}")
-    step = loss_step(fn, student, weights)
-    raw = raw_op_call(op + ("_fused" if provider.startswith("fused") else ""), student, teacher, target,
-                      weights)
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
+    fused = provider.startswith("fused")
+    calls = [("step", loss_step(fn, student, weights)),
+             ("raw", raw_op_call(op + ("_fused" if fused else ""), student, teacher, target, weights))]
+    if not fused:
+        calls.append(("raw_sync", raw_op_call(op, student, teacher, target, weights, pause=sync)))
     out = {}
-    for name, call in (("step", step), ("raw", raw)):
+    for name, call in calls:
         for _ in range(warmup):
             call()
         sync()
@@ -212,7 +216,8 @@ def markdown(results: list, meta: dict, command: str) -> str:
              f"torch {meta['torch']}; {meta['date']}; commit {meta['commit']}. Command: `{command}`.",
              "Medians over the profiled steps, in ms. step: `(op(...) * w).sum().backward()` with its "
              "checks, autograd and syncs (what tools/bench_ops.py times); raw: the raw ops alone, "
-             "then a sync. work: the union of the kernels; lead: host start to the first kernel; "
+             "then a sync; raw + sync: the same with a device sync before the backward kernel (what "
+             "the forward's error check adds, without autograd). work: the union of the kernels; lead: host start to the first kernel; "
              "gaps: the device idle between kernels; tail: last kernel to the host's end.", ""]
     for r in results:
         lines += [f"## {r['op']} {r['provider']}, {r['rows']} x {r['vocab']} {r['dtype']}", ""]
@@ -221,7 +226,9 @@ def markdown(results: list, meta: dict, command: str) -> str:
             continue
         s, raw = r["step"], r["raw"]
         lines += ["| | wall | work | lead | gaps | tail | kernels |", "|---|---|---|---|---|---|---|"]
-        for name, x in (("step", s), ("raw", raw)):
+        for name, x in (("step", s), ("raw", raw), ("raw + sync", r.get("raw_sync"))):
+            if x is None:
+                continue
             lines.append(f"| {name} | {_ms(x.wall)} | {_ms(x.busy)} | {_ms(x.lead)} | {_ms(x.gaps)} | "
                          f"{_ms(x.tail)} | {len(x.kernels)} |")
         lines.append(f"| step − raw | {_ms(s.wall - raw.wall)} | {_ms(s.busy - raw.busy)} | "
