@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the time of one benchmark step goes: a torch.profiler timeline of tools/bench_ops.py's
-step, `(op(...) * w).sum().backward()`, and of the raw ops alone (no autograd, checks or syncs),
-each step split into
+step, `(op(...) * w).sum().backward()`, of the raw ops alone (no autograd, checks or syncs) and,
+for the two-pass ops, of the raw ops with a device sync before the backward kernel (the idle
+device of the default error check, without autograd), each step split into
 
   work   the kernels (on CUDA: kernels, copies and fills on the GPU; on the CPU: the
          scope_megatron:: ops), each named, with its median duration;
