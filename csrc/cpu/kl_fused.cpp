@@ -1,6 +1,7 @@
 // CPU version of the fused KL (contract: ops.h kl_fused): the statistics, the combine step of
 // one shard and the weighted gradient, a few rows at a time so that each row pair is still in
-// the cache when the gradient reads it again (the CPU counterpart of keeping it on chip).
+// the cache when the gradient reads it again (the CPU counterpart of keeping it on chip); and
+// its backward for the gradient actually received (kl_backward_fixup).
 #include <algorithm>
 #include <cstdint>
 
@@ -35,9 +36,29 @@ void kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t
   }
 }
 
+template <typename T>
+void kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
+                       const acc_t<T>* row_stats, MutRows<T> grad, int64_t row_begin,
+                       int64_t row_end) {
+  // Each maximal run of rows whose received gradient differs goes through kl_backward at once.
+  int64_t r = row_begin;
+  while (r < row_end) {
+    if (grad_out[r] == expected[r]) {
+      ++r;
+      continue;
+    }
+    int64_t end = r + 1;
+    while (end < row_end && !(grad_out[end] == expected[end])) ++end;
+    kl_backward<T>(args, grad_out, row_stats, grad, r, end);
+    r = end;
+  }
+}
+
 #define SCOPE_INSTANTIATE_KL_FUSED(T)                                                       \
   template void kl_fused<T>(const KLArgs<T>&, const acc_t<T>*, acc_t<T>*, acc_t<T>*, int32_t*, \
-                            MutRows<T>, int64_t, int64_t);
+                            MutRows<T>, int64_t, int64_t);                                  \
+  template void kl_backward_fixup<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*,       \
+                                     const acc_t<T>*, MutRows<T>, int64_t, int64_t);
 
 SCOPE_INSTANTIATE_KL_FUSED(float)
 SCOPE_INSTANTIATE_KL_FUSED(double)

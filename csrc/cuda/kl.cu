@@ -125,10 +125,13 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
   }
 }
 
-template <typename T, int N, bool kReverse>
+// kFixup (kl_backward_fixup): grad already holds the gradient for the upstream gradient
+// `expected`; rows where grad_out equals it are skipped, the others rewritten as below.
+template <typename T, int N, bool kReverse, bool kFixup>
 __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPerSM<acc_t<T>>)
     kl_backward_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ grad_out,
-                       const acc_t<T>* __restrict__ row_stats, const MutRows<T> grad) {
+                       const acc_t<T>* __restrict__ row_stats, const MutRows<T> grad,
+                       const acc_t<T>* __restrict__ expected) {
   using Acc = acc_t<T>;
   using R = KLRowLayout;
   const int64_t cols = args.student.cols;
@@ -137,6 +140,9 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
   const Acc inv_s = args.inv_temperature_student;
   const Acc inv_t = args.inv_temperature_teacher;
   for (int64_t r = blockIdx.x; r < args.student.rows; r += gridDim.x) {
+    if constexpr (kFixup) {
+      if (grad_out[r] == expected[r]) continue;  // this row's gradient is already right
+    }
     T* __restrict__ out = grad.data + r * grad.row_stride;
     const Acc g = grad_out[r] * inv_s;
     if (g == Acc(0)) {  // masked tokens: nothing to compute
@@ -191,19 +197,22 @@ void launch_kl_partial(const KLArgs<T>& args, acc_t<T>* stats, cudaStream_t s) {
   }
 }
 
-template <typename T, bool kReverse>
+template <typename T, bool kReverse, bool kFixup>
 void launch_kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out,
-                        const acc_t<T>* row_stats, MutRows<T> grad, cudaStream_t s) {
+                        const acc_t<T>* row_stats, MutRows<T> grad, const acc_t<T>* expected,
+                        cudaStream_t s) {
   const unsigned int blocks = detail::grid_size(args.student.rows);
   const int64_t cols = args.student.cols;
   if (pair_aligned(args) &&
       detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride)) {
     constexpr int N = detail::kPackWidth<T>;
-    kl_backward_kernel<T, N, kReverse><<<blocks, detail::row_block_threads(cols / N), 0, s>>>(
-        args, grad_out, row_stats, grad);
+    kl_backward_kernel<T, N, kReverse, kFixup>
+        <<<blocks, detail::row_block_threads(cols / N), 0, s>>>(args, grad_out, row_stats, grad,
+                                                                 expected);
   } else {
-    kl_backward_kernel<T, 1, kReverse>
-        <<<blocks, detail::row_block_threads(cols), 0, s>>>(args, grad_out, row_stats, grad);
+    kl_backward_kernel<T, 1, kReverse, kFixup>
+        <<<blocks, detail::row_block_threads(cols), 0, s>>>(args, grad_out, row_stats, grad,
+                                                             expected);
   }
 }
 
@@ -227,9 +236,22 @@ int kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>*
   if (args.student.rows == 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   if (args.reverse) {
-    launch_kl_backward<T, true>(args, grad_out, row_stats, grad, s);
+    launch_kl_backward<T, true, false>(args, grad_out, row_stats, grad, nullptr, s);
   } else {
-    launch_kl_backward<T, false>(args, grad_out, row_stats, grad, s);
+    launch_kl_backward<T, false, false>(args, grad_out, row_stats, grad, nullptr, s);
+  }
+  return detail::launch_status();
+}
+
+template <typename T>
+int kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
+                      const acc_t<T>* row_stats, MutRows<T> grad, void* stream) {
+  if (args.student.rows == 0) return 0;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (args.reverse) {
+    launch_kl_backward<T, true, true>(args, grad_out, row_stats, grad, expected, s);
+  } else {
+    launch_kl_backward<T, false, true>(args, grad_out, row_stats, grad, expected, s);
   }
   return detail::launch_status();
 }
@@ -237,7 +259,9 @@ int kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>*
 #define SCOPE_CUDA_INSTANTIATE_KL(T)                                                           \
   template int kl_partial<T>(const KLArgs<T>&, acc_t<T>*, void*);                             \
   template int kl_backward<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*, MutRows<T>, \
-                              void*);
+                              void*);                                                         \
+  template int kl_backward_fixup<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*,        \
+                                    const acc_t<T>*, MutRows<T>, void*);
 
 SCOPE_CUDA_INSTANTIATE_KL(float)
 SCOPE_CUDA_INSTANTIATE_KL(double)

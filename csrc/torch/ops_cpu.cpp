@@ -71,6 +71,15 @@ struct CpuBackend {
   }
 
   template <typename T>
+  static void kl_backward_fixup(const k::KLArgs<T>& args, const k::acc_t<T>* grad_out,
+                                const k::acc_t<T>* expected, const k::acc_t<T>* row_stats,
+                                k::MutRows<T> grad, const at::Device&, const char*) {
+    parallel_rows(args.student.rows, args.student.cols, [&](int64_t b, int64_t e) {
+      k::cpu::kl_backward_fixup<T>(args, grad_out, expected, row_stats, grad, b, e);
+    });
+  }
+
+  template <typename T>
   static bool kl_fused_on_chip(const k::KLArgs<T>&) {
     return true;  // the CPU kernel blocks rows to stay in cache for any shape
   }

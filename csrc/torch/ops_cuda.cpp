@@ -84,6 +84,15 @@ struct CudaBackend {
   }
 
   template <typename T>
+  static void kl_backward_fixup(const k::KLArgs<T>& args, const k::acc_t<T>* grad_out,
+                                const k::acc_t<T>* expected, const k::acc_t<T>* row_stats,
+                                k::MutRows<T> grad, const at::Device& device, const char* op) {
+    check_launch(k::cuda::kl_backward_fixup<T>(args, grad_out, expected, row_stats, grad,
+                                               current_stream(device)),
+                 op);
+  }
+
+  template <typename T>
   static bool kl_fused_on_chip(const k::KLArgs<T>& args) {
     return k::cuda::kl_fused_on_chip<T>(args);
   }

@@ -1,4 +1,4 @@
-// The ten scope_megatron ops written once for every backend: input checks, output allocation
+// The eleven scope_megatron ops written once for every backend: input checks, output allocation
 // and dtype dispatch around a Backend policy that runs the kernels (ops_cpu.cpp: CPU kernels
 // with at::parallel_for; ops_cuda.cpp: CUDA launchers on the current stream).
 //
@@ -8,7 +8,7 @@
 //   Guard(device)                RAII device guard
 //   check_device(t, op, name)    the tensor is on this backend's device type
 //   logprob_partial / logprob_combine / logprob_backward / kl_partial / kl_combine /
-//   kl_backward / kl_fused / sequence_logppl / sequence_logppl_backward / group_weights (kernel calls with
+//   kl_backward / kl_fused / kl_backward_fixup / sequence_logppl / sequence_logppl_backward / group_weights (kernel calls with
 //   the arguments of csrc/include/scope_kernels/ops.h, plus the device)
 //   kl_fused_on_chip<T>(args)    whether kl_fused runs in one pass for these inputs (else the
 //                                op composes kl_partial, kl_combine and kl_backward)
@@ -199,6 +199,39 @@ at::Tensor kl_backward(const at::Tensor& grad_out, const at::Tensor& student,
   return grad;
 }
 
+// The backward of kl_fused for the upstream gradient received (grad_out): grad holds kl_fused's
+// gradient for `expected` and is rewritten in place on the rows where the two differ.
+template <typename B>
+void kl_backward_fixup(at::Tensor& grad, const at::Tensor& grad_out, const at::Tensor& expected,
+                       const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& row_stats, int64_t vocab_start, int64_t vocab_size,
+                       double inv_temperature_student, double inv_temperature_teacher,
+                       bool reverse) {
+  constexpr const char* op = "scope_megatron::kl_backward_fixup";
+  B::check_device(student, op, "student_logits");
+  check_kl_pair(student, teacher, op);
+  check_vocab(vocab_start, vocab_size, op);
+  const int64_t rows = student.size(0);
+  const auto acc = acc_dtype(student.scalar_type());
+  check_vector(grad_out, rows, acc, op, "grad_out", student.device());
+  check_vector(expected, rows, acc, op, "expected", student.device());
+  check_row_stats(row_stats, rows, k::KLRowLayout::kWidth, acc, op, student.device());
+  TORCH_CHECK(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type() &&
+                  grad.device() == student.device() && grad.is_contiguous(),
+              op, ": grad must be a contiguous tensor of the student logits' shape, dtype and "
+              "device (kl_fused's gradient), got ", grad.sizes(), " ", grad.scalar_type());
+  const typename B::Guard guard(student.device());
+  dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = k::acc_t<T>;
+    B::template kl_backward_fixup<T>(kl_args<T>(student, teacher, vocab_start, vocab_size,
+                                                inv_temperature_student, inv_temperature_teacher,
+                                                reverse),
+                                     cptr<Acc>(grad_out), cptr<Acc>(expected), cptr<Acc>(row_stats),
+                                     mut_rows<T>(grad), student.device(), op);
+  });
+}
+
 // KL and weighted gradient of a shard holding the whole vocabulary, in one pass where the
 // backend can (kl_fused_on_chip), else through the three phases; the results are the same.
 template <typename B>
@@ -324,7 +357,7 @@ at::Tensor group_weights(const at::Tensor& log_ppl, const at::Tensor& group_inde
 
 }  // namespace impl
 
-// Registers the ten ops for a dispatch key with backend B (inside TORCH_LIBRARY_IMPL).
+// Registers the eleven ops for a dispatch key with backend B (inside TORCH_LIBRARY_IMPL).
 template <typename B>
 void register_ops(torch::Library& m) {
   m.impl("logprob_partial", &impl::logprob_partial<B>);
@@ -334,6 +367,7 @@ void register_ops(torch::Library& m) {
   m.impl("kl_combine", &impl::kl_combine<B>);
   m.impl("kl_backward", &impl::kl_backward<B>);
   m.impl("kl_fused", &impl::kl_fused<B>);
+  m.impl("kl_backward_fixup", &impl::kl_backward_fixup<B>);
   m.impl("sequence_logppl", &impl::sequence_logppl<B>);
   m.impl("sequence_logppl_backward", &impl::sequence_logppl_backward<B>);
   m.impl("group_weights", &impl::group_weights<B>);

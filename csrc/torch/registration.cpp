@@ -36,6 +36,12 @@ TORCH_LIBRARY(scope_megatron, m) {
       "kl_fused(Tensor student, Tensor teacher, Tensor weight, int vocab_size, "
       "float inv_temperature_student, float inv_temperature_teacher, bool reverse) -> "
       "(Tensor kl, Tensor row_stats, Tensor flags, Tensor grad)");
+  // Its backward for the upstream gradient received: rewrites, in place, the rows of kl_fused's
+  // gradient where grad_out differs from the weight it was computed for.
+  m.def(
+      "kl_backward_fixup(Tensor(a!) grad, Tensor grad_out, Tensor expected, Tensor student, "
+      "Tensor teacher, Tensor row_stats, int vocab_start, int vocab_size, "
+      "float inv_temperature_student, float inv_temperature_teacher, bool reverse) -> ()");
   // Per-sequence mean negative log-likelihood (log perplexity).
   m.def("sequence_logppl(Tensor values, Tensor? mask, Tensor offsets) -> (Tensor log_ppl, Tensor count)");
   m.def(

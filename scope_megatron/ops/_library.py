@@ -73,6 +73,12 @@ def _kl_fused_fake(student, teacher, weight, vocab_size, inv_ts, inv_tt, reverse
             weight.new_empty(rows, dtype=torch.int32), student.new_empty(student.shape))
 
 
+@torch.library.register_fake("scope_megatron::kl_backward_fixup")
+def _kl_backward_fixup_fake(grad, grad_out, expected, student, teacher, row_stats, vocab_start,
+                            vocab_size, inv_ts, inv_tt, reverse):
+    return None
+
+
 @torch.library.register_fake("scope_megatron::sequence_logppl")
 def _sequence_logppl_fake(values, mask, offsets):
     seqs = offsets.shape[0] - 1

@@ -50,12 +50,6 @@ def _exact_grad(grad_kl, student, teacher, row_stats, args):
     return ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher, row_stats, *args)
 
 
-# backward takes the fused gradient when the gradient it receives is expected_grad times s with
-# |s - 1| and the deviation from that proportion within this relative tolerance: far below the
-# rounding of a bf16 / fp16 / fp32 gradient element.
-EXPECTED_GRAD_RTOL = 1e-6
-
-
 class _FusedKL(torch.autograd.Function):
     """KL and gradient in one pass (ops.kl_fused) for logits holding the whole vocabulary, with
     the gradient backward is expected to receive given up front."""
@@ -77,36 +71,62 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         student, teacher, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        if ctx.check is not None:
+        got = grad_kl.to(expected.dtype).contiguous()
+        if grad is None:
+            grad = _exact_grad(got, student, teacher, row_stats, ctx.args)
+        else:
+            # The rows where the received gradient differs from expected_grad are rewritten on
+            # the device (the KL gradient is linear in each row's upstream gradient): no host
+            # decision, no sync; where they are equal (the usual case) nothing moves.
+            ops.kl_backward_fixup(grad, got, expected, student, teacher, row_stats, *ctx.args)
+            _MISMATCHES.watch(got, expected)
+        if ctx.check is not None:  # after the launches: the kernels run while the host waits
             ctx.check.check()
-        none = (None,) * 7
-        if grad is not None:
-            got = grad_kl.to(expected.dtype)
-            if torch.equal(got, expected):  # the usual case: one small kernel
-                return (grad, *none)
-            scale = _proportion(got, expected)
-            if scale is not None:  # e.g. a loss scale: one more pass over the gradient
-                return (grad.mul_(scale) if abs(scale - 1.0) > EXPECTED_GRAD_RTOL else grad, *none)
+        return (grad, *(None,) * 7)
+
+
+class _MismatchWatch:
+    """Reports, with a RuntimeWarning, fused backwards whose received gradient differed from
+    expected_grad (a cost, not an error: those rows were recomputed). On CUDA without a sync:
+    the count of differing tokens is copied to pinned memory behind an event and read once the
+    event has passed, at a later call of vocab_parallel_kl with expected_grad."""
+
+    def __init__(self):
+        self.pending = []  # (count on the host, event, tokens)
+
+    def watch(self, got: torch.Tensor, expected: torch.Tensor) -> None:
+        differing = (got != expected).sum()
+        if not got.is_cuda:
+            self._report(int(differing), got.numel())
+            return
+        count = torch.empty((), dtype=differing.dtype, pin_memory=True)
+        count.copy_(differing, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(got.device))
+        self.pending.append((count, event, got.numel()))
+
+    def poll(self) -> None:
+        """Reports the watched backwards whose count has arrived; never waits."""
+        waiting = []
+        for count, event, tokens in self.pending:
+            if event.query():
+                self._report(int(count), tokens)
+            else:
+                waiting.append((count, event, tokens))
+        self.pending = waiting
+
+    @staticmethod
+    def _report(differing: int, tokens: int) -> None:
+        if differing:
             warnings.warn(
-                f"{_OP}: the gradient backward received is not proportional to expected_grad; "
-                "recomputing the exact gradient (two more passes over the logits). Pass the "
-                "gradient the loss actually backpropagates into the KL as expected_grad.",
-                RuntimeWarning, stacklevel=2)
-        return (_exact_grad(grad_kl, student, teacher, row_stats, ctx.args), *none)
+                f"{_OP}: the gradient backward received differed from expected_grad on "
+                f"{differing} of {tokens} tokens; those rows of the gradient were recomputed (two "
+                "more reads of their logits). Pass the gradient the loss actually backpropagates "
+                "into the KL (loss scale and averaging included) as expected_grad.",
+                RuntimeWarning, stacklevel=3)
 
 
-def _proportion(got: torch.Tensor, expected: torch.Tensor) -> Optional[float]:
-    """s with got == s * expected to EXPECTED_GRAD_RTOL (relative to max |got|), else None.
-    One host sync."""
-    if got.numel() == 0:
-        return 1.0
-    e, g = expected.double(), got.double()
-    norm = (e * e).sum()
-    scale = torch.where(norm > 0, (g * e).sum() / norm.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
-    deviation = (g - scale * e).abs().max()
-    scale, deviation, g_max, e_max = torch.stack([scale, deviation, g.abs().max(), e.abs().max()]).tolist()
-    bound = EXPECTED_GRAD_RTOL * max(g_max, e_max * abs(scale))
-    return scale if deviation <= bound else None
+_MISMATCHES = _MismatchWatch()
 
 
 def vocab_parallel_kl(
@@ -143,11 +163,11 @@ def vocab_parallel_kl(
         (kl * w).sum() it is w. Without tensor parallelism the forward then computes the KL and
         its gradient in one pass over the logits (ops.kl_fused: each row pair is read once
         instead of twice), keeps the gradient until backward (the same bf16 [..., V] tensor
-        the backward would allocate, held from the forward on) and returns it there. backward
-        checks the gradient it receives: proportional to expected_grad with factor s (a loss
-        scale, say), it returns s times the fused gradient (one more pass unless s == 1);
-        otherwise it recomputes the exact gradient, with a RuntimeWarning. Ignored under tensor
-        parallelism (a shard's gradient needs the statistics of every shard first).
+        the backward would allocate, held from the forward on) and returns it there. The
+        gradient is always exact for the gradient backward actually receives: on the tokens
+        where that differs from expected_grad (a loss scale, say), backward recomputes those
+        rows on the device, without a host sync, and a RuntimeWarning reports it later. Ignored
+        under tensor parallelism (a shard's gradient needs the statistics of every shard first).
       error_check: "forward" (default): NaN / Inf logits raise in the forward, which waits for
         the device to know (one host sync per call). "backward", when the result will be
         differentiated (grad enabled, student logits requiring grad): the forward does not wait,
@@ -194,6 +214,7 @@ def vocab_parallel_kl(
     differentiated = torch.is_grad_enabled() and student_logits.requires_grad
     deferred = error_check == "backward" and differentiated
     if expected_grad is not None and shard.world_size == 1 and differentiated:
+        _MISMATCHES.poll()
         expected = _check_expected_grad(expected_grad, student_logits)
         out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse,
                              deferred)

@@ -97,15 +97,36 @@ def test_expected_grad_extreme_logits_and_padding(kind, gen):
     assert bool((grad[:, true_vocab:] == 0).all())
 
 
-def test_proportional_gradient_is_rescaled_without_warning(gen):
-    """A loss scale between the KL and backward: the fused gradient times the factor."""
+def test_proportional_gradient_is_recomputed_with_a_warning(gen):
+    """A loss scale between the KL and backward: every row differs from expected_grad, so every
+    row is recomputed for the gradient received (exact), and the cost is reported."""
     student = random_logits((6, 300), torch.float32, gen)
     teacher = random_logits((6, 300), torch.float32, gen)
     weights = _weights(6, gen, torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    weights[weights == 0] = 0.5  # every row differs once scaled
+    with pytest.warns(RuntimeWarning, match="differed from expected_grad on 6 of 6 tokens"):
         _, grad, _, ref_grad = _fused_and_reference(student, teacher, weights, loss_factor=1024.0)
-    assert_grad_close(grad, ref_grad, torch.float32, logit_scale=10.0)
+    assert_grad_close(grad, ref_grad, torch.float32, logit_scale=10.0 * 1024)
+
+
+def test_only_the_rows_that_differ_are_recomputed(gen):
+    """The fixup rewrites the rows whose received gradient differs from expected_grad, from the
+    logits, and leaves the others bit for bit as the fused pass wrote them."""
+    ops = torch.ops.scope_megatron
+    student = random_logits((7, 300), torch.bfloat16, gen)
+    teacher = random_logits((7, 300), torch.bfloat16, gen)
+    expected = torch.randn(7, generator=gen)
+    _, row_stats, _, fused = ops.kl_fused(student, teacher, expected, 300, 0.9, 1.1, True)
+    got = expected.clone()
+    got[[1, 4]] = torch.tensor([3.0, 0.0])  # rescaled, and masked after the fact
+    got[6] = float("nan")
+    grad = fused.clone()
+    ops.kl_backward_fixup(grad, got, expected, student, teacher, row_stats, 0, 300, 0.9, 1.1, True)
+    exact = ops.kl_backward(got, student, teacher, row_stats, 0, 300, 0.9, 1.1, True)
+    same = [0, 2, 3, 5]
+    assert torch.equal(grad[same], fused[same])
+    assert torch.equal(grad[[1, 4]], exact[[1, 4]]) and bool((grad[4] == 0).all())
+    assert bool(torch.isnan(grad[6]).all())
 
 
 def test_unexpected_gradient_is_recomputed_with_a_warning(gen):
@@ -115,11 +136,25 @@ def test_unexpected_gradient_is_recomputed_with_a_warning(gen):
     other = torch.randn(6, generator=gen)  # what the loss really backpropagates
     leaf = student.detach().clone().requires_grad_()
     out = vocab_parallel_kl(leaf, teacher, expected_grad=weights)
-    with pytest.warns(RuntimeWarning, match="not proportional to expected_grad"):
+    with pytest.warns(RuntimeWarning, match="differed from expected_grad on 6 of 6 tokens"):
         (out * other).sum().backward()
     ref_leaf = student.detach().double().requires_grad_()
     (kl_reference(ref_leaf, teacher.double()) * other.double()).sum().backward()
     assert_grad_close(leaf.grad, ref_leaf.grad, torch.bfloat16, logit_scale=10.0)
+
+
+def test_a_second_backward_recomputes(gen):
+    """retain_graph: the fused gradient was handed over by the first backward; the second one
+    computes the exact gradient again."""
+    student = random_logits((5, 200), torch.float32, gen).requires_grad_()
+    teacher = random_logits((5, 200), torch.float32, gen)
+    weights = torch.rand(5, generator=gen)
+    loss = (vocab_parallel_kl(student, teacher, expected_grad=weights) * weights).sum()
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    student.grad = None
+    loss.backward()
+    torch.testing.assert_close(student.grad, first, rtol=1e-6, atol=1e-7)
 
 
 def test_gradcheck_with_expected_grad(gen):
@@ -140,10 +175,10 @@ def test_expected_grad_checks(gen):
     teacher = random_logits((4, 64), torch.float32, gen)
     with pytest.raises(ValueError, match="expected_grad must be a tensor of shape"):
         vocab_parallel_kl(student, teacher, expected_grad=torch.ones(5))
-    # a non-finite expected gradient cannot match: backward recomputes from the real one
+    # a non-finite expected gradient cannot match: backward recomputes those rows from the real one
     weights = torch.tensor([1.0, 2.0, 0.0, -1.0])
     out = vocab_parallel_kl(student, teacher, expected_grad=torch.tensor([1.0, float("nan"), 0, 0]))
-    with pytest.warns(RuntimeWarning, match="not proportional"):
+    with pytest.warns(RuntimeWarning, match="on 2 of 4 tokens"):
         (out * weights).sum().backward()
     ref_leaf = student.detach().double().requires_grad_()
     (kl_reference(ref_leaf, teacher.double()) * weights.double()).sum().backward()

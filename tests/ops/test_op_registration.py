@@ -29,6 +29,7 @@ def _opcheck_cases():
     offsets = torch.tensor([0, 4, 5, 12])
     mask = torch.rand(12, generator=g) > 0.3
     lp, count = ops.sequence_logppl(values, mask, offsets)
+    fused_w = torch.randn(5, generator=g)
     return {
         "logprob_partial": (ops.logprob_partial, (s, target, 0, 30, 1.25)),
         "logprob_combine": (ops.logprob_combine, (torch.stack([lp_stats, lp_stats]), 1.25)),
@@ -37,6 +38,10 @@ def _opcheck_cases():
         "kl_combine": (ops.kl_combine, (torch.stack([kl_stats, kl_stats]), True, 0.8, 1.1)),
         "kl_backward": (ops.kl_backward, (torch.randn(5, generator=g), s, t, kl_rows, 0, 30, 0.8, 1.1, True)),
         "kl_fused": (ops.kl_fused, (s, t, torch.randn(5, generator=g), 30, 0.8, 1.1, True)),
+        # rows 1 and 3 differ from the weight kl_fused used: rewritten in place
+        "kl_backward_fixup": (ops.kl_backward_fixup, (
+            ops.kl_fused(s, t, fused_w, 30, 0.8, 1.1, True)[3], fused_w + torch.tensor([0, 1.0, 0, -2.0, 0]),
+            fused_w, s, t, ops.kl_fused(s, t, fused_w, 30, 0.8, 1.1, True)[1], 0, 30, 0.8, 1.1, True)),
         "sequence_logppl": (ops.sequence_logppl, (values, mask, offsets)),
         "sequence_logppl_backward": (ops.sequence_logppl_backward, (torch.randn(3, generator=g), mask, offsets, count, 12)),
         "group_weights": (ops.group_weights, (torch.randn(6, generator=g), torch.tensor([0, 1, 0, 2, 1, 0]),

@@ -48,6 +48,12 @@ template <typename T>
 int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<T>* row_stats,
              int32_t* flags, MutRows<T> grad, void* stream);
 
+// ops.h's kl_backward_fixup (the backward of kl_fused for the gradient received) on the device:
+// the rows where grad_out equals expected are skipped, the others rewritten; no host decision.
+template <typename T>
+int kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
+                      const acc_t<T>* row_stats, MutRows<T> grad, void* stream);
+
 // offsets: [num_seqs + 1] (validated by the caller); mask may be null.
 template <typename T>
 int sequence_logppl(const T* values, const bool* mask, const int64_t* offsets, int64_t num_seqs,
