@@ -291,6 +291,54 @@ TEST(kl_float64) { kl_suite<double>(); }
 TEST(kl_bfloat16) { kl_suite<BFloat16>(); }
 TEST(kl_float16) { kl_suite<Half>(); }
 
+// kl_backward_fixup: starting from the gradient for `expected`, the rows where grad_out differs
+// become exactly what kl_backward writes for grad_out; the other rows are not touched.
+template <typename T>
+void check_kl_backward_fixup(bool reverse) {
+  using Acc = acc_t<T>;
+  const int64_t rows = 9, cols = 300, vocab = 290;
+  std::vector<T> student = random_logits<T>(rows, cols, Kind::kNormal);
+  std::vector<T> teacher = random_logits<T>(rows, cols, Kind::kNormal);
+  const KLArgs<T> args{{student.data(), rows, cols, cols}, {teacher.data(), rows, cols, cols}, 0, vocab,
+                       static_cast<Acc>(1.25), static_cast<Acc>(0.9), reverse};
+  std::vector<Acc> stats(rows * KLStatsLayout::kWidth), kl(rows), row_stats(rows * KLRowLayout::kWidth);
+  std::vector<int32_t> flags(rows);
+  cpu::kl_partial<T>(args, stats.data(), 0, rows);
+  cpu::kl_combine<Acc>(stats.data(), 1, rows, reverse, args.inv_temperature_student,
+                       args.inv_temperature_teacher, kl.data(), row_stats.data(), flags.data(), 0, rows);
+  std::vector<Acc> expected(rows), got(rows);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (int64_t r = 0; r < rows; ++r) expected[r] = got[r] = static_cast<Acc>(normal(rng()));
+  got[2] = static_cast<Acc>(3.5);
+  got[3] = 0;  // a run of two differing rows
+  got[8] = expected[8] * 2;  // the last row
+  std::vector<T> fused(rows * cols), grad(rows * cols), exact(rows * cols);
+  cpu::kl_backward<T>(args, expected.data(), row_stats.data(), {fused.data(), rows, cols, cols}, 0, rows);
+  cpu::kl_backward<T>(args, got.data(), row_stats.data(), {exact.data(), rows, cols, cols}, 0, rows);
+  // kept rows carry a sentinel: a fixup that writes them (even the same values) is caught
+  auto changed = [](int64_t r) { return r == 2 || r == 3 || r == 8; };
+  for (int64_t i = 0; i < rows * cols; ++i) grad[i] = changed(i / cols) ? fused[i] : from_double<T>(7.0);
+  cpu::kl_backward_fixup<T>(args, got.data(), expected.data(), row_stats.data(),
+                            {grad.data(), rows, cols, cols}, 0, rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const double want = changed(r) ? to_double(exact[r * cols + j]) : 7.0;
+      CHECK(to_double(grad[r * cols + j]) == want,
+            type_name<T>() << " fixup row " << r << " col " << j << (changed(r) ? " (rewritten)" : " (kept)"));
+    }
+  }
+  CHECK(to_double(fused[2 * cols]) != to_double(exact[2 * cols]),
+        "the rewritten row must differ from the fused one for this test to mean anything");
+}
+
+TEST(kl_backward_fixup) {
+  for (bool reverse : {true, false}) {
+    check_kl_backward_fixup<float>(reverse);
+    check_kl_backward_fixup<BFloat16>(reverse);
+    check_kl_backward_fixup<double>(reverse);
+  }
+}
+
 TEST(kl_flags_and_ignored_padding) {
   std::vector<float> s = random_logits<float>(3, 80, Kind::kNormal);
   std::vector<float> t = random_logits<float>(3, 80, Kind::kNormal);
