@@ -4,9 +4,9 @@ Each op runs a C++ kernel on CPU tensors and a CUDA kernel on CUDA tensors (same
 autograd and the tensor-parallel collectives in Python. Importing this module requires the
 compiled extension (scope_megatron._C) and says how to build it if it is missing.
 
-  vocab_parallel_logprob(logits, target, *, tp_group, vocab_size, temperature)
+  vocab_parallel_logprob(logits, target, *, tp_group, vocab_size, temperature, error_check)
   vocab_parallel_kl(student_logits, teacher_logits, *, tp_group, vocab_size, direction,
-                    student_temperature, teacher_temperature, expected_grad)
+                    student_temperature, teacher_temperature, expected_grad, error_check)
   sequence_perplexity(token_logprobs, mask=None, *, cu_seqlens=None)
   group_normalized_weights(log_ppl, group_ids, member_mask, *, sign, tau, normalize)
 

@@ -105,38 +105,55 @@ def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optiona
 ERROR_CHECKS = ("forward", "backward")
 
 
-def check_error_check(op: str, error_check: str) -> str:
+def defers_error_check(op: str, error_check: str, logits: torch.Tensor) -> bool:
+    """Validates error_check; True when the check moves to backward: "backward" and the result
+    will be differentiated (grad enabled, logits requiring grad), else there is no backward to
+    raise in and the forward checks."""
     if error_check not in ERROR_CHECKS:
         raise ValueError(f"{op}: error_check must be one of {ERROR_CHECKS}, got {error_check!r}")
-    return error_check
+    return error_check == "backward" and torch.is_grad_enabled() and logits.requires_grad
+
+
+class HostScalar:
+    """A 0-d device tensor's value for the host without a sync: on CUDA it is copied into pinned
+    host memory behind an event (read it once ready(), or value() waits for that event alone);
+    on the CPU it is read at once."""
+
+    def __init__(self, value: torch.Tensor):
+        self.event = None
+        if value.is_cuda:
+            self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(value.device))  # the stream of the copy
+        else:
+            self.host = value
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def value(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host)
 
 
 class DeferredFlagCheck:
-    """The kernels' per-row error flags of one forward, to be checked in backward.
-
-    On CUDA the forward only queues a copy of the largest flag into pinned host memory behind an
-    event; check() in backward waits for that event alone (the forward's kernels finished long
-    before; the backward kernel just queued keeps running) and raises the error the forward
-    would have raised.
-    """
+    """The kernels' per-row error flags of one forward, to be checked in backward: the forward
+    queues the largest flag's way to the host (HostScalar); check() in backward waits for it
+    alone (the forward's kernels finished long before; the backward kernel just queued keeps
+    running) and raises the error the forward would have raised."""
 
     def __init__(self, op: str, flags: torch.Tensor, names: dict, *, target: Optional[torch.Tensor] = None,
                  vocab_size: Optional[int] = None):
         self.op, self.flags, self.names, self.target, self.vocab_size = op, flags, names, target, vocab_size
-        self.largest, self.event = None, None
-        if flags.is_cuda and flags.numel():
-            self.largest = torch.empty((), dtype=flags.dtype, pin_memory=True)
-            self.largest.copy_(flags.amax(), non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(flags.device))  # the stream of the copy
+        self.largest = HostScalar(flags.amax()) if flags.numel() else None
 
     def check(self) -> None:
         """Raises the op's error if any row was flagged (waits for the flags only)."""
-        if self.event is not None:
-            self.event.synchronize()
-            if int(self.largest) == 0:
-                return
-        raise_on_flags(self.op, self.flags, self.names, target=self.target, vocab_size=self.vocab_size)
+        if self.largest is not None and self.largest.value() != 0:
+            raise_on_flags(self.op, self.flags, self.names, target=self.target,
+                           vocab_size=self.vocab_size)
 
 
 def check_flags(op: str, flags: torch.Tensor, names: dict, result: torch.Tensor, *, deferred: bool,

@@ -10,8 +10,8 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (check_error_check, check_flags, check_logits, check_same_placement,
-                      check_temperature, flatten_rows, resolve_vocab_size)
+from ._checks import (HostScalar, check_flags, check_logits, check_same_placement, check_temperature,
+                      defers_error_check, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
 
@@ -87,32 +87,25 @@ class _FusedKL(torch.autograd.Function):
 
 class _MismatchWatch:
     """Reports, with a RuntimeWarning, fused backwards whose received gradient differed from
-    expected_grad (a cost, not an error: those rows were recomputed). On CUDA without a sync:
-    the count of differing tokens is copied to pinned memory behind an event and read once the
-    event has passed, at a later call of vocab_parallel_kl with expected_grad."""
+    expected_grad (a cost, not an error: those rows were recomputed). Without a sync: the count
+    of differing tokens travels to the host (HostScalar) and is read once it has arrived, at once
+    on the CPU, at a later call of vocab_parallel_kl with expected_grad on CUDA."""
 
     def __init__(self):
-        self.pending = []  # (count on the host, event, tokens)
+        self.pending = []  # (HostScalar count, tokens)
 
     def watch(self, got: torch.Tensor, expected: torch.Tensor) -> None:
-        differing = (got != expected).sum()
-        if not got.is_cuda:
-            self._report(int(differing), got.numel())
-            return
-        count = torch.empty((), dtype=differing.dtype, pin_memory=True)
-        count.copy_(differing, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(got.device))
-        self.pending.append((count, event, got.numel()))
+        self.pending.append((HostScalar((got != expected).sum()), got.numel()))
+        self.poll()
 
     def poll(self) -> None:
         """Reports the watched backwards whose count has arrived; never waits."""
         waiting = []
-        for count, event, tokens in self.pending:
-            if event.query():
-                self._report(int(count), tokens)
+        for count, tokens in self.pending:
+            if count.ready():
+                self._report(count.value(), tokens)
             else:
-                waiting.append((count, event, tokens))
+                waiting.append((count, tokens))
         self.pending = waiting
 
     @staticmethod
@@ -202,7 +195,7 @@ def vocab_parallel_kl(
     check_same_placement(_OP, "student_logits", student_logits, "teacher_logits", teacher_logits)
     if direction not in DIRECTIONS:
         raise ValueError(f"{_OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
-    check_error_check(_OP, error_check)
+    deferred = defers_error_check(_OP, error_check, student_logits)
     require_device_support(student_logits)
     inv_ts = 1.0 / check_temperature(_OP, "student_temperature", student_temperature)
     inv_tt = 1.0 / check_temperature(_OP, "teacher_temperature", teacher_temperature)
@@ -211,9 +204,8 @@ def vocab_parallel_kl(
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     student_rows, teacher_rows = flatten_rows(student_logits), flatten_rows(teacher_logits.detach())
     reverse = direction == "reverse"
-    differentiated = torch.is_grad_enabled() and student_logits.requires_grad
-    deferred = error_check == "backward" and differentiated
-    if expected_grad is not None and shard.world_size == 1 and differentiated:
+    if expected_grad is not None and shard.world_size == 1 and torch.is_grad_enabled() \
+            and student_logits.requires_grad:
         _MISMATCHES.poll()
         expected = _check_expected_grad(expected_grad, student_logits)
         out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse,

@@ -9,8 +9,8 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (check_error_check, check_flags, check_logits, check_same_placement,
-                      check_temperature, flatten_rows, resolve_vocab_size)
+from ._checks import (check_flags, check_logits, check_same_placement, check_temperature,
+                      defers_error_check, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, ops
 
@@ -92,14 +92,13 @@ def vocab_parallel_logprob(
         raise ValueError(f"{_OP}: target shape {tuple(target.shape)} must equal logits.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}")
     check_same_placement(_OP, "logits", logits, "target", target)
-    check_error_check(_OP, error_check)
+    deferred = defers_error_check(_OP, error_check, logits)
     require_device_support(logits)
     inv_temperature = 1.0 / check_temperature(_OP, "temperature", temperature)
     local_vocab = logits.shape[-1]
     shard = shard_info(tp_group, local_vocab, _OP)
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     rows = flatten_rows(logits)
-    deferred = error_check == "backward" and torch.is_grad_enabled() and logits.requires_grad
     out = _VocabParallelLogprob.apply(rows, target.reshape(-1).to(torch.int64).contiguous(), shard,
                                       vocab_size, inv_temperature, deferred)
     return out.reshape(logits.shape[:-1])
