@@ -172,12 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_combine(const at::Tensor& stat
   return {kl, row_stats, flags};
 }
 
+// The inputs of the KL backward ops (kl_backward, kl_backward_fixup).
 template <typename B>
-at::Tensor kl_backward(const at::Tensor& grad_out, const at::Tensor& student,
-                       const at::Tensor& teacher, const at::Tensor& row_stats,
-                       int64_t vocab_start, int64_t vocab_size, double inv_temperature_student,
-                       double inv_temperature_teacher, bool reverse) {
-  constexpr const char* op = "scope_megatron::kl_backward";
+void check_kl_backward_inputs(const at::Tensor& grad_out, const at::Tensor& student,
+                              const at::Tensor& teacher, const at::Tensor& row_stats,
+                              int64_t vocab_start, int64_t vocab_size, const char* op) {
   B::check_device(student, op, "student_logits");
   check_kl_pair(student, teacher, op);
   check_vocab(vocab_start, vocab_size, op);
@@ -185,6 +184,16 @@ at::Tensor kl_backward(const at::Tensor& grad_out, const at::Tensor& student,
   const auto acc = acc_dtype(student.scalar_type());
   check_vector(grad_out, rows, acc, op, "grad_out", student.device());
   check_row_stats(row_stats, rows, k::KLRowLayout::kWidth, acc, op, student.device());
+}
+
+template <typename B>
+at::Tensor kl_backward(const at::Tensor& grad_out, const at::Tensor& student,
+                       const at::Tensor& teacher, const at::Tensor& row_stats,
+                       int64_t vocab_start, int64_t vocab_size, double inv_temperature_student,
+                       double inv_temperature_teacher, bool reverse) {
+  constexpr const char* op = "scope_megatron::kl_backward";
+  check_kl_backward_inputs<B>(grad_out, student, teacher, row_stats, vocab_start, vocab_size, op);
+  const int64_t rows = student.size(0);
   const typename B::Guard guard(student.device());
   at::Tensor grad = at::empty({rows, student.size(1)}, student.options());
   dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
@@ -208,14 +217,9 @@ void kl_backward_fixup(at::Tensor& grad, const at::Tensor& grad_out, const at::T
                        double inv_temperature_student, double inv_temperature_teacher,
                        bool reverse) {
   constexpr const char* op = "scope_megatron::kl_backward_fixup";
-  B::check_device(student, op, "student_logits");
-  check_kl_pair(student, teacher, op);
-  check_vocab(vocab_start, vocab_size, op);
-  const int64_t rows = student.size(0);
-  const auto acc = acc_dtype(student.scalar_type());
-  check_vector(grad_out, rows, acc, op, "grad_out", student.device());
-  check_vector(expected, rows, acc, op, "expected", student.device());
-  check_row_stats(row_stats, rows, k::KLRowLayout::kWidth, acc, op, student.device());
+  check_kl_backward_inputs<B>(grad_out, student, teacher, row_stats, vocab_start, vocab_size, op);
+  check_vector(expected, student.size(0), acc_dtype(student.scalar_type()), op, "expected",
+               student.device());
   TORCH_CHECK(grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type() &&
                   grad.device() == student.device() && grad.is_contiguous(),
               op, ": grad must be a contiguous tensor of the student logits' shape, dtype and "

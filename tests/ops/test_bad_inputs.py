@@ -108,3 +108,19 @@ def test_raw_ops_check_their_inputs():
     with pytest.raises(RuntimeError, match=r"group_index\[1\] = 5 is outside"):
         ops.group_weights(torch.zeros(2), torch.tensor([0, 5]), torch.ones(2, dtype=torch.bool),
                           2, 1.0, False)
+
+
+def test_kl_backward_fixup_checks_its_inputs():
+    s, t = _pair()
+    ops = torch.ops.scope_megatron
+    w = torch.ones(4)
+    _, row_stats, _, grad = ops.kl_fused(s, t, w, 50, 1.0, 1.0, True)
+    args = (s, t, row_stats, 0, 50, 1.0, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"expected must have shape \[4\]"):
+        ops.kl_backward_fixup(grad, w, torch.ones(3), *args)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[4\]"):
+        ops.kl_backward_fixup(grad, torch.ones(5), w, *args)
+    with pytest.raises(RuntimeError, match="grad must be a contiguous tensor of the student logits' shape"):
+        ops.kl_backward_fixup(grad[:, :40], w, w, *args)
+    with pytest.raises(RuntimeError, match="grad must be a contiguous tensor"):
+        ops.kl_backward_fixup(grad.double(), w, w, *args)
