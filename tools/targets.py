@@ -43,6 +43,13 @@ def _num(row: dict, key: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
 
+def _ratio_target(name: str, row: Optional[dict], ms_key: str, ratio_key: str, limit: float) -> Target:
+    """A time target: row[ms_key] ms = row[ratio_key] x a floor, at most `limit`."""
+    ratio = _num(row, ratio_key)
+    measured = f"{_num(row, ms_key):.2f} ms = {ratio:.2f}x" if ratio is not None else "—"
+    return Target(name, measured, f"≤ {limit:.2f}x", _status(ratio, limit))
+
+
 def evaluate(bench_rows: list, tune: Optional[dict] = None) -> list:
     """[Target] from bench_ops.py's CSV rows (dicts) and tune_kernels.py's JSON."""
     index = {(r["op"], r["provider"], int(r["tokens"]), int(r["vocab"])): r for r in bench_rows
@@ -55,10 +62,8 @@ def evaluate(bench_rows: list, tune: Optional[dict] = None) -> list:
     compile_kl = _num(row("kl", "compile", FULL), "p50_ms")
     for provider in ("scope", "deferred"):
         r = row("kl", provider, FULL)
-        ratio = _num(r, "ratio_to_two_pass_floor")
-        out.append(Target(f"KL fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass floor",
-                          f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.10x",
-                          _status(ratio, 1.10)))
+        out.append(_ratio_target(f"KL fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass "
+                                 "floor", r, "p50_ms", "ratio_to_two_pass_floor", 1.10))
         speedup = compile_kl / _num(r, "p50_ms") if r and compile_kl else None
         out.append(Target(f"KL ({provider}) against torch.compile ({compile_kl or '—'} ms)",
                           f"{speedup:.2f}x" if speedup else "—", "≥ 2.8x", _status(speedup, 2.8, True)))
@@ -68,29 +73,22 @@ def evaluate(bench_rows: list, tune: Optional[dict] = None) -> list:
     out.append(Target(f"KL extra memory, {ROWS} x {FULL}", f"{extra:.3f} GiB" if extra is not None else "—",
                       f"≤ {budget:.3f} GiB (bf16 gradient + {PER_TOKEN_BYTES} B/token)", _status(extra, budget)))
     for vocab, shard in ((FULL // 4, "V/4"), (FULL // 8, "V/8")):
-        fused = row("kl", "fused", vocab)
-        kernels = _num(fused, "kernels_ratio_to_one_pass_floor")
-        out.append(Target(f"fused KL kernel alone, {ROWS} x {vocab} ({shard}): x one-pass floor",
-                          f"{_num(fused, 'kernels_p50_ms'):.2f} ms = {kernels:.2f}x" if kernels else "—",
-                          "≤ 1.25x", _status(kernels, 1.25)))
+        out.append(_ratio_target(f"fused KL kernel alone, {ROWS} x {vocab} ({shard}): x one-pass floor",
+                                 row("kl", "fused", vocab), "kernels_p50_ms",
+                                 "kernels_ratio_to_one_pass_floor", 1.25))
         for provider in ("fused", "fused_deferred"):
-            r = row("kl", provider, vocab)
-            ratio = _num(r, "ratio_to_one_pass_floor")
-            out.append(Target(f"fused KL through autograd ({provider}), {shard}: x one-pass floor",
-                              f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.25x",
-                              _status(ratio, 1.25)))
+            out.append(_ratio_target(f"fused KL through autograd ({provider}), {shard}: x one-pass floor",
+                                     row("kl", provider, vocab), "p50_ms", "ratio_to_one_pass_floor", 1.25))
     clusters = ((tune or {}).get("fused_clusters") or {}).get(f"{ROWS}x{FULL}", {})
     cluster_ms = clusters.get("kl_fused") if isinstance(clusters, dict) else None
     bandwidth = (tune or {}).get("bandwidth")
-    ratio = cluster_ms / (3 * 2 * ROWS * FULL / bandwidth * 1e3) if cluster_ms and bandwidth else None
-    out.append(Target(f"fused KL on clusters (stretch), {ROWS} x {FULL}: x one-pass floor",
-                      f"{cluster_ms:.2f} ms = {ratio:.2f}x" if ratio else "—", "≤ 1.25x", _status(ratio, 1.25)))
+    one_pass_ms = 3 * 2 * ROWS * FULL / bandwidth * 1e3 if bandwidth else None
+    cluster = {"ms": cluster_ms, "ratio": cluster_ms / one_pass_ms} if cluster_ms and one_pass_ms else None
+    out.append(_ratio_target(f"fused KL on clusters (stretch), {ROWS} x {FULL}: x one-pass floor", cluster,
+                             "ms", "ratio", 1.25))
     for provider in ("scope", "deferred"):
-        r = row("logprob", provider, FULL)
-        ratio = _num(r, "ratio_to_two_pass_floor")
-        out.append(Target(f"log-prob fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass floor",
-                          f"{_num(r, 'p50_ms'):.2f} ms = {ratio:.2f}x" if r else "—", "≤ 1.10x",
-                          _status(ratio, 1.10)))
+        out.append(_ratio_target(f"log-prob fwd+bwd through autograd ({provider}), {ROWS} x {FULL}: x two-pass "
+                                 "floor", row("logprob", provider, FULL), "p50_ms", "ratio_to_two_pass_floor", 1.10))
     shards = [row("kl", "scope", FULL // n) for n in (1, 2, 4, 8)]
     ratios = [_num(r, "kernels_ratio_to_two_pass_floor") for r in shards]
     measured = None if None in ratios else max(ratios)
