@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   if (r < rows) prefetch_row<T, N>(part, r, packs, s_buf, t_buf);
   for (; r < rows; r += row_step) {
     copy_async_wait_all();
+    // The loops over the packs a thread holds (slot i: pack tid + i * nt) are spelled out: one
+    // lambda helper for all four made ptxas spill the sm_80 builds of the cluster kernel.
     uint4 s_reg[P], t_reg[P];
 #pragma unroll
     for (int i = 0; i < P; ++i) {
