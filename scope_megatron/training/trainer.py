@@ -27,7 +27,7 @@ from scope_megatron.eval import summarize
 from scope_megatron.rewards import score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
 from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
-from scope_megatron.utils.logging import MetricsLogger, ProgressBar, plot_curves, read_metrics
+from scope_megatron.utils.logging import RESERVED_KEYS, MetricsLogger, ProgressBar, plot_curves, read_metrics
 
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
@@ -352,7 +352,7 @@ class Trainer:
         last: Dict[str, float] = {}
         for record in read_metrics(path) if path.exists() else []:
             if record["step"] == self.start_step:
-                last.update({k: v for k, v in record.items() if k not in ("step", "wall_time") and v is not None})
+                last.update({k: v for k, v in record.items() if k not in RESERVED_KEYS and v is not None})
         print(f"[scope-megatron] {cfg.checkpoint.save} already holds step {self.start_step} and "
               f"--train-iters is {cfg.training.train_iters}: nothing to train. Raise --train-iters to "
               "continue this run, or start another with a new --save and --log-dir (or delete "
