@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
     const Acc log_sum_s = stats_log(kReverse ? total.z_w : total.z_o);
     const Acc log_sum_t = stats_log(kReverse ? total.z_o : total.z_w);
     if (tid == 0 && rank == 0) {
-      kl_out[r] = kl;
+      kl_out[r] = flags ? static_cast<Acc>(NAN) : kl;  // as combine_kl_row writes it
       Acc* rs = row_stats + r * R::kWidth;
       rs[R::kKL] = kl;
       rs[R::kMaxStudent] = m_s;

@@ -188,6 +188,9 @@ TEST(logprob_flags) {
   CHECK(flags[1] == kFlagNonFiniteFirst, "NaN row: " << flags[1]);
   CHECK(flags[2] == kFlagNonFiniteFirst, "Inf row: " << flags[2]);
   CHECK(flags[3] == kFlagTargetOutOfRange, "target 100 >= vocab 100: " << flags[3]);
+  // a flagged row's log-prob is NaN (an out-of-range target would otherwise give a finite one)
+  CHECK(std::isfinite(lp[0]) && std::isnan(lp[1]) && std::isnan(lp[2]) && std::isnan(lp[3]),
+        "flagged rows' log-probs must be NaN: " << lp[0] << " " << lp[1] << " " << lp[2] << " " << lp[3]);
   // combining only the first shard: targets 5..7 are owned, so no layout error; then pretend the
   // second shard claims the same ids (vocab_start 0 twice): owned twice -> layout flag
   for (int64_t s = 0; s < 2; ++s) {
@@ -196,6 +199,7 @@ TEST(logprob_flags) {
   }
   cpu::logprob_combine<float>(stats.data(), 2, 4, 1.0f, lp.data(), rs.data(), flags.data(), 0, 4);
   CHECK(flags[0] == kFlagShardLayout, "target owned by two shards: " << flags[0]);
+  CHECK(std::isnan(lp[0]), "a layout-flagged row's log-prob must be NaN: " << lp[0]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -353,6 +357,7 @@ TEST(kl_flags_and_ignored_padding) {
   CHECK(flags[0] == kFlagNonFiniteFirst, "student NaN: " << flags[0]);
   CHECK(flags[1] == kFlagNonFiniteSecond, "teacher -inf: " << flags[1]);
   CHECK(flags[2] == 0 && std::isfinite(kl[2]), "NaN in padding columns must not matter: " << flags[2]);
+  CHECK(std::isnan(kl[0]) && std::isnan(kl[1]), "flagged rows' KL must be NaN: " << kl[0] << " " << kl[1]);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -156,16 +156,14 @@ class DeferredFlagCheck:
                            vocab_size=self.vocab_size)
 
 
-def check_flags(op: str, flags: torch.Tensor, names: dict, result: torch.Tensor, *, deferred: bool,
+def check_flags(op: str, flags: torch.Tensor, names: dict, *, deferred: bool,
                 target: Optional[torch.Tensor] = None,
                 vocab_size: Optional[int] = None) -> Optional[DeferredFlagCheck]:
-    """The forward's error check: raises now (waiting for the device), or, deferred, marks the
-    flagged tokens' `result` NaN in place (a target out of range would otherwise give a finite,
-    meaningless log-prob) and returns the check for backward to run."""
+    """The forward's error check: raises now (waiting for the device), or, deferred, returns the
+    check for backward to run (the kernels already wrote NaN for the flagged tokens' results)."""
     if not deferred:
         raise_on_flags(op, flags, names, target=target, vocab_size=vocab_size)
         return None
-    result.masked_fill_(flags != 0, float("nan"))
     return DeferredFlagCheck(op, flags, names, target=target, vocab_size=vocab_size)
 
 

@@ -28,7 +28,7 @@ class _VocabParallelKL(torch.autograd.Function):
         stats = ops.kl_partial(student, teacher, shard.vocab_start, vocab_size, inv_ts, inv_tt,
                                reverse)
         kl, row_stats, flags = ops.kl_combine(gather_stats(stats, shard), reverse, inv_ts, inv_tt)
-        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, kl, deferred=deferred)
+        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
         ctx.save_for_backward(student, teacher, row_stats)
         ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
         return kl
@@ -60,7 +60,7 @@ class _FusedKL(torch.autograd.Function):
                 deferred: bool) -> torch.Tensor:
         kl, row_stats, flags, grad = ops.kl_fused(student, teacher, expected, vocab_size, inv_ts,
                                                   inv_tt, reverse)
-        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, kl, deferred=deferred)
+        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
         ctx.save_for_backward(student, teacher, row_stats, expected)
         ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
         ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)

@@ -23,7 +23,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
                 vocab_size: int, inv_temperature: float, deferred: bool) -> torch.Tensor:
         stats = ops.logprob_partial(logits, target, shard.vocab_start, vocab_size, inv_temperature)
         logprob, row_stats, flags = ops.logprob_combine(gather_stats(stats, shard), inv_temperature)
-        ctx.check = check_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, logprob, deferred=deferred,
+        ctx.check = check_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, deferred=deferred,
                                 target=target, vocab_size=vocab_size)
         ctx.save_for_backward(logits, target, row_stats)
         ctx.shard, ctx.vocab_size, ctx.inv_temperature = shard, vocab_size, inv_temperature

@@ -348,8 +348,12 @@ def test_raw_error_flags_match_cpu(vocab, gen):
                             for start, part in _shards(x, 2)])
         first_only = both[:1]  # a missing shard: targets it owns have no owner
         kl_stats = ops.kl_partial(x, t, 0, vocab_size, 1.0, 1.0, True).unsqueeze(0)
-        flags[device] = [ops.logprob_combine(both, 1.0)[2], ops.logprob_combine(first_only, 1.0)[2],
-                         ops.kl_combine(kl_stats, True, 1.0, 1.0)[2]]
+        combined = [ops.logprob_combine(both, 1.0), ops.logprob_combine(first_only, 1.0),
+                    ops.kl_combine(kl_stats, True, 1.0, 1.0)]
+        flags[device] = [c[2] for c in combined]
+        for result, row_flags in ((c[0].cpu(), c[2].cpu()) for c in combined):
+            # a flagged row's result is NaN, the others are finite
+            assert torch.equal(torch.isnan(result), row_flags != 0), (device, result, row_flags)
     for got, expected in zip(flags[CUDA], flags["cpu"]):
         torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
     logprob_flags, missing_shard_flags, kl_flags = (f.cpu() for f in flags[CUDA])
@@ -721,10 +725,11 @@ def test_kl_fused_flags_and_poisoned_output(gen):
     student[5, 7] = float("nan")
     teacher[599, 2047] = float("-inf")
     torch.full((rows, vocab), float("nan"), dtype=torch.bfloat16, device=CUDA).sum()
-    _, _, flags, grad = _fused(student, teacher, torch.ones(rows), vocab, True)
+    kl, _, flags, grad = _fused(student, teacher, torch.ones(rows), vocab, True)
     flags = flags.cpu()
     assert flags[5] == FLAG_NONFINITE_FIRST and flags[599] == FLAG_NONFINITE_SECOND
     assert int((flags != 0).sum()) == 2
+    assert torch.equal(torch.isnan(kl.cpu()), flags != 0)  # flagged rows' KL is NaN, as kl_combine writes
     healthy = torch.ones(rows, dtype=torch.bool, device=CUDA)
     healthy[[5, 599]] = False
     assert bool(torch.isfinite(grad[healthy].float()).all())

@@ -30,9 +30,13 @@ def _opcheck_cases():
     mask = torch.rand(12, generator=g) > 0.3
     lp, count = ops.sequence_logppl(values, mask, offsets)
     fused_w = torch.randn(5, generator=g)
+    # two real shards of a 40-column vocabulary (36 true ids): each target owned exactly once
+    wide = torch.randn(5, 40, generator=g)
+    lp_shards = torch.stack([ops.logprob_partial(wide[:, i * 20:(i + 1) * 20].contiguous(), target, i * 20, 36, 1.25)
+                             for i in range(2)])
     return {
         "logprob_partial": (ops.logprob_partial, (s, target, 0, 30, 1.25)),
-        "logprob_combine": (ops.logprob_combine, (torch.stack([lp_stats, lp_stats]), 1.25)),
+        "logprob_combine": (ops.logprob_combine, (lp_shards, 1.25)),
         "logprob_backward": (ops.logprob_backward, (torch.randn(5, generator=g), s, target, lp_rows, 0, 30, 1.25)),
         "kl_partial": (ops.kl_partial, (s, t, 0, 30, 0.8, 1.1, False)),
         "kl_combine": (ops.kl_combine, (torch.stack([kl_stats, kl_stats]), True, 0.8, 1.1)),

@@ -70,7 +70,8 @@ void logprob_partial(const LogprobArgs<T>& args, acc_t<T>* stats, int64_t row_be
                      int64_t row_end);
 
 // stats: [shards, rows, kWidth] -> logprob[rows], row_stats[rows, LogprobRowLayout::kWidth]
-// (what the backward needs), flags[rows] (ErrorFlag bits OR-ed over shards).
+// (what the backward needs), flags[rows] (ErrorFlag bits OR-ed over shards); a flagged row's
+// logprob is NaN.
 template <typename Acc>
 void logprob_combine(const Acc* stats, int64_t shards, int64_t rows, Acc inv_temperature,
                      Acc* logprob, Acc* row_stats, int32_t* flags, int64_t row_begin,
@@ -88,7 +89,8 @@ void logprob_backward(const LogprobArgs<T>& args, const acc_t<T>* grad_out,
 template <typename T>
 void kl_partial(const KLArgs<T>& args, acc_t<T>* stats, int64_t row_begin, int64_t row_end);
 
-// stats: [shards, rows, kWidth] -> kl[rows], row_stats[rows, KLRowLayout::kWidth], flags[rows].
+// stats: [shards, rows, kWidth] -> kl[rows], row_stats[rows, KLRowLayout::kWidth], flags[rows];
+// a flagged row's kl is NaN.
 template <typename Acc>
 void kl_combine(const Acc* stats, int64_t shards, int64_t rows, bool reverse,
                 Acc inv_temperature_student, Acc inv_temperature_teacher, Acc* kl, Acc* row_stats,

@@ -163,6 +163,7 @@ SCOPE_INLINE void pair_to_kl_stats(PairStats<Acc> s, bool reverse, Acc flags, Ac
 // Combine step of one row (CPU and CUDA): merges the row's statistics over the shards of
 // stats [shards, rows, LogprobStatsLayout::kWidth] and writes its log-prob, its row statistics
 // for the backward and its error flags (an in-range target must be owned by exactly one shard).
+// A flagged row's log-prob is NaN: never a finite value for an invalid row.
 template <typename Acc>
 SCOPE_INLINE void combine_logprob_row(const Acc* stats, int64_t shards, int64_t rows, int64_t r,
                                       Acc inv_temperature, Acc* logprob, Acc* row_stats,
@@ -181,14 +182,14 @@ SCOPE_INLINE void combine_logprob_row(const Acc* stats, int64_t shards, int64_t 
   }
   if (!(f & kFlagTargetOutOfRange) && owners != Acc(1)) f |= kFlagShardLayout;
   const Acc log_sum = stats_log(acc.z);
-  logprob[r] = (target_logit - acc.m) * inv_temperature - log_sum;
+  logprob[r] = f ? static_cast<Acc>(NAN) : (target_logit - acc.m) * inv_temperature - log_sum;
   row_stats[r * R::kWidth + R::kMax] = acc.m;
   row_stats[r * R::kWidth + R::kLogSum] = log_sum;
   flags[r] = f;
 }
 
 // Combine step of one row of the KL: merges stats [shards, rows, KLStatsLayout::kWidth] and
-// writes the row's KL, its row statistics for the backward and its error flags.
+// writes the row's KL (NaN when flagged), its row statistics for the backward and its flags.
 template <typename Acc>
 SCOPE_INLINE void combine_kl_row(const Acc* stats, int64_t shards, int64_t rows, int64_t r,
                                  bool reverse, Acc inv_temperature_student,
@@ -207,7 +208,7 @@ SCOPE_INLINE void combine_kl_row(const Acc* stats, int64_t shards, int64_t rows,
   }
   const Acc k = pair_kl(acc);
   Acc* out = row_stats + r * R::kWidth;
-  kl[r] = k;
+  kl[r] = f ? static_cast<Acc>(NAN) : k;
   out[R::kKL] = k;
   out[R::kMaxStudent] = reverse ? acc.m_w : acc.m_o;
   out[R::kLogSumStudent] = stats_log(reverse ? acc.z_w : acc.z_o);
