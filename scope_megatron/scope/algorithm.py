@@ -50,6 +50,8 @@ def compute_loss(
       teacher_logits: the teacher's logits, same shape, dtype and sharding as student_logits
         (build the teacher with the student's padded vocabulary); required by kl_estimator
         "full" and "topk", optional otherwise (then it supplies the teacher's token log-probs).
+        No teacher (neither this nor batch.teacher_logprobs) is needed when no rollout is on
+        the teacher path (e.g. every rollout correct): that batch has only the MLE term.
         Never receives a gradient. Give either this or batch.teacher_logprobs, not both.
       tp_group: the tensor-parallel group the vocabulary is sharded over; default: Megatron's
         tensor-model-parallel group if initialized, else none (logits hold the whole vocabulary).
@@ -75,7 +77,7 @@ def compute_loss(
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"compute_loss: batch must be a RolloutBatch, got {type(batch).__name__}")
     tp = resolve_tp(tp_group)
-    _check_logits(config, batch, student_logits, teacher_logits)
+    _check_logits(config, batch, student_logits, teacher_logits, tp, vocab_size)
     ids = batch.safe_response_ids
     student_lp = _guard_nonfinite(
         batch, tp, vocab_size, {"student": student_logits},
@@ -95,13 +97,19 @@ def compute_loss(
                                      advantages=advantages)
 
     teacher_lp, teacher_rows = _teacher_logprobs(config, batch, teacher_logits, tp, vocab_size)
+    student_members, teacher_members = path_members(config, batch)
+    _require_teacher(config, batch, teacher_members, teacher_lp, teacher_rows)
+    if teacher_lp is None and config.uses_teacher:
+        # Only possible with an empty teacher path (e.g. every rollout correct, so a remote
+        # teacher had nothing to score; _check_logits / _require_teacher raised otherwise): the
+        # teacher term is skipped below and nothing reads these zeros (teacher_rows stays False,
+        # so no teacher metric is derived from them).
+        teacher_lp = torch.zeros(ids.shape, dtype=student_lp.dtype, device=ids.device)
     teacher_log_ppl = None
     if teacher_lp is not None:
         teacher_log_ppl = batch.log_perplexity(
             torch.where(batch.counted(teacher_rows), teacher_lp, teacher_lp.new_zeros(())))
 
-    student_members, teacher_members = path_members(config, batch)
-    _require_teacher(config, batch, teacher_members, teacher_lp, teacher_rows)
     if config.algorithm == "opd":
         student_weights = torch.zeros(batch.num_rollouts, dtype=dtype, device=ids.device)
         teacher_weights = uniform_group_weights(batch, teacher_members, config.normalize, dtype)
@@ -112,7 +120,7 @@ def compute_loss(
 
     loss = (student_weights * student_log_ppl).sum()
     teacher_path = None
-    if config.uses_teacher:
+    if config.uses_teacher and bool(teacher_members.any()):
         kl_grad = None
         if (config.fused_kl and config.kl_estimator == "full" and torch.is_grad_enabled()
                 and student_logits.requires_grad):
@@ -149,7 +157,8 @@ def _token_term_grad(batch: RolloutBatch, members: torch.Tensor, weights: torch.
 
 
 def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tensor,
-                  teacher: Optional[torch.Tensor]) -> None:
+                  teacher: Optional[torch.Tensor], tp: TensorParallel,
+                  vocab_size: Optional[int]) -> None:
     layout = "[N, V_local] (packed)" if batch.packed else "[B, L, V_local] (padded)"
     ids_shape = tuple(batch.response_ids.shape)
     if not isinstance(student, torch.Tensor) or not student.dtype.is_floating_point:
@@ -170,7 +179,17 @@ def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tenso
         return
     if teacher is None:
         served_topk = config.kl_estimator == "topk" and batch.teacher_top_ids is not None
-        if config.uses_teacher and config.kl_estimator in ("full", "topk") and not served_topk:
+        if served_topk and config.uses_teacher:
+            served_k = batch.teacher_top_ids.shape[-1]
+            vocab = student.shape[-1] * tp.world_size if vocab_size is None else int(vocab_size)
+            if served_k != min(config.topk_k, vocab):
+                raise ValueError(
+                    f"compute_loss: the served teacher's top-k has k={served_k} ids per token "
+                    f"(batch.teacher_top_ids), but ScopeConfig.topk_k={config.topk_k}; the top-k "
+                    "estimator would silently use the served k. Request top_logprobs_num="
+                    f"{config.topk_k} from the teacher or set topk_k={served_k}.")
+        if (config.uses_teacher and config.kl_estimator in ("full", "topk") and not served_topk
+                and bool(path_members(config, batch)[1].any())):
             raise ValueError(
                 f"compute_loss: kl_estimator={config.kl_estimator!r} needs teacher_logits (a "
                 "colocated teacher's vocabulary shard, aligned and sharded like student_logits). "

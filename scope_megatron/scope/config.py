@@ -36,7 +36,8 @@ class ScopeConfig:
       the reference code). Also scales the uniform rollout weights of OPD and GRPO.
     kl_estimator: per-token reverse-KL estimator of the teacher path: "sampled", "k3", "full",
       "topk". "full" and "topk" need teacher logits (a colocated teacher).
-    topk_k: number of teacher top ids for "topk" (capped at the vocabulary size).
+    topk_k: number of teacher top ids for "topk" (capped at the vocabulary size); a served
+      teacher's top-k (batch.teacher_top_ids) must have exactly this many.
     fused_kl: with "full" and no tensor parallelism, predict the gradient the loss sends to the
       per-token KL and compute KL and gradient in one pass (vocab_parallel_kl's expected_grad).
       Same result; off by default (on an H100 the two-pass kernels measured faster so far).

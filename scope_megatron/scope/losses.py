@@ -8,6 +8,7 @@ token-mean NLL, i.e. the rollout's log perplexity (RolloutBatch.log_perplexity).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -109,7 +110,9 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
                                       student_temperature=config.student_temperature,
                                       teacher_temperature=t_temp, expected_grad=kl_grad)
     elif teacher_logits is None:  # a served teacher's top-k ids and log-probs (batch.teacher_top_*)
-        per_token = topk_reverse_kl_given(student_logits, batch.teacher_top_ids, batch.teacher_top_logprobs,
+        top_ids, top_logprobs = _served_topk(batch, tokens, tp, vocab_size, student_logits.shape[-1],
+                                             student_logprobs.dtype)
+        per_token = topk_reverse_kl_given(student_logits, top_ids, top_logprobs,
                                           batch.safe_response_ids, student_logprobs, tp=tp,
                                           student_temperature=config.student_temperature)
     else:
@@ -120,6 +123,30 @@ def opd_path_loss(config: ScopeConfig, batch: RolloutBatch, members: torch.Tenso
                                     teacher_temperature=t_temp)
     losses = batch.token_mean(per_token, tokens)
     return PathLoss(losses, losses.detach())
+
+
+def _served_topk(batch: RolloutBatch, tokens: torch.Tensor, tp: TensorParallel,
+                 vocab_size: Optional[int], local_vocab: int, dtype: torch.dtype):
+    """The served teacher's top-k ids and log-probs at the path's tokens, checked against the
+    student's vocabulary; elsewhere (padding, rollouts off the path or without teacher scores,
+    which may hold anything, NaN or -inf included) a finite stand-in that is never counted: a
+    non-finite value there would turn the masked tokens' zero gradient into NaN."""
+    ids, logprobs = batch.teacher_top_ids, batch.teacher_top_logprobs
+    keep = tokens.unsqueeze(-1)
+    vocab = tp.world_size * local_vocab if vocab_size is None else int(vocab_size)
+    bad = (keep & ((ids < 0) | (ids >= vocab))).any(-1).flatten()
+    if bool(bad.any()):
+        idx = int(torch.nonzero(bad)[0])
+        row = ids.reshape(-1, ids.shape[-1])[idx]
+        raise ValueError(
+            f"compute_loss: batch.teacher_top_ids at {batch.describe_token(idx)} holds ids "
+            f"{row.tolist()[:8]}, outside the student's vocabulary [0, {vocab}) "
+            f"({int(bad.sum())} such tokens). The served teacher must use the student's tokenizer "
+            "(ids >= vocab_size are embedding padding); pass the true vocab_size.")
+    k = ids.shape[-1]
+    ids = torch.where(keep, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
+    stand_in = torch.full((), -math.log(k + 1), dtype=dtype, device=logprobs.device)
+    return ids, torch.where(keep, logprobs.detach().to(dtype), stand_in)
 
 
 def grpo_advantages(batch: RolloutBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -124,3 +124,25 @@ def test_wrong_argument_types(gen):
     with pytest.raises(TypeError, match="student_logits must be a floating-point tensor"):
         compute_loss(ScopeConfig(), make_batch(p), p.ids)
     assert isinstance(make_batch(p), RolloutBatch)
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "k3", "full", "topk"])
+@pytest.mark.parametrize("teacher_path", ["weighted", "uniform"])
+def test_all_correct_batch_needs_no_teacher(estimator, teacher_path, gen):
+    """Every rollout correct: SCOPE's teacher path is empty and the loss is the MLE term alone, so
+    a remote teacher that scored nothing (batch.teacher_logprobs None) or a skipped teacher
+    forward is fine (it was a TypeError / a misleading 'needs PPL_T' error)."""
+    p = make_problem(gen, correct=[True] * 13)
+    config = ScopeConfig(kl_estimator=estimator, teacher_path=teacher_path,
+                         **({"topk_k": 5} if estimator == "topk" else {}))
+    loss, metrics = call(config, p, teacher=None)
+    mle_only, _ = call(ScopeConfig(teacher_path="off"), p, teacher=None)
+    with_teacher, _ = call(config, p)
+    torch.testing.assert_close(loss, mle_only, rtol=0, atol=0)
+    torch.testing.assert_close(loss, with_teacher, rtol=0, atol=0)
+    assert metrics["rollouts/teacher_path"] == 0 and "kl/mean" not in metrics
+    assert not any("ppl_teacher" in key for key in metrics)
+    # a single incorrect rollout puts the teacher back in charge
+    p.correct[5] = False
+    with pytest.raises(ValueError, match=r"rollout 5 .*incorrect|needs teacher_logits"):
+        call(config, p, teacher=None)

@@ -68,3 +68,81 @@ def test_batch_checks_of_the_served_top_k(gen):
     nan = lps.clone()
     nan[~p.mask] = float("nan")  # uncounted positions are never read
     RolloutBatch(*args, teacher_top_ids=ids, teacher_top_logprobs=nan, **base)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("packed", [False, True])
+def test_unread_served_top_k_entries_leave_the_gradient_finite(gen, fill, packed):
+    """Entries the batch promises never to read (padding positions, rollouts without teacher
+    scores such as the correct ones of SCOPE) may hold NaN / -inf: the loss and the gradient equal
+    those of the clean batch (a masked token's zero gradient times a NaN partial was NaN)."""
+    p = make_problem(gen, length=8)
+    p.mask[0, -1] = False  # at least one padding position
+    config = ScopeConfig(kl_estimator="topk", topk_k=K)
+    ids, lps = _served_top(p)
+    has = ~p.correct  # the teacher scored only the incorrect rollouts (SCOPE's teacher path)
+    unread = ~p.mask | p.correct.unsqueeze(1)
+    dirty_lps, dirty_ids = lps.clone(), ids.clone()
+    dirty_lps[unread] = fill
+    dirty_ids[unread] = -1
+    sel = (lambda t: t[p.mask]) if packed else (lambda t: t)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), p.mask.sum(-1).cumsum(0)])
+    shape = dict(cu_seqlens=cu) if packed else dict(response_mask=p.mask)
+
+    def loss_and_grad(top_ids, top_lps):
+        batch = RolloutBatch(sel(p.ids), p.group_ids, p.correct, sel(p.old_logprobs),
+                             teacher_logprobs=sel(p.teacher_logprobs), has_teacher_logprobs=has,
+                             teacher_top_ids=sel(top_ids), teacher_top_logprobs=sel(top_lps), **shape)
+        student = fresh_leaf(layout(p, p.student, packed))
+        loss, _ = compute_loss(config, batch, student, vocab_size=p.vocab_size)
+        loss.backward()
+        return loss.detach(), student.grad
+
+    clean, dirty = loss_and_grad(ids, lps), loss_and_grad(dirty_ids, dirty_lps)
+    assert torch.isfinite(dirty[1]).all()
+    torch.testing.assert_close(dirty[0], clean[0], rtol=0, atol=0)
+    torch.testing.assert_close(dirty[1], clean[1], rtol=0, atol=0)
+
+
+def test_served_top_k_ids_outside_the_vocabulary_are_an_error(gen):
+    """A served teacher's ids at or above the true vocabulary (another tokenizer, the embedding's
+    padding rows) have no student log-prob: a clear error, not a KL read from padding columns or
+    from no shard at all."""
+    p = make_problem(gen, group_sizes=(2, 3), correct=[1, 0, 0, 1, 0], length=4)
+    p.mask[:] = True
+    ids, lps = _served_top(p)
+    for bad_id in (p.vocab_size, p.student.shape[-1] + 100):
+        bad = ids.clone()
+        bad[2, 1, 3] = bad_id  # rollout 2: group 1, incorrect (teacher path)
+        batch = RolloutBatch(p.ids, p.group_ids, p.correct, p.old_logprobs, response_mask=p.mask,
+                             teacher_logprobs=p.teacher_logprobs, teacher_top_ids=bad,
+                             teacher_top_logprobs=lps)
+        with pytest.raises(ValueError, match=r"teacher_top_ids at rollout 2 \(group 1, incorrect\), "
+                                             rf"response token 1 .*outside the student's vocabulary "
+                                             rf"\[0, {p.vocab_size}\)"):
+            compute_loss(ScopeConfig(kl_estimator="topk", topk_k=K), batch, fresh_leaf(p.student),
+                         vocab_size=p.vocab_size)
+    # the same id on a correct rollout (student path, never distilled) is not read
+    bad = ids.clone()
+    bad[0, 1, 3] = p.vocab_size
+    batch = RolloutBatch(p.ids, p.group_ids, p.correct, p.old_logprobs, response_mask=p.mask,
+                         teacher_logprobs=p.teacher_logprobs, teacher_top_ids=bad,
+                         teacher_top_logprobs=lps)
+    loss, _ = compute_loss(ScopeConfig(kl_estimator="topk", topk_k=K), batch, fresh_leaf(p.student),
+                           vocab_size=p.vocab_size)
+    assert torch.isfinite(loss)
+
+
+def test_served_k_must_match_topk_k(gen):
+    """A served top-k of another size than ScopeConfig.topk_k is an error, not an experiment that
+    silently runs with the served k while its config says otherwise."""
+    p = make_problem(gen)
+    batch = served_topk_batch(p, K)
+    with pytest.raises(ValueError, match=rf"k={K} ids per token .*ScopeConfig.topk_k={K + 4}"):
+        compute_loss(ScopeConfig(kl_estimator="topk", topk_k=K + 4), batch, fresh_leaf(p.student),
+                     vocab_size=p.vocab_size)
+    # topk_k beyond the vocabulary is capped, as with teacher logits
+    whole = served_topk_batch(p, p.vocab_size)
+    loss, _ = compute_loss(ScopeConfig(kl_estimator="topk", topk_k=10_000), whole,
+                           fresh_leaf(p.student), vocab_size=p.vocab_size)
+    assert torch.isfinite(loss)
