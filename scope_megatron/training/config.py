@@ -164,7 +164,8 @@ class RolloutConfig:
         "fed with the student's weights after every step"))
     n: int = option(8, flag="--n-samples-per-prompt", help="rollouts per prompt (group size G)")
     temperature: float = option(1.0, flag="--rollout-temperature", help=(
-        "sampling temperature; log-probs are computed at scope.student_temperature"))
+        "sampling temperature; the engine's log-probs of its samples are at this temperature "
+        "(the trainer's at scope.student_temperature: a PPO ratio on the engine's log-probs needs both equal)"))
     top_p: float = option(1.0, flag="--rollout-top-p", help="nucleus sampling (1 = off)")
     top_k: int = option(0, flag="--rollout-top-k", help="top-k sampling (0 = off)")
     max_new_tokens: int = option(40, flag="--rollout-max-response-len", help=(
@@ -331,6 +332,17 @@ class TrainConfig:
             raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups)")
+        s = self.scope
+        engine_temperature = self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+        if ("old_logprobs" in s.effective_fields() and s.old_logprobs == "rollout"
+                and engine_temperature != s.student_temperature):
+            raise ValueError(
+                f"the PPO ratio of {s.algorithm!r}"
+                + (f" (kl_estimator {s.kl_estimator!r})" if s.algorithm != "grpo" else "")
+                + f" divides the trainer's log-probs at scope.student_temperature {s.student_temperature} "
+                f"by the rollout engine's, which are at the sampling temperature {engine_temperature} "
+                "(rollout.temperature; 1 when greedy): set --scope-student-temperature equal to "
+                "--rollout-temperature, or scope.old_logprobs 'recomputed'")
         remote_teacher = self.teacher_serving.engine == "sglang"
         if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator == "full":
             raise ValueError("scope.kl_estimator 'full' needs the teacher's logits over the whole vocabulary; "

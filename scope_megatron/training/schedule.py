@@ -132,16 +132,37 @@ class MegatronDecoder:
         self.pad_id = int(pad_id)
         self._cache = None
         self._training = None
+        self._sp_disabled = False
 
     def _eval(self) -> None:
         self._training = [chunk.training for chunk in self.model_chunks]
         for chunk in self.model_chunks:
             chunk.eval()
+        self._set_sequence_parallel(False)
 
     def _restore(self) -> None:
+        self._set_sequence_parallel(True)
         for chunk, mode in zip(self.model_chunks, self._training or []):
             chunk.train(mode)
         self._training = None
+
+    def _set_sequence_parallel(self, on: bool) -> None:
+        """Sequence parallelism splits the sequence over the TP ranks, which decoding cannot do
+        (one new token per step, prefixes of any length; Megatron's own text generation refuses
+        it for dense models): decode with it off, as Megatron does for its MoE static batching,
+        and turn it back on for training. Only for models built with it."""
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        if on and not self._sp_disabled:
+            return
+        for chunk in self.model_chunks:
+            model = chunk
+            while hasattr(model, "module") and not hasattr(model, "position_embedding_type"):
+                model = model.module  # Megatron DDP (and Float16Module) around the GPTModel
+            if not on and not model.config.sequence_parallel:
+                return
+            set_model_to_sequence_parallel(model, on)
+        self._sp_disabled = not on
 
     @torch.no_grad()
     def next_token_logits(self, tokens: torch.Tensor, last: torch.Tensor) -> Optional[torch.Tensor]:

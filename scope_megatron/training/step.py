@@ -39,11 +39,16 @@ class StepInputs:
     teacher: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int) -> StepInputs:
-    """Concatenates each rollout's prompt and response into one right-padded row."""
+def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int, *,
+                 seq_multiple: int = 1) -> StepInputs:
+    """Concatenates each rollout's prompt and response into one right-padded row.
+
+    seq_multiple: the row width is rounded up to a multiple of it (sequence parallelism splits
+    the sequence over the TP ranks: pass the TP size)."""
     n, length = rollouts.response_ids.shape
     plen = rollouts.prompt_lengths
     width = int((plen + rollouts.response_lengths).max())
+    width = -(-width // seq_multiple) * seq_multiple
     device = rollouts.response_ids.device
     tokens = torch.full((n, width), pad_id, dtype=torch.int64, device=device)
     prompt_width = rollouts.prompt_ids.shape[1]

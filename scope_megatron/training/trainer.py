@@ -160,11 +160,16 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         o, iters = self.cfg.optimizer, self.cfg.training.train_iters
+        # override_opt_param_scheduler: on a resume the schedule is this configuration's (only the
+        # step count comes from the checkpoint). Megatron's default keeps the checkpoint's values
+        # silently, so a finished run continued with a larger --train-iters would decay over the
+        # old length and train at min_lr, and a changed --lr / --min-lr would be ignored.
         return OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.lr_warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
             lr_warmup_steps=o.lr_warmup_iters, lr_decay_steps=max(iters, o.lr_warmup_iters + 1),
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=iters, wd_incr_style="constant")
+            wd_incr_steps=iters, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
     def _load(self) -> int:
         """Resumes from this run's latest checkpoint, else loads the starting points. Returns the
@@ -210,7 +215,10 @@ class Trainer:
         items = _replica_slice(self.task.train_items(step, cfg.training.prompts_per_step, cfg.training.seed),
                                self.dp_rank, self.layout.dp)
         rollouts, scores = self._sample(items, self.train_sampling(), key=step)
-        inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device), self.task.pad_id)
+        # sequence parallelism splits each row's sequence over the TP ranks: widths divisible by TP
+        multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+        inputs = build_inputs(rollouts, scores.correct.to(rollouts.response_ids.device), self.task.pad_id,
+                              seq_multiple=multiple)
         if self.remote_teacher is not None:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
         batches = micro_batches(inputs, cfg.training.micro_batch_size)

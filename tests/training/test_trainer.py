@@ -173,3 +173,68 @@ def test_sglang_launch_command_and_gpu_lists():
         _cfg("--rollout-engine", "sglang")
     with pytest.raises(ConfigError, match="'full' needs the teacher's logits"):
         _cfg("--teacher-engine", "sglang", "--teacher-serving-sglang-urls", "http://a:1")
+
+
+# ---- review: temperatures of the PPO ratio, extending a finished run ---------------------------
+
+@pytest.mark.parametrize("flags", [
+    ["--rollout-temperature", "0.6", "--scope-kl-estimator", "sampled"],
+    ["--algorithm", "grpo", "--teacher-load", "null", "--rollout-temperature", "0.6"],
+    ["--algorithm", "grpo", "--teacher-load", "null", "--scope-student-temperature", "0.6"],
+])
+def test_ppo_ratio_refuses_engine_logprobs_at_another_temperature(flags):
+    """The engine's log-probs are at the sampling temperature; the PPO ratio divides the
+    trainer's (at scope.student_temperature) by them: different temperatures make the ratio
+    wrong from the first update (clipped gradients), so the combination must fail loudly."""
+    with pytest.raises(ConfigError, match="student_temperature"):
+        _cfg(*flags)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--rollout-temperature", "0.6"],  # full KL + MLE: the engine's log-probs are not used
+    ["--rollout-temperature", "0.6", "--scope-kl-estimator", "sampled", "--scope-student-temperature", "0.6"],
+    ["--rollout-temperature", "0", "--scope-kl-estimator", "sampled"],  # greedy: log-probs at T = 1
+    ["--algorithm", "grpo", "--teacher-load", "null", "--rollout-temperature", "0.6",
+     "--scope-old-logprobs", "recomputed"],
+])
+def test_consistent_temperatures_are_accepted(flags):
+    _cfg(*flags)
+
+
+def test_a_finished_run_continues_with_more_train_iters():
+    """The trainer tells the user to raise --train-iters to continue a finished run: the LR
+    scheduler saved at 4 iterations must load into the one built for 8 (the run's current
+    configuration wins, as Megatron-LM's --override-opt-param-scheduler)."""
+    import types
+
+    import torch
+
+    from scope_megatron.training.trainer import Trainer
+
+    def scheduler(iters):
+        cfg = _cfg("--train-iters", str(iters), "--lr-decay-style", "cosine", "--lr-warmup-iters", "1")
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
+        return Trainer._scheduler(types.SimpleNamespace(cfg=cfg, optimizer=opt)), opt
+
+    old, _ = scheduler(4)
+    for _ in range(4):
+        old.step(increment=1)
+    new, opt = scheduler(8)
+    new.load_state_dict(old.state_dict())
+    assert new.num_steps == 4 and new.lr_decay_steps == 8
+    assert 0 < opt.param_groups[0]["lr"] < 3e-4  # mid-way down the 8-iteration cosine
+    again, _ = scheduler(4)  # an unchanged configuration resumes as before
+    again.load_state_dict(old.state_dict())
+    assert again.num_steps == 4 and again.get_lr(again.optimizer.param_groups[0]) == old.get_lr(old.optimizer.param_groups[0])
+
+
+def test_sequence_parallel_decodes_and_trains():
+    """--sequence-parallel true (TP=2): decoding (one token per step, prefixes of any length)
+    runs with sequence parallelism off and samples what the model without it samples; the
+    training rows are padded to a multiple of TP and give the same loss."""
+    r = _launch("sequence_parallel")
+    assert r["sp_on"] and r["sp_on_after_decoding"], r
+    assert r["same_ids"] and r["logprob_diff"] < 1e-4, r
+    assert r["padded_width"][1] % 2 == 0 and r["padded_width"][1] >= r["padded_width"][0], r
+    assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5, abs=1e-6), r
+    assert r["odd_width_error"] is None or "divisible by tensor parallel size" in r["odd_width_error"], r

@@ -273,3 +273,61 @@ def sglang(ctx):
         for s in servers:
             s.stop()
     return out
+
+
+def sequence_parallel(ctx):
+    """TP=2 with Megatron's sequence parallelism switched on in the toy student (its CPU layers
+    accept it once built; TransformerEngine's are what a GPU run uses): decoding and the training
+    forward must work and agree with the same model without it."""
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
+    from scope_megatron.rollout import LocalEngine, SamplingParams
+    from scope_megatron.scope import ScopeConfig
+    from scope_megatron.training import checkpoint, models, platform
+    from scope_megatron.training.config import toy_student
+    from scope_megatron.training.schedule import MegatronDecoder
+    from scope_megatron.training.step import build_inputs, evaluate_loss, micro_batches
+
+    platform.init_distributed()
+    platform.apply_cpu_shims()
+    world = ToyArithmetic(ToyArithmeticConfig())
+    prompts = [world.prompt_ids(p) for p in world.held_out[:4]]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=34, stop_token_ids=(world.tokenizer.eos_id,),
+                            seed=ctx.seed % 100000)
+    platform.initialize_parallel(2, 1)
+    platform.seed_everything(0)
+    out = {}
+    try:
+        chunk = models.build_model_chunks(toy_student())[0]
+        checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", [chunk])
+        decoder = MegatronDecoder([chunk], vocab_size=world.tokenizer.vocab_size, micro_batch_size=8,
+                                  pad_id=world.tokenizer.pad_id)
+        engine = LocalEngine(decoder, pad_id=world.tokenizer.pad_id)
+        ref = engine.generate(prompts, params, key=1)
+        correct = torch.zeros(ref.num_rollouts, dtype=torch.bool)
+        correct[::2] = True
+        scope = ScopeConfig(teacher_path="off")
+        kw = dict(scope=scope, vocab_size=world.tokenizer.vocab_size)
+        # one more token than the longest row: an odd width either way, padded to 2 or not
+        inputs = build_inputs(ref, correct, world.tokenizer.pad_id)
+        odd = inputs.tokens.shape[1] % 2 == 1
+        loss_ref = evaluate_loss([chunk], micro_batches(inputs, 8), **kw)
+
+        set_model_to_sequence_parallel(chunk, True)  # as built with --sequence-parallel true
+        out["sp_on"] = bool(chunk.config.sequence_parallel)
+        sp = engine.generate(prompts, params, key=1)
+        out["sp_on_after_decoding"] = bool(chunk.config.sequence_parallel)
+        out["same_ids"] = bool(torch.equal(sp.response_ids, ref.response_ids))
+        out["logprob_diff"] = float((sp.logprobs - ref.logprobs).abs().max())
+        padded = build_inputs(ref, correct, world.tokenizer.pad_id, seq_multiple=2)
+        out["padded_width"] = [int(inputs.tokens.shape[1]), int(padded.tokens.shape[1])]
+        out["loss"] = [loss_ref, evaluate_loss([chunk], micro_batches(padded, 8), **kw)]
+        try:  # unpadded rows of odd width cannot be split over 2 TP ranks
+            evaluate_loss([chunk], micro_batches(inputs, 8), **kw)
+            out["odd_width_error"] = None if odd else "even width"
+        except AssertionError as exc:
+            out["odd_width_error"] = str(exc)
+    finally:
+        platform.destroy_parallel()
+    return out
