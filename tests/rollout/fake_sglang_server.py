@@ -14,7 +14,9 @@ What it reproduces of SGLang, because our client depends on it:
   meta_info.weight_version.
 - weights: /update_weights_from_disk (reloads the model; sets weight_version), /get_weights_by_name
   (param.float().tolist()[:truncate_size]: the first truncate_size ROWS of a matrix, as SGLang's
-  Llama does), /begin_weight_update + /update_weights_from_tensor + /end_weight_update (400 outside
+  Llama does; HTTP 400 {"error": {"message": "Get parameter by name failed"}} for an unknown name,
+  and for every name when the model class has no get_weights_by_name: in sglang 0.5.21 Llama has
+  one, Qwen2 and Qwen3 do not — `weights_by_name` overrides), /begin_weight_update + /update_weights_from_tensor + /end_weight_update (400 outside
   the begin/end pair, as in 0.5.21), /init_weights_update_group + /update_weights_from_distributed
   (recorded; with backend "fake" the tensors arrive through an in-process channel, standing in
   for the NCCL broadcast), /destroy_weights_update_group, /get_model_info, /model_info,
@@ -96,16 +98,25 @@ def _eos_ids(config) -> set:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
+# architectures whose sglang 0.5.21 model class implements get_weights_by_name (models/llama.py and
+# its subclasses); the others' /get_weights_by_name answers 400 for every name
+_REPORTS_WEIGHTS = ("LlamaForCausalLM", "MistralForCausalLM", "GraniteForCausalLM", "OPTForCausalLM")
+
+
 class FakeSGLangServer:
     """An SGLang-compatible HTTP server on a background thread. port=0 picks a free port."""
 
     def __init__(self, model_path, *, host: str = "127.0.0.1", port: int = 0,
-                 weight_version: str = "default", tp_size: int = 1, deserializer=PickleSerializer):
+                 weight_version: str = "default", tp_size: int = 1, deserializer=PickleSerializer,
+                 weights_by_name: Optional[bool] = None):
         self.model_path = str(model_path)
         self.weight_version = weight_version
         self.tp_size = int(tp_size)
         self.deserializer = deserializer
         self.model = self._load(self.model_path)
+        if weights_by_name is None:  # as sglang 0.5.21's model classes (only Llama's has the method)
+            weights_by_name = any(a in _REPORTS_WEIGHTS for a in (self.model.config.architectures or []))
+        self.weights_by_name = bool(weights_by_name)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.calls: List[tuple] = []
         self.groups: Dict[str, dict] = {}
@@ -409,8 +420,8 @@ class FakeSGLangServer:
         params = self._named_params()
         if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
             name = "model.embed_tokens.weight"
-        if name not in params:
-            return None
+        if name not in params or not self.weights_by_name:
+            return None  # SGLang: the model raised (or has no get_weights_by_name) -> HTTP 400
         with self._lock:
             return params[name].detach().float().tolist()[:size]
 
@@ -493,7 +504,10 @@ class FakeSGLangServer:
         if path == "/update_weights_from_disk" and method == "POST":
             return self.update_weights_from_disk(body or {}, fault)
         if path == "/get_weights_by_name":
-            return 200, self.get_weights_by_name(body or {})
+            values = self.get_weights_by_name(body or {})
+            if values is None:  # http_server.get_weights_by_name: _create_error_response
+                return 400, {"error": {"message": "Get parameter by name failed"}}
+            return 200, values
         if path == "/begin_weight_update" and method == "POST":
             self._updating = True
             return 200, {"success": True, "message": "weight update started"}

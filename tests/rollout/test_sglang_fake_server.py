@@ -79,7 +79,8 @@ def test_errors_and_small_endpoints(server):
     assert r.status_code == 400 and "top_p" in r.json()["error"]["message"]
     r = _post(server, {"input_ids": list(range(1, 17)) * 4})
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
-    assert requests.post(server.url + "/get_weights_by_name", json={"name": "nope"}, timeout=5).json() is None
+    r = requests.post(server.url + "/get_weights_by_name", json={"name": "nope"}, timeout=5)
+    assert r.status_code == 400 and r.json() == {"error": {"message": "Get parameter by name failed"}}
     w = requests.post(server.url + "/get_weights_by_name",
                       json={"name": "model.layers.0.mlp.up_proj.weight", "truncate_size": 2}, timeout=5).json()
     assert len(w) == 2 and len(w[0]) == 64  # the first rows, as SGLang's Llama answers

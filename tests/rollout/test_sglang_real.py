@@ -133,3 +133,36 @@ def test_disk_weight_sync(servers, tmp_path):
     DiskWeightSync(lambda p: perturbed_copy(toy_hf_dir(), p, scale=1.0, shift=0.0), tmp_path / "back").update(
         engine.client, 2)
     engine.close()
+
+
+def test_disk_weight_sync_to_a_qwen2_server(tmp_path):
+    # sglang 0.5.21's Qwen2 class has no get_weights_by_name (400 for every name): the sync must still
+    # succeed (checked by weight_version, with a warning) and the server must sample from the new weights
+    import shutil
+
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=18, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tmp_path / "qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(model)
+    for f in toy_hf_dir().iterdir():  # the toy tokenizer (same 18 ids)
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    args, env = _launch_args()
+    with SGLangServers.launch(model, num_servers=1, base_port=_free_ports(1), tp_size=1,
+                              mem_fraction_static=None if CPU else 0.2, extra_args=args, env=env,
+                              log_dir=tmp_path / "logs", startup_timeout=600,
+                              command=(PYTHON, "-m", "sglang.launch_server")) as servers:
+        sync = DiskWeightSync(lambda p: perturbed_copy(model, p, scale=1.3, shift=0.0), tmp_path / "sync")
+        engine = SGLangEngine(SGLangClient(servers.urls, timeout=300), pad_id=0, weight_sync=sync)
+        with pytest.warns(RuntimeWarning, match="verified by weight_version only"):
+            engine.update_weights(step=1)
+        assert engine.weight_version == "step-1"
+        out = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_new_tokens=10, stop_token_ids=(EOS,)))
+        for r, resp in enumerate(out.responses()):
+            ref = reference_logprobs(tmp_path / "sync" / "step-1", PROMPTS[r], resp)
+            torch.testing.assert_close(out.logprobs[r, :len(resp)].double(), ref, rtol=0, atol=ATOL)
+        engine.close()

@@ -7,6 +7,7 @@ import os
 import socket
 
 import pytest
+import requests
 import torch
 from safetensors.torch import load_file
 
@@ -84,6 +85,61 @@ def test_disk_sync_catches_a_server_that_did_not_load(servers, tmp_path):
     assert msg.startswith(f"SGLang server {servers[1].url}, POST /get_weights_by_name")
     assert ("parameter model." in msg or "parameter lm_head" in msg) and "max |diff|" in msg
     engine.close()
+
+
+def _tiny_qwen(out, architecture):
+    """A random tiny Qwen2 / Qwen3 HF directory (no tokenizer: the servers take token ids)."""
+    import transformers
+
+    cls = getattr(transformers, architecture)
+    extra = {"head_dim": 32} if architecture == "Qwen3ForCausalLM" else {}
+    config = cls.config_class(vocab_size=18, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              tie_word_embeddings=False, eos_token_id=EOS, **extra)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_disk_sync_to_a_model_without_get_weights_by_name(tmp_path, architecture):
+    # sglang 0.5.21's Qwen2 / Qwen3 classes have no get_weights_by_name: /get_weights_by_name answers
+    # 400 "Get parameter by name failed" for every name (checked against a real server). The update
+    # itself worked: it must not fail on the value check, only warn and rest on weight_version.
+    model = _tiny_qwen(tmp_path / "hf", architecture)
+    with FakeSGLangServer(model) as a, FakeSGLangServer(model) as b:
+        assert requests.post(a.url + "/get_weights_by_name", json={"name": "model.norm.weight"}, timeout=5
+                             ).status_code == 400
+        sync = DiskWeightSync(lambda p: perturbed_copy(model, p), tmp_path / "sync")  # default num_verify
+        engine = _engine((a, b), sync)
+        with pytest.warns(RuntimeWarning, match="cannot report parameter .* verified by weight_version only"):
+            engine.update_weights(step=1)
+        assert engine.weight_version == "step-1" and a.weight_version == b.weight_version == "step-1"
+        assert len(a.calls_to("/get_weights_by_name")) == 1 + 3  # the probe above, then num_verify
+        new = load_file(str(tmp_path / "sync" / "step-1" / "model.safetensors"))
+        held = _server_weights(a)
+        for name, w in new.items():
+            torch.testing.assert_close(held[name], w, rtol=0, atol=0)
+        engine.update_weights(step=2)  # warned once
+        b.inject_fault("keep_version", path="/update_weights_from_disk")  # the version check still holds
+        with pytest.raises(SGLangError, match="serves weight_version 'step-2' after the update; expected 'step-3'"):
+            engine.update_weights(step=3)
+        engine.close()
+
+
+def test_tensor_sync_to_a_model_without_get_weights_by_name(tmp_path):
+    model = _tiny_qwen(tmp_path / "hf", "Qwen2ForCausalLM")
+    new = {k: v * 1.5 for k, v in load_file(str(model / "model.safetensors")).items()}
+    with FakeSGLangServer(model) as server:
+        sync = TensorWeightSync(lambda: iter(new.items()), bucket_bytes=4096, serializer=PickleSerializer())
+        engine = _engine((server,), sync)
+        with pytest.warns(RuntimeWarning, match="cannot report parameter"):
+            engine.update_weights(step=7)
+        assert server.weight_version == "step-7"
+        held = _server_weights(server)
+        for name, w in new.items():
+            torch.testing.assert_close(held[name], w, rtol=0, atol=0)
+        engine.close()
 
 
 def test_disk_sync_catches_a_stale_version(servers, tmp_path):
