@@ -174,7 +174,8 @@ def run(args, settings, say) -> int:
 
         benchmarks = load_benchmarks(args.benchmarks, limit=args.limit)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.hf_dir)
-        encoder = ev.PromptEncoder(tokenizer, settings)
+        encoder = ev.PromptEncoder(tokenizer, settings, model_dir=args.tokenizer or args.hf_dir)
+        say(f"stop ids {list(encoder.stop_ids)}")  # read now: a bad generation_config.json fails here
     if args.sglang_urls:
         engine = sglang_engine(args, encoder, dist)
     else:

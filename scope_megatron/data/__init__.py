@@ -9,11 +9,14 @@
   PromptDataset, PromptItem, DEFAULT_SUFFIX  training prompts from JSONL/JSON/Parquet files:
                                              tokenized, length-filtered, resumable order
   encode_prompts                             user messages -> prompt ids (chat template or plain)
+  stop_token_ids                             an HF model's stop ids: the tokenizer's eos plus the
+                                             eos_token_id of generation_config.json / config.json
 
 No Megatron here: the trainer's glue calls into this package.
 """
 from .batching import PromptBatch, SFTBatch, make_prompt_batch, make_sft_batch
 from .prompts import DEFAULT_SUFFIX, PromptDataset, PromptItem, encode_prompts
+from .stop_ids import stop_token_ids
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, CharTokenizer
 from .toy_arithmetic import (FAMILIES, TOY_SYMBOLS, TOY_TOKENIZER, TRACE_STYLES, AdditionProblem,
                              ToyArithmetic, ToyArithmeticConfig, family)
@@ -23,5 +26,5 @@ __all__ = [
     "ToyArithmetic", "ToyArithmeticConfig", "AdditionProblem", "TOY_SYMBOLS", "TOY_TOKENIZER",
     "TRACE_STYLES", "FAMILIES", "family",
     "PromptBatch", "make_prompt_batch", "SFTBatch", "make_sft_batch",
-    "PromptDataset", "PromptItem", "DEFAULT_SUFFIX", "encode_prompts",
+    "PromptDataset", "PromptItem", "DEFAULT_SUFFIX", "encode_prompts", "stop_token_ids",
 ]

@@ -56,14 +56,18 @@ class PromptEncoder:
     A Hugging Face tokenizer (transformers): the user turn `prompt_template.format(problem=...)`
     through the tokenizer's chat template when it has one and chat is on, else the plain text
     with the tokenizer's special tokens (data.prompts.encode_prompts, as training prompts). The
-    toy tokenizer: the toy prompt.
+    toy tokenizer: the toy prompt. model_dir: the Hugging Face directory whose
+    generation_config.json and config.json add stop ids (default: the directory the tokenizer was
+    loaded from, its name_or_path).
     """
 
-    def __init__(self, tokenizer, settings: EvalSettings, toy_world=None):
+    def __init__(self, tokenizer, settings: EvalSettings, toy_world=None, model_dir=None):
         self.tokenizer = tokenizer
         self.settings = settings
         self.toy_world = toy_world
+        self.model_dir = model_dir
         self._ids: Dict[int, List[int]] = {}  # id(problem) -> prompt ids: encoded once per problem
+        self._stop_ids: Optional[tuple] = None
 
     def encode(self, problems: Sequence[Problem]) -> List[List[int]]:
         """The prompt ids of `problems` (encoded in one batch the first time, then remembered)."""
@@ -91,13 +95,17 @@ class PromptEncoder:
 
     @property
     def stop_ids(self) -> tuple:
-        if self.toy_world is not None:
-            return (self.tokenizer.eos_id,)
-        ids = self.tokenizer.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if not ids:
-            raise ValueError("the tokenizer has no eos_token_id: responses could never end")
-        return tuple(ids)
+        """The ids that end a response, for sampling and grading alike: the toy tokenizer's EOS,
+        or a Hugging Face tokenizer's eos_token_id followed by the eos_token_id of
+        generation_config.json and config.json in `model_dir` (data.stop_ids.stop_token_ids)."""
+        if self._stop_ids is None:
+            if self.toy_world is not None:
+                self._stop_ids = (self.tokenizer.eos_id,)
+            else:
+                from scope_megatron.data.stop_ids import stop_token_ids
+
+                self._stop_ids = stop_token_ids(self.tokenizer, self.model_dir)
+        return self._stop_ids
 
 
 def toy_benchmark(num_problems: int) -> tuple:

@@ -89,6 +89,7 @@ class PromptTask(Task):
         from transformers import AutoTokenizer
 
         from scope_megatron.data.prompts import PromptDataset
+        from scope_megatron.data.stop_ids import stop_token_ids
 
         if not cfg.train_data:
             raise ValueError("task.name 'prompts' needs task.train_data (--task-train-data FILE)")
@@ -97,10 +98,12 @@ class PromptTask(Task):
                              "student's Hugging Face tokenizer")
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         self.reward_fn = load_reward_fn(cfg.resolved_reward_fn)
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError(f"the tokenizer {cfg.tokenizer} has no eos_token_id: responses could never end")
-        self.stop_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        # the tokenizer's eos, then generation_config.json's and config.json's of its directory:
+        # the model (and SGLang) stops on each of them, and a response ending on one is finished
+        try:
+            self.stop_ids = stop_token_ids(self.tokenizer, cfg.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"task.tokenizer {cfg.tokenizer}: {e}") from None
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
         self.vocab_size = len(self.tokenizer)

@@ -35,3 +35,38 @@ def test_tokenizer_without_eos_is_refused():
     tok.eos_token = None
     with pytest.raises(ValueError, match="no eos_token_id"):
         PromptEncoder(tok, EvalSettings()).stop_ids
+
+
+def test_stop_ids_include_the_model_directorys_eos_ids(tmp_path):
+    """A model that ends its turn with <|im_end|> (generation_config.json eos_token_id
+    [<|im_end|>, </s>], as Qwen3 ships it): both stop sampling, and a response ending on
+    <|im_end|> is graded as finished, not truncated."""
+    from transformers import AutoTokenizer
+
+    from scope_megatron.rewards import score_responses
+    from scope_megatron.rewards.verifier import boxed_match
+    from tests.data.test_stop_ids import EOS, IM_END, model_dir
+
+    d = model_dir(tmp_path / "model", generation=[IM_END, EOS], config=EOS)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    encoder = PromptEncoder(tok, EvalSettings())  # the directory the tokenizer came from
+    assert encoder.stop_ids == (EOS, IM_END)
+    assert PromptEncoder(tok, EvalSettings(), model_dir=d).stop_ids == (EOS, IM_END)
+    answer = tok("\\boxed{2}", add_special_tokens=False)["input_ids"]
+    pad = tok.pad_token_id
+    responses = [answer + [IM_END, pad], answer + [EOS, pad], answer + [pad, pad]]
+    scores = score_responses(responses, ["2"] * 3, decode=encoder.decode, eos_id=encoder.stop_ids,
+                             reward_fn=boxed_match)
+    assert scores.finished.tolist() == [True, True, False]
+    assert scores.correct.tolist() == [True, True, False]
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.data.test_stop_ids import EOS, model_dir
+
+    d = model_dir(tmp_path / "model", generation=[EOS, 151645])
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(str(d)), EvalSettings())
+    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id \[151645\]"):
+        encoder.stop_ids
