@@ -11,6 +11,8 @@ tensor-parallel (pass tp_group, or let Megatron's default group apply).
   dual_path_weights, path_members, uniform_group_weights   SCOPE's routing and weights
   opd_path_loss, grpo_path_loss, grpo_advantages, ppo_clip_token_losses, k3_token_kl,
   topk_reverse_kl                the path losses and estimators
+  teacher_top_k                  a colocated teacher's top-k ids and log-probs (k values per token
+                                 to keep instead of its logits)
 
 Spec: docs/scope-algorithm.md (shared docs).
 """
@@ -19,7 +21,7 @@ from .batch import RolloutBatch
 from .config import ScopeConfig
 from .losses import (PathLoss, grpo_advantages, grpo_path_loss, k3_token_kl, opd_path_loss,
                      ppo_clip_token_losses)
-from .topk import topk_reverse_kl
+from .topk import teacher_top_k, topk_reverse_kl
 from .weights import PathWeights, dual_path_weights, path_members, uniform_group_weights
 
 __all__ = [
@@ -37,4 +39,5 @@ __all__ = [
     "ppo_clip_token_losses",
     "k3_token_kl",
     "topk_reverse_kl",
+    "teacher_top_k",
 ]

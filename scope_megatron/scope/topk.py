@@ -11,15 +11,20 @@ Tensor parallelism: each rank takes the top-k of its shard (padding columns excl
 all-gather of (value, global id) pairs gives every rank the same global top-k. Log-probs at the
 chosen ids need each model's log-normalizer, obtained from its log-prob of the sampled token y
 (the vocab_parallel_logprob op): log p(j) = (x_j - x_y) / T + log p(y). The logits x_j, x_y are
-gathered from the owning ranks with one differentiable sum over the group (backward: identity).
+gathered from the owning ranks with a differentiable sum over the group (backward: identity).
+
+teacher_top_k gives the teacher's side alone (ids and log-probs, as a served teacher's
+top_logprobs do): a colocated teacher keeps k values per token instead of its logit shard, and
+topk_reverse_kl_given takes either.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from ._tp import TensorParallel, gather_ranks, sum_over_ranks
+from ._tp import TensorParallel, gather_ranks, resolve_tp, sum_over_ranks
 
 
 def topk_reverse_kl(
@@ -51,22 +56,61 @@ def topk_reverse_kl(
     replicated on the group, differentiable w.r.t. this rank's student shard (and
     student_logprobs). The teacher gets no gradient.
     """
-    local_vocab = student_logits.shape[-1]
-    shape = student_logits.shape[:-1]
-    acc = student_logprobs.dtype
-    s = student_logits.reshape(-1, local_vocab)
+    top_ids, top_logprobs = _teacher_top_k(teacher_logits, target, teacher_logprobs, k=k, tp=tp,
+                                           vocab_size=vocab_size, teacher_temperature=teacher_temperature,
+                                           dtype=student_logprobs.dtype)
+    return topk_reverse_kl_given(student_logits, top_ids, top_logprobs, target, student_logprobs, tp=tp,
+                                 student_temperature=student_temperature)
+
+
+def teacher_top_k(
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    k: int,
+    vocab_size: Optional[int],
+    teacher_temperature: float,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """The teacher's k most likely ids per token and their log-probs, from its vocabulary shards:
+    what a served teacher's top_logprobs give (RolloutBatch.teacher_top_ids / _logprobs), so that
+    a colocated teacher can keep [..., k] values per token instead of its [..., V_local] logits.
+
+    Args:
+      teacher_logits: this rank's shard [..., V_local] (rank r holds ids [r * V_local, ...)).
+      target: [...] global ids of the sampled tokens, valid ids (< vocab_size) everywhere.
+      teacher_logprobs: [...] log p_T(target) at teacher_temperature (vocab_parallel_logprob of
+        the same logits): it supplies the log-normalizer.
+      k: capped at vocab_size; vocab_size: true vocabulary (None: V_local * world_size); padded
+        ids are never chosen.
+      tp_group: the tensor-parallel group the vocabulary is sharded over (default: Megatron's
+        tensor-model-parallel group if initialized, else none).
+      dtype: of the returned log-probs (float32, or float64 for float64 logits).
+
+    Returns (ids [..., k] int64 global ids in descending order of probability, log-probs [..., k]
+    at teacher_temperature), identical on every rank of the group. No gradient.
+    """
+    return _teacher_top_k(teacher_logits, target, teacher_logprobs, k=k, tp=resolve_tp(tp_group),
+                          vocab_size=vocab_size, teacher_temperature=teacher_temperature, dtype=dtype)
+
+
+@torch.no_grad()
+def _teacher_top_k(teacher_logits, target, teacher_logprobs, *, k, tp, vocab_size, teacher_temperature, dtype):
+    local_vocab = teacher_logits.shape[-1]
+    shape = teacher_logits.shape[:-1]
     t = teacher_logits.detach().reshape(-1, local_vocab)
-    y = target.reshape(-1, 1).to(torch.int64)
-    rows = s.shape[0]
+    rows = t.shape[0]
     start = tp.rank * local_vocab
     vocab = local_vocab * tp.world_size if vocab_size is None else int(vocab_size)
     k = min(int(k), vocab)
 
-    # Teacher top-k: per shard over its real (non-padding) columns, then across shards. Values
-    # and ids travel together as float64 (ids < 2^53 are exact) in one all-gather.
+    # Per shard over its real (non-padding) columns, then across shards. Values and ids travel
+    # together as float64 (ids < 2^53 are exact) in one all-gather.
     real = max(0, min(local_vocab, vocab - start))
     k_local = min(k, real)
-    cand = torch.full((rows, 2, k), float("-inf"), dtype=torch.float64, device=s.device)
+    cand = torch.full((rows, 2, k), float("-inf"), dtype=torch.float64, device=t.device)
     cand[:, 1] = -1.0
     if k_local > 0:
         values, idx = t[:, :real].topk(k_local, dim=-1)
@@ -78,13 +122,15 @@ def topk_reverse_kl(
     top_values, pos = all_values.topk(k, dim=-1)
     top_ids = all_ids.gather(-1, pos).to(torch.int64)
 
-    # x_S at K and y, x_T at y: from the owning rank, summed over the group (zeros elsewhere).
-    ids = torch.cat([top_ids, y], dim=-1)
-    x_s_top, x_s_y, x_t_y = _logits_at(s, t, ids, tp, start, acc)
-    logp_s = (x_s_top - x_s_y) / student_temperature + student_logprobs.reshape(-1, 1)
-    logp_t = (top_values.to(acc) - x_t_y) / teacher_temperature \
-        + teacher_logprobs.reshape(-1, 1).to(acc).detach()
-    return _topk_tail_kl(logp_s, logp_t).reshape(shape)
+    # log p_T(j) = (x_j - x_y) / T + log p_T(y), with x_y from the rank owning y.
+    y = target.reshape(-1, 1).to(torch.int64)
+    owned = (y >= start) & (y < start + local_vocab)
+    x_y = torch.where(owned, t.gather(-1, (y - start).clamp(0, local_vocab - 1)).to(dtype),
+                      torch.zeros((), dtype=dtype, device=t.device))
+    x_y = sum_over_ranks(x_y, tp)
+    logprobs = (top_values.to(dtype) - x_y) / teacher_temperature \
+        + teacher_logprobs.detach().reshape(-1, 1).to(dtype)
+    return top_ids.reshape(*shape, k), logprobs.reshape(*shape, k)
 
 
 def topk_reverse_kl_given(
@@ -111,26 +157,22 @@ def topk_reverse_kl_given(
     s = student_logits.reshape(-1, local_vocab)
     y = target.reshape(-1, 1).to(torch.int64)
     ids = torch.cat([teacher_top_ids.reshape(-1, k).to(torch.int64), y], dim=-1)
-    x_s_top, x_s_y, _ = _logits_at(s, None, ids, tp, tp.rank * local_vocab, acc)
+    x_s_top, x_s_y = _logits_at(s, ids, tp, tp.rank * local_vocab, acc)
     logp_s = (x_s_top - x_s_y) / student_temperature + student_logprobs.reshape(-1, 1)
     logp_t = teacher_top_logprobs.detach().reshape(-1, k).to(acc)
     return _topk_tail_kl(logp_s, logp_t).reshape(shape)
 
 
-def _logits_at(s, t, ids, tp, start, acc):
-    """Student logits at ids [rows, k + 1] (the last column: the sampled token y) and, with
-    teacher shard t, the teacher's logit at y; each from the rank owning the id, summed over the
-    group (differentiable for the student)."""
+def _logits_at(s, ids, tp, start, acc):
+    """Student logits at ids [rows, k + 1] (the last column: the sampled token y), each from the
+    rank owning the id, summed over the group (differentiable for the student)."""
     local_vocab = s.shape[-1]
     k = ids.shape[-1] - 1
     owned = (ids >= start) & (ids < start + local_vocab)
     local = (ids - start).clamp(0, local_vocab - 1)
     zero = torch.zeros((), dtype=acc, device=s.device)
-    parts = [torch.where(owned, s.gather(-1, local).to(acc), zero)]
-    if t is not None:
-        parts.append(torch.where(owned[:, -1:], t.gather(-1, local[:, -1:]).to(acc), zero))
-    summed = sum_over_ranks(torch.cat(parts, dim=-1), tp)
-    return summed[:, :k], summed[:, k:k + 1], (summed[:, k + 1:] if t is not None else None)
+    summed = sum_over_ranks(torch.where(owned, s.gather(-1, local).to(acc), zero), tp)
+    return summed[:, :k], summed[:, k:k + 1]
 
 
 def _topk_tail_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:

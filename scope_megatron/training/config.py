@@ -94,11 +94,19 @@ class TrainingConfig:
     precision: str = option("auto", flag="--precision", help=(
         "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'"))
     log_interval: int = option(1, flag="--log-interval", help="steps between log lines")
+    teacher_logits_gib: float = option(8.0, flag="--teacher-logits-gib", help=(
+        "most GiB of a colocated teacher's logit shards held at once per rank (kl_estimator "
+        "'full': [micro_batch_size, response length, V/tp] per micro-batch); a step whose "
+        "micro-batches need more runs in waves that fit, the teacher scoring each wave just "
+        "before the student's forward/backward over it (same gradients; with pipeline "
+        "parallelism each wave pays the pipeline's fill and drain)"))
 
     def __post_init__(self):
         for name in ("train_iters", "prompts_per_step", "micro_batch_size", "log_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.teacher_logits_gib, (int, float)) and self.teacher_logits_gib > 0):
+            raise ValueError(f"teacher_logits_gib must be > 0, got {self.teacher_logits_gib!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 

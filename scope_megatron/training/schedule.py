@@ -32,7 +32,8 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: List[MicroBatch],
-                     output_fn: Callable, *, forward_only: bool, model_kwargs: Optional[Dict] = None) -> List:
+                     output_fn: Callable, *, forward_only: bool, model_kwargs: Optional[Dict] = None,
+                     counts: Optional[List[torch.Tensor]] = None) -> List:
     """Runs the chunks over the micro-batches with Megatron's schedule for this layout.
 
     output_fn(micro_batch, output_tensor) runs on the last pipeline stage with the model's output
@@ -43,7 +44,8 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         micro-batches and data-parallel ranks (the model's config must set
         calculate_per_token_loss=True). The metrics of every micro-batch come back.
     Other stages get []. Gradients accumulate in the chunks' DDP buffers. model_kwargs are passed
-    to every model call (e.g. an inference context).
+    to every model call (e.g. an inference context). counts: a list that receives each
+    micro-batch's count tensor (forward_only=False, last stage), read without a host sync.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -60,7 +62,13 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         output = model(mb.tokens, mb.position_ids, None, **(model_kwargs or {}))
         if forward_only:
             return output, lambda out, non_loss_data=True: output_fn(mb, out)
-        return output, lambda out: output_fn(mb, out)
+
+        def loss(out):
+            result = output_fn(mb, out)
+            if counts is not None:
+                counts.append(result[1])
+            return result
+        return output, loss
 
     chunks = list(model_chunks)
     # one iterator per model chunk: with virtual pipeline stages every chunk reads every batch
@@ -75,6 +83,61 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
     )
+
+
+class AccumulatedStep:
+    """One optimizer step's gradients over several run_microbatches calls (forward_only=False),
+    e.g. the micro-batches in waves, each wave after its teacher scores: the gradients are those
+    of one call over all the micro-batches. Each call accumulates into the DDP buffers; only the
+    last one finalizes (data-parallel reduction, then the division by the count summed over every
+    call's micro-batches and data-parallel ranks, as calculate_per_token_loss does in one call).
+
+        step = AccumulatedStep(chunks)
+        for i, wave in enumerate(waves):
+            outputs += step.run(wave, loss_fn, last=i == len(waves) - 1)
+    """
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module]):
+        self.chunks = list(model_chunks)
+        self.config = self.chunks[0].config
+        for chunk in self.chunks:
+            ddp = getattr(chunk, "ddp_config", None)
+            if ddp is not None and ddp.overlap_grad_reduce:
+                raise NotImplementedError(
+                    "AccumulatedStep: overlap_grad_reduce would reduce each call's partial gradients; "
+                    "wrap the chunks without it (parallel.wrap_ddp's default)")
+        self._earlier: Optional[torch.Tensor] = None
+        self._finished = False
+
+    def run(self, micro_batches: List[MicroBatch], output_fn: Callable, *, last: bool) -> List:
+        if self._finished:
+            raise RuntimeError("AccumulatedStep: the step's last call has run; start a new step")
+        config = self.config
+        finalize = config.finalize_model_grads_func
+        counts: List[torch.Tensor] = []
+        try:
+            if not last:
+                config.finalize_model_grads_func = None
+            elif finalize is not None and self._earlier is not None:
+                config.finalize_model_grads_func = _counting_earlier(finalize, self._earlier)
+            out = run_microbatches(self.chunks, micro_batches, output_fn, forward_only=False, counts=counts)
+        finally:
+            config.finalize_model_grads_func = finalize
+        if last:
+            self._finished = True
+        elif counts:  # last pipeline stage only: the other stages' counts come from it in finalize
+            total = torch.stack([c.reshape(()) for c in counts]).sum()
+            self._earlier = total if self._earlier is None else self._earlier + total
+        return out
+
+
+def _counting_earlier(finalize: Callable, earlier: torch.Tensor) -> Callable:
+    """finalize_model_grads with the earlier calls' count added to this call's num_tokens."""
+    def finalize_all(model, num_tokens=None, *args, **kwargs):
+        if num_tokens is not None:
+            num_tokens = num_tokens + earlier.to(device=num_tokens.device, dtype=num_tokens.dtype)
+        return finalize(model, num_tokens, *args, **kwargs)
+    return finalize_all
 
 
 def is_last_stage() -> bool:

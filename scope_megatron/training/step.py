@@ -12,7 +12,7 @@ by the number of groups over all micro-batches and data-parallel ranks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from scope_megatron.ops import vocab_parallel_logprob
 from scope_megatron.rollout import Rollouts
 from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss
 
-from .schedule import MicroBatch, position_ids_for, run_microbatches
+from .schedule import AccumulatedStep, MicroBatch, position_ids_for, run_microbatches
 
 
 @dataclass
@@ -101,21 +101,42 @@ def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch
 def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
                        scope: ScopeConfig, vocab_size: int) -> None:
     """Runs the frozen teacher over the micro-batches and stores, on the last pipeline stage, what
-    the loss needs in each micro-batch's `extra`: the teacher's response-aligned logit shards
-    ("teacher_logits", for the full and top-k estimators) or its log-probs of the sampled tokens
-    ("teacher_logprobs")."""
-    need_logits = scope.kl_estimator in ("full", "topk")
+    the loss needs in each micro-batch's `extra` (TEACHER_KEYS): for the full KL, the teacher's
+    response-aligned logit shards ("teacher_logits", [b, L, V/tp]: hold few micro-batches at
+    once, see train_step's score_teacher); for the top-k estimator, its log-probs of the sampled
+    tokens plus its top-k ids and their log-probs ([b, L, k], what a served teacher returns);
+    otherwise its log-probs of the sampled tokens ("teacher_logprobs")."""
+    from scope_megatron.scope import teacher_top_k
+
+    temperature = scope.resolved_teacher_temperature
 
     def collect(mb, logits):
         aligned = response_logits(logits, mb.extra["response_index"])
-        if need_logits:
-            return aligned
-        return vocab_parallel_logprob(aligned, torch.where(mb.extra["response_mask"], mb.extra["response_ids"], 0),
-                                      vocab_size=vocab_size, temperature=scope.resolved_teacher_temperature)
+        if scope.kl_estimator == "full":
+            return {"teacher_logits": aligned}
+        ids = torch.where(mb.extra["response_mask"], mb.extra["response_ids"], 0)
+        logprobs = vocab_parallel_logprob(aligned, ids, vocab_size=vocab_size, temperature=temperature)
+        if scope.kl_estimator != "topk":
+            return {"teacher_logprobs": logprobs}
+        top_ids, top_logprobs = teacher_top_k(aligned, ids, logprobs, k=scope.topk_k,
+                                              vocab_size=vocab_size, teacher_temperature=temperature,
+                                              dtype=logprobs.dtype)
+        return {"teacher_logprobs": logprobs, "teacher_top_ids": top_ids, "teacher_top_logprobs": top_logprobs}
 
     outputs = run_microbatches(teacher_chunks, batches, collect, forward_only=True)
     for mb, out in zip(batches, outputs):
-        mb.extra["teacher_logits" if need_logits else "teacher_logprobs"] = out
+        mb.extra.update(out)
+
+
+TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs")
+
+
+def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: torch.dtype) -> int:
+    """Bytes of one micro-batch's response-aligned teacher logit shard [b, L, local_vocab]."""
+    if not batches:
+        return 0
+    b, length = batches[0].extra["response_index"].shape
+    return b * length * local_vocab * torch.empty((), dtype=dtype).element_size()
 
 
 def _scope_loss(scope: ScopeConfig, vocab_size: int):
@@ -154,16 +175,40 @@ def evaluate_loss(student_chunks: Sequence[torch.nn.Module], batches: List[Micro
 
 
 def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
-               batches: List[MicroBatch], *, scope: ScopeConfig, vocab_size: int) -> Dict[str, float]:
+               batches: List[MicroBatch], *, scope: ScopeConfig, vocab_size: int,
+               score_teacher: Optional[Callable[[List[MicroBatch]], None]] = None,
+               micro_batches_per_wave: Optional[int] = None) -> Dict[str, float]:
     """Forward + backward of the SCOPE loss over the micro-batches, then one optimizer step.
+
+    score_teacher, micro_batches_per_wave: for a colocated teacher whose outputs for the whole
+      step do not fit in memory at once (the full KL keeps [b, L, V/tp] logits per micro-batch):
+      the micro-batches run in waves of micro_batches_per_wave (None: one wave), score_teacher
+      fills each wave's teacher outputs (score_with_teacher) just before the student's forward and
+      backward over it, and they are dropped after it. The gradients are those of one pass over
+      all micro-batches (AccumulatedStep); with pipeline parallelism every wave pays the
+      pipeline's fill and drain.
 
     Returns, on the last pipeline stage, the metrics of compute_loss averaged over micro-batches
     (weighted by their groups) plus grad_norm, lr and update_skipped; {} on other stages.
     """
+    size = len(batches) if micro_batches_per_wave is None else int(micro_batches_per_wave)
+    if size < 1:
+        raise ValueError(f"train_step: micro_batches_per_wave must be >= 1, got {micro_batches_per_wave}")
+    waves = [batches[i:i + size] for i in range(0, len(batches), size)]
     for chunk in student_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reduced = run_microbatches(student_chunks, batches, _scope_loss(scope, vocab_size), forward_only=False)
+    accumulated = AccumulatedStep(student_chunks)
+    loss_fn = _scope_loss(scope, vocab_size)
+    reduced = []
+    for i, wave in enumerate(waves):
+        if score_teacher is not None:
+            score_teacher(wave)
+        reduced += accumulated.run(wave, loss_fn, last=i == len(waves) - 1)
+        if score_teacher is not None:
+            for mb in wave:
+                for key in TEACHER_KEYS:
+                    mb.extra.pop(key, None)
     update_successful, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     if not reduced:

@@ -32,7 +32,7 @@ from scope_megatron.utils.logging import RESERVED_KEYS, MetricsLogger, ProgressB
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import build_inputs, micro_batches, score_with_teacher, train_step
+from .step import build_inputs, micro_batches, score_with_teacher, teacher_logits_bytes, train_step
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -153,6 +153,7 @@ class Trainer:
 
             self.remote_teacher = SGLangTeacherScorer(cfg, self.task.pad_id, cfg.scope.resolved_teacher_temperature)
         self._logprob_checked = False
+        self._waves_reported = False
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -222,13 +223,56 @@ class Trainer:
         if self.remote_teacher is not None:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
         batches = micro_batches(inputs, cfg.training.micro_batch_size)
-        if self.teacher is not None:
-            for chunk in self.teacher:
-                models.load_to_device(chunk)
-            score_with_teacher(self.teacher, batches, scope=cfg.scope, vocab_size=cfg.student.vocab_size)
+        if self.teacher is not None and self.teacher_wave_size(batches) is None:
+            self._score_teacher(batches, offload=True)
+        return batches, rollouts, scores
+
+    def _score_teacher(self, batches, *, offload: bool) -> None:
+        for chunk in self.teacher:
+            models.load_to_device(chunk)
+        score_with_teacher(self.teacher, batches, scope=self.cfg.scope, vocab_size=self.cfg.student.vocab_size)
+        if offload:
             for chunk in self.teacher:
                 models.offload_to_cpu(chunk)
-        return batches, rollouts, scores
+
+    def teacher_wave_size(self, batches) -> Optional[int]:
+        """Micro-batches per teacher wave when the colocated teacher's logit shards for the whole
+        step exceed training.teacher_logits_gib (kl_estimator "full"); None when they fit (prepare
+        scores them all; the other estimators keep k or 1 values per token)."""
+        if self.teacher is None or self.cfg.scope.kl_estimator != "full" or not batches:
+            return None
+        rows = _output_rows(self.teacher[0]) // self.layout.tp
+        per_batch = teacher_logits_bytes(batches, rows, params_dtype(self.cfg))
+        budget = int(self.cfg.training.teacher_logits_gib * 2**30)
+        if per_batch * len(batches) <= budget:
+            return None
+        size = max(1, budget // per_batch)
+        if not self._waves_reported and self.is_rank0:
+            self._waves_reported = True
+            print(f"[scope-megatron] the teacher's logits for a step take {per_batch * len(batches) / 2**30:.1f} "
+                  f"GiB per rank, above training.teacher_logits_gib {self.cfg.training.teacher_logits_gib}: "
+                  f"scoring in waves of {size} micro-batch(es), each followed by the student's pass", flush=True)
+        return size
+
+    def _train_step(self, batches) -> Dict[str, float]:
+        cfg = self.cfg
+        size = self.teacher_wave_size(batches)
+        if size is None:
+            return train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
+                              vocab_size=cfg.student.vocab_size)
+        waves_left = [-(-len(batches) // size)]
+
+        def score(wave):  # the teacher goes back to host memory after scoring the last wave
+            waves_left[0] -= 1
+            self._score_teacher(wave, offload=waves_left[0] == 0)
+
+        try:
+            return train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
+                              vocab_size=cfg.student.vocab_size, score_teacher=score,
+                              micro_batches_per_wave=size)
+        finally:
+            for chunk in self.teacher:
+                models.offload_to_cpu(chunk)
 
     def step(self, step: int) -> Dict[str, float]:
         """One training step; returns this replica's metrics (where it reports them) else {}."""
@@ -236,8 +280,7 @@ class Trainer:
         started = time.perf_counter()
         batches, rollouts, scores = self.prepare(step)
         prepared = time.perf_counter()
-        metrics = train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
-                             vocab_size=cfg.student.vocab_size)
+        metrics = self._train_step(batches)
         if self.sglang_rollouts is not None:
             synced = time.perf_counter()
             self.engine.update_weights(step + 1)  # the next step samples from the updated student
@@ -377,3 +420,10 @@ class Trainer:
             if holder is not None:
                 holder.close()
         platform.destroy()
+
+
+def _output_rows(model: torch.nn.Module) -> int:
+    """The padded vocabulary of a Megatron GPTModel (under any wrappers): its output layer's rows."""
+    while not hasattr(model, "vocab_size") and hasattr(model, "module"):
+        model = model.module
+    return int(model.vocab_size)

@@ -238,3 +238,35 @@ def test_sequence_parallel_decodes_and_trains():
     assert r["padded_width"][1] % 2 == 0 and r["padded_width"][1] >= r["padded_width"][0], r
     assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5, abs=1e-6), r
     assert r["odd_width_error"] is None or "divisible by tensor parallel size" in r["odd_width_error"], r
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_teacher_logits_in_waves_give_the_same_step(layout):
+    """training.teacher_logits_gib too small for a step's teacher logits: the teacher scores one
+    micro-batch at a time, each followed by the student's pass over it, and the update equals
+    the one with every micro-batch scored first (the gradient is divided once, by the step's
+    total count, and reduced over data-parallel ranks once)."""
+    r = _launch("teacher_waves")[layout]
+    assert r["micro_batches"] >= 2, r
+    assert r["waves"] == [None, 1], r
+    # prepare scores everything when it fits; in waves the step does, and drops each wave's logits
+    last_stage = r["loss"][0] is not None
+    assert r["scored_in_prepare"] == ([["teacher_logits"], []] if last_stage else [[], []]), r
+    assert r["leftover"] == [], r
+    assert r["max_param_change"] > 1e-6, r  # the step trained
+    assert r["max_param_diff"] <= 1e-6 * max(1.0, r["max_param_change"]), r
+    if r["loss"][0] is not None:  # the last pipeline stage reports
+        assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-6), r
+        assert r["grad_norm"][1] == pytest.approx(r["grad_norm"][0], rel=1e-5), r
+
+
+def test_colocated_top_k_teacher_keeps_k_values_per_token():
+    """kl_estimator topk with a colocated teacher: prepare keeps the teacher's log-probs and its
+    top-k ids and log-probs ([b, L, k]), not its [b, L, V/tp] logits, and the loss from them
+    equals the loss from the logits (TP=2)."""
+    r = _launch("teacher_waves")["topk"]
+    assert r["keys"] == ["teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs"], r
+    assert r["shape"][-1] == 5, r
+    assert r["losses"], r
+    for stored, from_logits in r["losses"]:
+        assert stored == pytest.approx(from_logits, rel=1e-5, abs=1e-6), r

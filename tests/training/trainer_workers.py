@@ -331,3 +331,77 @@ def sequence_parallel(ctx):
     finally:
         platform.destroy_parallel()
     return out
+
+
+def teacher_waves(ctx):
+    """One step of the full KL with the whole step's teacher logits at once, against the same step
+    with the teacher scoring one micro-batch at a time (training.teacher_logits_gib tiny), at
+    TP=2, PP=2 and DP=2: the updated student must be the same. And the top-k estimator: the
+    colocated teacher keeps [b, L, k] values per token, whose loss equals the one from its logits."""
+    import dataclasses
+
+    from scope_megatron.scope import RolloutBatch, compute_loss
+    from scope_megatron.training import models
+    from scope_megatron.training.step import response_logits, score_with_teacher
+
+    out = {}
+    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
+                        ("pp2", ["--pipeline-model-parallel-size", "2"]), ("dp2", [])):
+        params, metrics, waves, scored = [], [], [], []
+        for budget in ("8", "1e-12"):
+            cfg = load_config(SHORT + flags + ["--micro-batch-size", "4", "--save", "null",
+                                               "--log-dir", str(_run_dir(ctx, f"waves-{name}-{budget}")),
+                                               "--teacher-logits-gib", budget, "--seed", str(ctx.seed % 100000)])
+            trainer = Trainer(cfg)
+            try:
+                batches, _, _ = trainer.prepare(0)
+                waves.append(trainer.teacher_wave_size(batches))
+                scored.append(sorted({k for mb in batches for k in mb.extra if k.startswith("teacher")}))
+                initial = [p.detach().clone() for c in trainer.student for p in c.parameters()]
+                metrics.append(trainer.step(0))
+                params.append([p.detach().clone() for c in trainer.student for p in c.parameters()])
+                leftover = sorted({k for mb in batches for k in mb.extra if k.startswith("teacher")})
+            finally:
+                trainer.close()
+        out[name] = {
+            "micro_batches": len(batches), "waves": waves, "scored_in_prepare": scored, "leftover": leftover,
+            "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(*params)),
+            "max_param_change": max(float((a - b).abs().max()) for a, b in zip(initial, params[0])),
+            "loss": [m.get("loss") for m in metrics], "grad_norm": [m.get("grad_norm") for m in metrics]}
+
+    # top-k: stored values against the logits, on the last stage (TP=2)
+    cfg = load_config(SHORT + ["--tensor-model-parallel-size", "2", "--scope-kl-estimator", "topk",
+                               "--scope-topk-k", "5", "--save", "null", "--log-dir", str(_run_dir(ctx, "topk")),
+                               "--seed", str(ctx.seed % 100000)])
+    trainer = Trainer(cfg)
+    try:
+        batches, _, _ = trainer.prepare(0)
+        keys = sorted(k for k in batches[0].extra if k.startswith("teacher"))
+        shape = list(batches[0].extra["teacher_top_ids"].shape)
+        full = dataclasses.replace(cfg.scope, kl_estimator="full", topk_k=64)
+        logit_batches = [type(mb)(mb.tokens, mb.position_ids, dict(mb.extra)) for mb in batches]
+        for mb in logit_batches:
+            for key in keys:
+                mb.extra.pop(key)
+        score_with_teacher(trainer.teacher, logit_batches, scope=full, vocab_size=cfg.student.vocab_size)
+        diffs = []
+        with torch.no_grad():
+            for mb, lmb in zip(batches, logit_batches):
+                logits = models.forward_logits(trainer.student[0].module, mb.tokens)
+                student = response_logits(logits, mb.extra["response_index"])
+                base = dict(response_ids=mb.extra["response_ids"], group_ids=mb.extra["group_ids"],
+                            correct=mb.extra["correct"], old_logprobs=mb.extra["old_logprobs"],
+                            response_mask=mb.extra["response_mask"])
+                stored, _ = compute_loss(cfg.scope, RolloutBatch(
+                    **base, teacher_logprobs=mb.extra["teacher_logprobs"],
+                    teacher_top_ids=mb.extra["teacher_top_ids"],
+                    teacher_top_logprobs=mb.extra["teacher_top_logprobs"]), student,
+                    vocab_size=cfg.student.vocab_size)
+                from_logits, _ = compute_loss(cfg.scope, RolloutBatch(**base), student,
+                                              teacher_logits=lmb.extra["teacher_logits"],
+                                              vocab_size=cfg.student.vocab_size)
+                diffs.append([float(stored), float(from_logits)])
+        out["topk"] = {"keys": keys, "shape": shape, "losses": diffs}
+    finally:
+        trainer.close()
+    return out
