@@ -139,9 +139,17 @@ def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: tor
     return b * length * local_vocab * torch.empty((), dtype=dtype).element_size()
 
 
-def _scope_loss(scope: ScopeConfig, vocab_size: int):
+def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optional[float] = None):
     """The per-micro-batch output function of the student: (loss summed over the micro-batch's
-    groups, its number of groups, {"metrics", "groups"})."""
+    groups, its number of groups, {"metrics", "groups"}).
+
+    engine_temperature: the temperature of the rollout engine's log-probs (old_logprobs); when it
+    differs from scope.student_temperature (sampling at 0.6, training at 1, say), logprob_diff/*
+    compares them with the student's log-probs at that temperature (one more pass over the
+    logits, without gradient) instead of at the training temperature, which would differ by the
+    temperature alone."""
+    rescore = engine_temperature is not None and engine_temperature != scope.student_temperature
+
     def loss_fn(mb, logits):
         extra = mb.extra
         batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
@@ -156,9 +164,21 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int):
         loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
                                      loss_grad=float(groups))
+        if rescore and "logprob_diff/mean" in metrics:
+            metrics.update(_logprob_gap(batch, response_logits(logits, extra["response_index"]).detach(),
+                                        vocab_size, engine_temperature))
         return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
             "metrics": metrics, "groups": groups}
     return loss_fn
+
+
+@torch.no_grad()
+def _logprob_gap(batch: RolloutBatch, logits: torch.Tensor, vocab_size: int, temperature: float) -> Dict[str, float]:
+    """logprob_diff/mean and /max of the engine's log-probs against the student's at `temperature`."""
+    student = vocab_parallel_logprob(logits, batch.safe_response_ids, vocab_size=vocab_size, temperature=temperature)
+    diff = (student.double() - batch.old_logprobs.double()).abs()[batch.response_mask]
+    mean, top = torch.stack([diff.mean(), diff.max()]).tolist()
+    return {"logprob_diff/mean": mean, "logprob_diff/max": top}
 
 
 @torch.no_grad()
@@ -177,8 +197,12 @@ def evaluate_loss(student_chunks: Sequence[torch.nn.Module], batches: List[Micro
 def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                batches: List[MicroBatch], *, scope: ScopeConfig, vocab_size: int,
                score_teacher: Optional[Callable[[List[MicroBatch]], None]] = None,
-               micro_batches_per_wave: Optional[int] = None) -> Dict[str, float]:
+               micro_batches_per_wave: Optional[int] = None,
+               engine_temperature: Optional[float] = None) -> Dict[str, float]:
     """Forward + backward of the SCOPE loss over the micro-batches, then one optimizer step.
+
+    engine_temperature: the temperature of the rollouts' log-probs (SamplingParams
+      .logprob_temperature), for logprob_diff/* (see _scope_loss); None: scope.student_temperature.
 
     score_teacher, micro_batches_per_wave: for a colocated teacher whose outputs for the whole
       step do not fit in memory at once (the full KL keeps [b, L, V/tp] logits per micro-batch):
@@ -199,7 +223,7 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     accumulated = AccumulatedStep(student_chunks)
-    loss_fn = _scope_loss(scope, vocab_size)
+    loss_fn = _scope_loss(scope, vocab_size, engine_temperature)
     reduced = []
     for i, wave in enumerate(waves):
         if score_teacher is not None:

@@ -257,9 +257,10 @@ class Trainer:
     def _train_step(self, batches) -> Dict[str, float]:
         cfg = self.cfg
         size = self.teacher_wave_size(batches)
+        common = dict(scope=cfg.scope, vocab_size=cfg.student.vocab_size,
+                      engine_temperature=self.train_sampling().logprob_temperature)
         if size is None:
-            return train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
-                              vocab_size=cfg.student.vocab_size)
+            return train_step(self.student, self.optimizer, self.scheduler, batches, **common)
         waves_left = [-(-len(batches) // size)]
 
         def score(wave):  # the teacher goes back to host memory after scoring the last wave
@@ -267,9 +268,8 @@ class Trainer:
             self._score_teacher(wave, offload=waves_left[0] == 0)
 
         try:
-            return train_step(self.student, self.optimizer, self.scheduler, batches, scope=cfg.scope,
-                              vocab_size=cfg.student.vocab_size, score_teacher=score,
-                              micro_batches_per_wave=size)
+            return train_step(self.student, self.optimizer, self.scheduler, batches, **common,
+                              score_teacher=score, micro_batches_per_wave=size)
         finally:
             for chunk in self.teacher:
                 models.offload_to_cpu(chunk)

@@ -140,12 +140,13 @@ def test_prompt_dataset_task_trains_and_evaluates():
     assert [s for s, _ in r["eval"]] == [0, 2] and all(0 <= v <= 1 for _, v in r["eval"])
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2_tensor", "tp2_topk"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2_tensor", "tp2_topk", "dp2_t06"])
 def test_sglang_rollouts_and_teacher(layout):
     """rollout.engine / teacher_serving.engine 'sglang' against the test servers: no Megatron
     teacher is built, weights reach the server after every step (versions checked by the sync,
-    which also compares weight values), the engine's log-probs match the trainer's recomputation,
-    evaluation runs through the server."""
+    which also compares weight values), the engine's log-probs match the trainer's recomputation
+    (at the sampling temperature when it differs from the training one), evaluation runs through
+    the server."""
     r = _launch("sglang")[layout]
     assert not r["built_teacher"]
     assert r["steps"] == [1, 2] and all(k is not None and k == k for k in r["kl"])
