@@ -128,6 +128,10 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
         mb.extra.update(out)
 
 
+# metrics that count (summed over micro-batches and data-parallel replicas, not averaged)
+COUNT_KEYS = ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
+              "groups/total", "groups/all_correct", "groups/all_wrong")
+
 TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs")
 
 
@@ -213,7 +217,8 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
       pipeline's fill and drain.
 
     Returns, on the last pipeline stage, the metrics of compute_loss averaged over micro-batches
-    (weighted by their groups) plus grad_norm, lr and update_skipped; {} on other stages.
+    (weighted by their groups; counts summed, maxima maximized) plus grad_norm, lr and
+    update_skipped; {} on other stages.
     """
     size = len(batches) if micro_batches_per_wave is None else int(micro_batches_per_wave)
     if size < 1:
@@ -242,10 +247,12 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     metrics = {}
     for key in keys:
         present = [(r["metrics"][key], r["groups"]) for r in reduced if key in r["metrics"]]
-        metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
+        if key.endswith("max"):  # logprob_diff/max, */weight_max
+            metrics[key] = max(v for v, _ in present)
+        else:
+            metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
     # counts are sums over micro-batches, not averages
-    for key in ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
-                "groups/total", "groups/all_correct", "groups/all_wrong"):
+    for key in COUNT_KEYS:
         if key in keys:
             metrics[key] = sum(r["metrics"].get(key, 0.0) for r in reduced)
     metrics["loss"] = sum(r["metrics"]["loss"] * r["groups"] for r in reduced) / total

@@ -32,7 +32,8 @@ from scope_megatron.utils.logging import RESERVED_KEYS, MetricsLogger, ProgressB
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import build_inputs, micro_batches, score_with_teacher, teacher_logits_bytes, train_step
+from .step import (COUNT_KEYS, build_inputs, micro_batches, score_with_teacher, teacher_logits_bytes,
+                   train_step)
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -374,9 +375,7 @@ class Trainer:
                 reported = _gather_to_rank0(self.step(step) or None)
                 done = step + 1
                 if reported:
-                    metrics = {k: sum(r[k] for r in reported if k in r) / sum(1 for r in reported if k in r)
-                               for k in set().union(*reported)}
-                    metrics["tokens"] = sum(r["tokens"] for r in reported)
+                    metrics = combine_replicas(reported)
                     last.update(self._log(logger, done, metrics))
                     bar.update(done, tokens=int(metrics["tokens"]), reward=metrics["reward/mean"],
                                loss=metrics["loss"], kl=metrics.get("kl/mean", float("nan")))
@@ -420,6 +419,22 @@ class Trainer:
             if holder is not None:
                 holder.close()
         platform.destroy()
+
+
+def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:
+    """One step's metrics from every data-parallel replica's: counts, tokens and throughput
+    summed, maxima (logprob_diff/max, */weight_max) maximized, everything else averaged (each replica has the same number
+    of prompts)."""
+    out = {}
+    for key in set().union(*reported):
+        values = [r[key] for r in reported if key in r]
+        if key in COUNT_KEYS or key in ("tokens", "throughput/tokens_per_s"):
+            out[key] = sum(values)
+        elif key.endswith("max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def _output_rows(model: torch.nn.Module) -> int:

@@ -271,3 +271,18 @@ def test_colocated_top_k_teacher_keeps_k_values_per_token():
     assert r["losses"], r
     for stored, from_logits in r["losses"]:
         assert stored == pytest.approx(from_logits, rel=1e-5, abs=1e-6), r
+
+
+def test_replica_metrics_sum_counts_and_keep_maxima():
+    from scope_megatron.training.trainer import combine_replicas
+
+    reported = [{"loss": 1.0, "rollouts/total": 8, "groups/all_correct": 1, "tokens": 100,
+                 "throughput/tokens_per_s": 50.0, "logprob_diff/max": 0.1, "scope/teacher/weight_max": 0.6,
+                 "reward/mean": 0.5},
+                {"loss": 3.0, "rollouts/total": 8, "groups/all_correct": 0, "tokens": 60,
+                 "throughput/tokens_per_s": 30.0, "logprob_diff/max": 0.3, "scope/teacher/weight_max": 0.4,
+                 "reward/mean": 0.25}]
+    out = combine_replicas(reported)
+    assert out == {"loss": 2.0, "rollouts/total": 16, "groups/all_correct": 1, "tokens": 160,
+                   "throughput/tokens_per_s": 80.0, "logprob_diff/max": 0.3, "scope/teacher/weight_max": 0.6,
+                   "reward/mean": 0.375}
