@@ -55,7 +55,12 @@ def flatten_rows(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [rows, V] view (a copy only if the layout requires it)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return logits.reshape(-1, logits.shape[-1])
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
+        # Broadcast rows (e.g. one teacher distribution expanded over the tokens): the kernels
+        # take a single row stride with rows that do not overlap.
+        rows = rows.contiguous()
+    return rows
 
 
 def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optional[torch.Tensor] = None,

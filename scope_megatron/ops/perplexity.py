@@ -78,8 +78,7 @@ def sequence_perplexity(
         if mask is not None:
             _check_mask(_OP, mask, values.shape)
             check_same_placement(_OP, "token_logprobs", values, "mask", mask)
-        offsets = torch.arange(0, (batch + 1) * length, length, device=values.device,
-                               dtype=torch.int64)[: batch + 1]
+        offsets = torch.arange(batch + 1, device=values.device, dtype=torch.int64) * length
     else:
         if values.dim() == 2 and values.shape[0] == 1:
             values = values[0]

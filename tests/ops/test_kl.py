@@ -107,3 +107,19 @@ def test_gradient_in_input_dtype_without_float32_copies(gen):
     teacher = random_logits((16, 3000), torch.bfloat16, gen)
     vocab_parallel_kl(student, teacher).sum().backward()
     assert student.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("expected_grad", [False, True])
+def test_broadcast_rows(expected_grad, gen):
+    """One distribution expanded over the tokens (stride 0 rows, e.g. a fixed reference teacher
+    or a repeated prompt): the same KL and gradient as the materialized rows."""
+    row_s = random_logits((1, 300), torch.float32, gen).requires_grad_()
+    teacher = random_logits((300,), torch.float32, gen).expand(5, 300)
+    kw = dict(expected_grad=torch.ones(5)) if expected_grad else {}
+    out = vocab_parallel_kl(row_s.expand(5, 300), teacher, **kw)
+    out.sum().backward()
+    ref_leaf = row_s.detach().double().requires_grad_()
+    ref = kl_reference(ref_leaf.expand(5, 300), teacher.double())
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, **value_tolerance(torch.float32))
+    assert_grad_close(row_s.grad, ref_leaf.grad, torch.float32)

@@ -90,3 +90,16 @@ def test_logprobs_never_positive(gen):
     logits = random_logits((64, 4096), torch.bfloat16, gen, kind="peaked")
     target = logits.float().argmax(-1)
     assert bool((vocab_parallel_logprob(logits, target) <= 0).all())
+
+
+def test_broadcast_rows(gen):
+    """One row of logits expanded over several targets (stride 0 rows): scored like the copies."""
+    row = random_logits((1, 200), torch.float32, gen).requires_grad_()
+    target = torch.randint(0, 200, (6,), generator=gen)
+    out = vocab_parallel_logprob(row.expand(6, 200), target)
+    out.sum().backward()
+    ref_leaf = row.detach().double().requires_grad_()
+    ref = logprob_reference(ref_leaf.expand(6, 200), target)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row.grad.double(), ref_leaf.grad, rtol=1e-5, atol=1e-6)

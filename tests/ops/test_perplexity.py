@@ -107,3 +107,12 @@ def test_bad_arguments(bad, match, gen):
         values = values.reshape(-1)
     with pytest.raises((ValueError, TypeError), match=match):
         sequence_perplexity(values, **bad)
+
+
+def test_zero_length_padded_batch(gen):
+    """[B, 0]: every sequence is empty, the documented ValueError (not a failure building the
+    offsets); [0, L] and [0, 0]: no sequences, an empty result."""
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[0, 1\] have no counted tokens"):
+        sequence_perplexity(_logprobs((2, 0), gen))
+    assert sequence_perplexity(_logprobs((0, 5), gen)).shape == (0,)
+    assert sequence_perplexity(_logprobs((0, 0), gen)).shape == (0,)
