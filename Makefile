@@ -8,8 +8,10 @@ export SCOPE_VENV := $(abspath $(VENV))
 setup:
 	tools/setup_env.sh
 
+# `python -m torch.distributed.run` is torchrun; a torch kept from the system's site-packages (GPU
+# machines, containers) has its torchrun script outside $(VENV)/bin.
 train: setup
-	$(VENV)/bin/torchrun --nproc-per-node 2 examples/pretrain_scope.py
+	$(VENV)/bin/python -m torch.distributed.run --nproc-per-node 2 examples/pretrain_scope.py
 
 test:
 	tools/run_tests.sh

@@ -18,3 +18,36 @@ def test_experiment_smoke(tmp_path):
         png = out / f"curves_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "results.csv").read_text().count("\n") == 3  # header + 2 runs
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_experiment", REPO / "tools" / "run_experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_never_writes_into_the_committed_results():
+    tool = _tool()
+    smoke = Path(tool.parse_args(["--smoke"]).out).resolve()
+    committed = (REPO / "experiments" / "toy_scope_vs_baselines").resolve()
+    assert smoke != committed and committed not in smoke.parents
+    assert Path(tool.parse_args([]).out).resolve() == committed
+    assert tool.parse_args(["--smoke", "--out", "/tmp/x"]).out == "/tmp/x"
+
+
+def test_runs_are_reused_when_finished_and_rerun_after_a_kill_mid_line(tmp_path, monkeypatch):
+    tool = _tool()
+    launched = []
+    monkeypatch.setattr(tool.subprocess, "run", lambda cmd, **kw: launched.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    args = tool.parse_args(["--smoke", "--out", str(tmp_path)])
+    log_dir = tmp_path / "runs" / "scope" / "seed1"
+    log_dir.mkdir(parents=True)
+    metrics = log_dir / "metrics.jsonl"
+    metrics.write_text('{"step": 2, "wall_time": 1.0, "eval/Avg@2": 0.5}\n{"step": 2, "lo')
+    assert tool.run_one("scope", 1, args) == log_dir and not launched  # finished: reused
+    metrics.write_text('{"step": 0, "wall_time": 1.0, "eval/Avg@2": 0.5}\n{"step": 1, "lo')
+    assert tool.run_one("scope", 1, args) == log_dir and len(launched) == 1  # killed: run again

@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--out", required=True, help="output stem: writes OUT.md, OUT.csv, OUT.json")
+    p.add_argument("--out", required=True, help="output stem: writes OUT.md, OUT.csv, OUT.json, "
+                   "OUT.per_problem.jsonl, OUT.settings.json")
     args = p.parse_args(argv)
     if not (args.megatron_dir or args.hf_dir or args.sglang_urls):
         p.error("give the model: --megatron-dir, --hf-dir, or --sglang-urls (with --tokenizer)")
@@ -97,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--megatron-dir needs --tokenizer (the Hugging Face tokenizer of the model)")
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
+    for flag, value in (("--toy-problems", args.toy_problems), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -111,11 +115,18 @@ def settings_from(args):
     bad = [k for k in pass_ks if not 1 <= k <= args.k]
     if bad:
         raise ValueError(f"--pass-ks {bad} must lie in [1, --k={args.k}]")
+    reward_fn = args.reward_fn or (d.reward_fn if args.toy else MATH_REWARD)
+    from scope_megatron.rewards import load_reward_fn
+
+    try:  # before any model is loaded: a misspelt --reward-fn is bad input (exit status 2)
+        load_reward_fn(reward_fn)
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ValueError(f"--reward-fn: {exc}") from exc
     return EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, seed=args.seed, pass_ks=pass_ks,
                         bootstrap=args.bootstrap, prompt_template=args.prompt_template,
                         chat_template=not args.no_chat_template,
-                        reward_fn=args.reward_fn or (d.reward_fn if args.toy else MATH_REWARD),
+                        reward_fn=reward_fn,
                         decode_micro_batch_size=args.decode_micro_batch_size)
 
 

@@ -2,7 +2,7 @@
 """SCOPE vs OPD vs GRPO and SCOPE's ablations on the toy world, with paired seeds.
 
     python tools/run_experiment.py                      # defaults: < 30 min on 2 CPU cores
-    python tools/run_experiment.py --smoke              # 2 steps, to check the pipeline
+    python tools/run_experiment.py --smoke              # 2 steps, to check the pipeline (runs/experiment_smoke)
 
 Every (method, seed) is one training run of examples/pretrain_scope.py (one process, one thread;
 --parallel runs at a time) from the same starting points (--world: a teacher that is confidently
@@ -52,11 +52,17 @@ WEIGHT_KEYS = ["teacher_path/weight_entropy", "teacher_path/weight_max", "studen
 
 def run_one(method: str, seed: int, args) -> Path:
     """Trains one (method, seed); returns its log dir. Skips a run whose log reached the end."""
+    from scope_megatron.utils.logging import read_metrics
+
     log_dir = Path(args.out) / "runs" / method / f"seed{seed}"
     metrics = log_dir / "metrics.jsonl"
-    if metrics.exists() and any(json.loads(line).get("step") == args.steps and "eval/Avg@%d" % args.eval_k in line
-                                for line in metrics.read_text().splitlines() if line.strip()):
-        return log_dir
+    if metrics.exists():
+        try:  # read_metrics skips the unterminated last line of a run killed mid-write
+            records = read_metrics(metrics)
+        except ValueError:
+            records = []
+        if any(r["step"] == args.steps and f"eval/Avg@{args.eval_k}" in r for r in records):
+            return log_dir
     world = Path(args.world)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(REPO / "examples" / "pretrain_scope.py"),
@@ -207,7 +213,11 @@ def write_report(agg: dict, args, seconds: float, command: str, out: Path) -> No
     (out / f"{args.report}.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
+COMMITTED_OUT = REPO / "experiments" / "toy_scope_vs_baselines"
+SMOKE_OUT = REPO / "runs" / "experiment_smoke"  # git-ignored: a smoke test never touches the results
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {list(METHODS)}")
@@ -219,15 +229,23 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-k", type=int, default=8)
     parser.add_argument("--parallel", type=int, default=max(1, os.cpu_count() or 1))
     parser.add_argument("--world", default=str(REPO / "checkpoints" / "experiment"))
-    parser.add_argument("--out", default=str(REPO / "experiments" / "toy_scope_vs_baselines"))
+    parser.add_argument("--out", default=None, help=f"output directory (default: {COMMITTED_OUT.relative_to(REPO)}; "
+                        f"with --smoke {SMOKE_OUT.relative_to(REPO)})")
     parser.add_argument("--smoke", action="store_true", help="2 steps, 2 methods, 1 seed, tiny evaluation")
     args = parser.parse_args(argv)
     if args.smoke:
         args.methods, args.seeds, args.steps, args.eval_interval = "scope,grpo", "1", 2, 2
         args.eval_prompts, args.eval_k = 8, 2
+    if args.out is None:
+        args.out = str(SMOKE_OUT if args.smoke else COMMITTED_OUT)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,25 +7,48 @@
 #                     containers) is used as is.
 #   PYTHON=python3    interpreter that creates the venv.
 #
-# torch: an importable torch is kept; otherwise torch==2.13.0 (CPU build, on local disk on the
-# project's machines) is installed. Every later pip call is constrained to that torch version,
-# so no dependency can pull another (multi-GB CUDA) torch.
+# torch: an importable torch is kept; otherwise torch==2.13.0+cpu is installed (on local disk on
+# the project's machines, else from PyTorch's CPU index, SCOPE_TORCH_CPU_INDEX; PyPI's Linux torch
+# wheels are CUDA builds). Every later pip call is constrained to that torch version, so no
+# dependency can pull another (multi-GB CUDA) torch.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SCOPE_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 CPU_TORCH=${SCOPE_CPU_TORCH:-2.13.0}
+TORCH_CPU_INDEX=${SCOPE_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ -f "$VENV/pyvenv.cfg" ] && ! "$VENV/bin/python" -c "import sys" >/dev/null 2>&1; then
+  # e.g. the interpreter it was made from was removed or upgraded: `venv` without --clear keeps
+  # the dangling links, so the environment is made anew
+  echo "[setup] $VENV is a virtual environment whose python does not run: recreating it"
+  "$PYTHON" -m venv --clear --system-site-packages "$VENV"
+elif [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv --system-site-packages "$VENV"
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
+if ! "$PY" -m pip --version >/dev/null 2>&1; then
+  echo "[setup] $VENV has no pip: installing it (ensurepip)"
+  "$PY" -m ensurepip --upgrade >/dev/null || {
+    echo "[setup] error: $VENV has no pip and ensurepip failed (Debian/Ubuntu: apt install" \
+         "python3-venv); then delete $VENV and run this again" >&2; exit 1; }
+fi
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] installing torch==$CPU_TORCH (CPU)"
-  "${PIP[@]}" install -q "torch==$CPU_TORCH"
+  if [ "$(uname -s)" = Linux ]; then
+    # the +cpu build by name: a plain torch==X from PyPI is the CUDA build on Linux
+    echo "[setup] installing torch==$CPU_TORCH+cpu"
+    "${PIP[@]}" install -q "torch==$CPU_TORCH+cpu" 2>/dev/null || \
+      "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" "torch==$CPU_TORCH+cpu" || {
+        echo "[setup] error: could not install torch==$CPU_TORCH+cpu (from the configured indexes" \
+             "or $TORCH_CPU_INDEX); install a torch into $VENV or the system first: it is kept" >&2
+        exit 1; }
+  else
+    echo "[setup] installing torch==$CPU_TORCH"
+    "${PIP[@]}" install -q "torch==$CPU_TORCH"
+  fi
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 CONSTRAINTS="$VENV/scope-constraints.txt"

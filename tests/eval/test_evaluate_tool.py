@@ -181,6 +181,12 @@ def test_sglang_servers_sample_the_evaluation(tmp_path, teacher_hf):
     (["--megatron-dir", "/nonexistent/ckpt", "--toy"], "/nonexistent/ckpt does not exist"),
     (["--megatron-dir", TEACHER, "--tokenizer", REPO, "--benchmarks", "/nonexistent/b.jsonl"],
      "/nonexistent/b.jsonl"),
+    (["--megatron-dir", TEACHER, "--toy", "--reward-fn", "nosuchmod:fn"], "module 'nosuchmod' not found"),
+    (["--megatron-dir", TEACHER, "--toy", "--reward-fn", "scope_megatron.rewards.verifier:nosuch"],
+     "has no attribute 'nosuch'"),
+    (["--megatron-dir", TEACHER, "--toy", "--toy-problems", "0"], "--toy-problems must be at least 1"),
+    (["--megatron-dir", TEACHER, "--tokenizer", REPO, "--benchmarks", "b.jsonl", "--limit", "0"],
+     "--limit must be at least 1"),
 ])
 def test_bad_input_is_refused_with_exit_status_2(tmp_path, args, message):
     r = _run(*args, "--out", tmp_path / "x")
