@@ -86,3 +86,20 @@ def test_sections_with_required_fields_take_the_parents_defaults():
     with pytest.raises(ConfigError, match="config model: width must be >= 1"):
         parse_config(Parent, ["--model-width", "0"])
     assert "| `model.width` | `--model-width` | `8` |" in markdown_table(Parent)
+
+
+def test_training_entry_point_reports_config_errors_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "pretrain_scope.py"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  train_iterz: 7\n")
+    for argv, message in ((["--config", str(bad)], "config: unknown key 'training.train_iterz'; valid keys here: "),
+                          (["--lr", "-1"], "config optimizer: need 0 <= min_lr <= lr and lr > 0")):
+        r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and f"pretrain_scope.py: error: {message}" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == [bad]

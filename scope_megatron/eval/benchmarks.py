@@ -133,7 +133,10 @@ def _answer(value: Any) -> Optional[str]:
 
 
 def load_benchmark(path, name: Optional[str] = None, limit: Optional[int] = None) -> Benchmark:
-    """Reads one benchmark file (see the module docstring for the accepted layouts)."""
+    """Reads one benchmark file (see the module docstring for the accepted layouts); limit: at
+    most that many problems (>= 1), the first ones in the file."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"load_benchmark: limit must be an integer >= 1 (or None for every problem), got {limit!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} does not exist")

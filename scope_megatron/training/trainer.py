@@ -359,9 +359,10 @@ class Trainer:
             return self._finished()
         log_dir = Path(cfg.logging.log_dir)
         resumed = self.start_step > 0
+        overwrite = cfg.logging.overwrite or (not resumed and self._restarting_unsaved_run(log_dir))
         logger = MetricsLogger(log_dir, is_rank0=self.is_rank0,
                                resume_step=self.start_step if resumed else None,
-                               overwrite=cfg.logging.overwrite, tensorboard=cfg.logging.tensorboard)
+                               overwrite=overwrite, tensorboard=cfg.logging.tensorboard)
         if self.is_rank0:
             save_config(cfg, log_dir / "config.yaml")
         bar = ProgressBar(cfg.training.train_iters, is_rank0=self.is_rank0, initial=self.start_step,
@@ -409,6 +410,29 @@ class Trainer:
               f"{cfg.logging.log_dir}).", flush=True)
         return last
 
+    def _restarting_unsaved_run(self, log_dir: Path) -> bool:
+        """A run starting from step 0 into a log_dir that already holds metrics: True (start over,
+        replacing them) when they are this run's own, stopped before its first checkpoint (the
+        log_dir's config.yaml names the same checkpoint.save); ConfigError (on every rank) when
+        they belong to another run, naming the flags that decide; False when log_dir holds none."""
+        verdict = [None]
+        if self.is_rank0:
+            verdict[0] = _log_dir_verdict(log_dir, self.cfg.checkpoint.save)
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        kind = verdict[0]
+        if kind == "own":
+            if self.is_rank0:
+                print(f"[scope-megatron] {log_dir} holds the logs of this run, stopped before its first "
+                      f"checkpoint in {self.cfg.checkpoint.save}: starting over", flush=True)
+            return True
+        if kind == "other":
+            raise ConfigError(
+                f"logging.log_dir {log_dir} already holds the metrics of another run (no checkpoint of it "
+                f"in checkpoint.save {self.cfg.checkpoint.save!r} to resume from): choose another "
+                "--log-dir, or pass --logging-overwrite true to replace them")
+        return False
+
     def _log(self, logger: MetricsLogger, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
         if metrics:
             logger.log(step, metrics)
@@ -419,6 +443,22 @@ class Trainer:
             if holder is not None:
                 holder.close()
         platform.destroy()
+
+
+def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
+    """None: log_dir holds no metrics; "own": they were logged by a run with checkpoint.save
+    `save` (not None); "other": anything else."""
+    import yaml
+
+    jsonl, events = log_dir / "metrics.jsonl", list((log_dir / "tensorboard").glob("events.out.tfevents.*"))
+    if not ((jsonl.exists() and jsonl.stat().st_size > 0) or events):
+        return None
+    try:
+        earlier = yaml.safe_load((log_dir / "config.yaml").read_text())["checkpoint"]["save"]
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return "other"
+    same = save and earlier and Path(earlier).resolve() == Path(save).resolve()
+    return "own" if same else "other"
 
 
 def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:

@@ -80,3 +80,13 @@ def test_errors(tmp_path):
     _write(tmp_path / "a" / "aime_2024.jsonl", LAYOUTS["aime24.jsonl"][0])
     with pytest.raises(ValueError, match=r"map to the benchmark name\(s\) \['aime24'\]"):
         load_benchmarks([tmp_path / "a"])
+
+
+def test_limit(tmp_path):
+    path = tmp_path / "aime25.jsonl"
+    _write(path, [{"question": f"q{i}", "answer": str(i)} for i in range(5)])
+    assert [p.answer for p in load_benchmark(path, limit=2).problems] == ["0", "1"]
+    assert len(load_benchmark(path).problems) == 5
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="limit must be an integer >= 1"):
+            load_benchmark(path, limit=bad)

@@ -286,3 +286,39 @@ def test_replica_metrics_sum_counts_and_keep_maxima():
     assert out == {"loss": 2.0, "rollouts/total": 16, "groups/all_correct": 1, "tokens": 160,
                    "throughput/tokens_per_s": 80.0, "logprob_diff/max": 0.3, "scope/teacher/weight_max": 0.6,
                    "reward/mean": 0.375}
+
+
+def test_log_dir_of_an_unsaved_run_is_restarted_and_of_another_run_refused(tmp_path):
+    """A run restarted before its first checkpoint starts over in its own log_dir; a log_dir
+    holding another run's metrics (another checkpoint.save, or none) is a ConfigError."""
+    from scope_megatron.training.trainer import _log_dir_verdict
+
+    logs = tmp_path / "logs"
+    assert _log_dir_verdict(logs, str(tmp_path / "ckpt")) is None  # nothing there
+    logs.mkdir()
+    (logs / "config.yaml").write_text(f"checkpoint:\n  save: {tmp_path / 'ckpt'}\n")
+    assert _log_dir_verdict(logs, str(tmp_path / "ckpt")) is None  # a config but no metrics
+    (logs / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert _log_dir_verdict(logs, str(tmp_path / "ckpt")) == "own"
+    assert _log_dir_verdict(logs, str(tmp_path / "other")) == "other"
+    assert _log_dir_verdict(logs, None) == "other"
+    (logs / "config.yaml").unlink()
+    assert _log_dir_verdict(logs, str(tmp_path / "ckpt")) == "other"
+
+
+def test_rerun_without_checkpoints_into_the_same_log_dir_names_the_flags(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "pretrain_scope.py"
+    argv = [sys.executable, str(script), "--train-iters", "1", "--save", "null", "--eval-interval", "0",
+            "--prompts-per-step", "2", "--n-samples-per-prompt", "2", "--micro-batch-size", "2",
+            "--log-dir", str(tmp_path / "logs")]
+    repo = script.parents[1]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr and "--logging-overwrite true" in again.stderr \
+        and "--log-dir" in again.stderr, again.stderr[-3000:]
