@@ -94,6 +94,15 @@ class TrainingConfig:
     precision: str = option("auto", flag="--precision", help=(
         "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'"))
     log_interval: int = option(1, flag="--log-interval", help="steps between log lines")
+    recompute_granularity: Optional[str] = option(None, flag="--recompute-granularity", help=(
+        "Megatron's activation recomputation of the student in backward: 'full' (whole layers, "
+        "with recompute_method) or 'selective' (the attention core); null: off. Long responses "
+        "need it: activations grow with micro_batch_size x sequence length"))
+    recompute_method: Optional[str] = option(None, flag="--recompute-method", help=(
+        "with 'full': 'uniform' (every recompute_num_layers layers form one checkpoint) or "
+        "'block' (the first recompute_num_layers layers of each pipeline stage are recomputed)"))
+    recompute_num_layers: Optional[int] = option(None, flag="--recompute-num-layers", help=(
+        "with 'full': layers per checkpoint (uniform) or recomputed layers per stage (block)"))
     teacher_logits_gib: float = option(8.0, flag="--teacher-logits-gib", help=(
         "most GiB of a colocated teacher's logit shards held at once per rank (kl_estimator "
         "'full': [micro_batch_size, response length, V/tp] per micro-batch); a step whose "
@@ -107,6 +116,31 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.teacher_logits_gib, (int, float)) and self.teacher_logits_gib > 0):
             raise ValueError(f"teacher_logits_gib must be > 0, got {self.teacher_logits_gib!r}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity must be 'full', 'selective' or null, got {g!r}")
+        if m not in (None, "uniform", "block"):
+            raise ValueError(f"recompute_method must be 'uniform', 'block' or null, got {m!r}")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"recompute_num_layers must be an integer >= 1, got {n!r}")
+        if g == "full" and (m is None or n is None):
+            raise ValueError("recompute_granularity 'full' needs --recompute-method (uniform or block) and "
+                             "--recompute-num-layers (e.g. uniform, 1: every layer is recomputed)")
+        if g != "full" and (m is not None or n is not None):
+            raise ValueError(f"--recompute-method / --recompute-num-layers apply to recompute_granularity "
+                             f"'full' only, not {g!r}; remove them or use --recompute-granularity full")
+
+    def transformer_overrides(self) -> dict:
+        """The student's TransformerConfig fields these settings set (Megatron's names)."""
+        if self.recompute_granularity is None:
+            return {}
+        out = {"recompute_granularity": self.recompute_granularity}
+        if self.recompute_granularity == "full":
+            out.update(recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers)
+        return out
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -351,6 +385,10 @@ class TrainConfig:
                 f"by the rollout engine's, which are at the sampling temperature {engine_temperature} "
                 "(rollout.temperature; 1 when greedy): set --scope-student-temperature equal to "
                 "--rollout-temperature, or scope.old_logprobs 'recomputed'")
+        t, pp = self.training, self.parallel.pipeline_model_parallel_size
+        if t.recompute_granularity == "full" and t.recompute_num_layers > self.student.num_layers // pp:
+            raise ValueError(f"training.recompute_num_layers {t.recompute_num_layers} exceeds the student's "
+                             f"{self.student.num_layers // pp} layers per pipeline stage")
         remote_teacher = self.teacher_serving.engine == "sglang"
         if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator == "full":
             raise ValueError("scope.kl_estimator 'full' needs the teacher's logits over the whole vocabulary; "

@@ -122,7 +122,8 @@ class Trainer:
         self.uses_teacher = cfg.scope.uses_teacher
         dtype = params_dtype(cfg)
         self.student = parallel.wrap_ddp(
-            models.build_model_chunks(cfg.student, params_dtype=dtype, calculate_per_token_loss=True),
+            models.build_model_chunks(cfg.student, params_dtype=dtype, calculate_per_token_loss=True,
+                                      **cfg.training.transformer_overrides()),
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         o = cfg.optimizer
         self.optimizer = parallel.build_optimizer(

@@ -322,3 +322,28 @@ def test_rerun_without_checkpoints_into_the_same_log_dir_names_the_flags(tmp_pat
     assert again.returncode == 2, again.stderr[-3000:]
     assert "Traceback" not in again.stderr and "--logging-overwrite true" in again.stderr \
         and "--log-dir" in again.stderr, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_activation_recompute_reruns_the_layers_and_gives_the_same_update(layout):
+    r = _launch("recompute")[layout]
+    off = r["off"]
+    forwards = off["layers"] * off["micro_batches"]
+    assert off["calls"] == forwards, r
+    assert r["full"]["calls"] == 2 * forwards, r  # every layer again in backward
+    assert r["block"]["calls"] == forwards + off["micro_batches"], r  # the first layer of the stage again
+    for mode in ("full", "block", "selective"):
+        assert r[mode]["max_param_diff"] <= 1e-7, r
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "1"], "apply to recompute_granularity 'full' only"),
+    (["--recompute-method", "uniform"], "apply to recompute_granularity 'full' only"),
+    (["--recompute-granularity", "everything"], "must be 'full', 'selective' or null"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "99"],
+     "exceeds the student's"),
+])
+def test_bad_recompute_settings_are_refused(flags, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(flags)

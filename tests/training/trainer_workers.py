@@ -409,3 +409,42 @@ def teacher_waves(ctx):
     finally:
         trainer.close()
     return out
+
+
+def recompute(ctx):
+    """One training step with and without activation recomputation (--recompute-granularity), at
+    TP=2 and PP=2: the student's layers run again in backward (counted by forward hooks), and
+    the update is the same."""
+    from scope_megatron.training.step import train_step
+
+    out = {}
+    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
+                        ("pp2", ["--pipeline-model-parallel-size", "2"])):
+        runs = {}
+        for mode, extra in (("off", []),
+                            ("full", ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                      "--recompute-num-layers", "1"]),
+                            ("block", ["--recompute-granularity", "full", "--recompute-method", "block",
+                                       "--recompute-num-layers", "1"]),
+                            ("selective", ["--recompute-granularity", "selective"])):
+            cfg = load_config(SHORT + flags + extra + ["--save", "null", "--seed", str(ctx.seed % 100000),
+                                                       "--log-dir", str(_run_dir(ctx, f"rc-{name}-{mode}"))])
+            trainer = Trainer(cfg)
+            try:
+                batches, _, _ = trainer.prepare(0)
+                layers = [m for c in trainer.student for m in c.modules() if type(m).__name__ == "TransformerLayer"]
+                calls = [0]
+                hooks = [m.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) for m in layers]
+                train_step(trainer.student, trainer.optimizer, trainer.scheduler, batches, scope=cfg.scope,
+                           vocab_size=cfg.student.vocab_size)
+                for h in hooks:
+                    h.remove()
+                runs[mode] = {"calls": calls[0], "layers": len(layers), "micro_batches": len(batches),
+                              "params": [p.detach().clone() for c in trainer.student for p in c.parameters()]}
+            finally:
+                trainer.close()
+        base = runs["off"]["params"]
+        out[name] = {mode: {"calls": r["calls"], "layers": r["layers"], "micro_batches": r["micro_batches"],
+                            "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(base, r["params"]))}
+                     for mode, r in runs.items()}
+    return out
