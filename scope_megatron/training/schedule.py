@@ -3,8 +3,9 @@
 Every forward pass of the trainer (student decoding, teacher scoring, the training step) goes
 through `get_forward_backward_func()`, so the same code serves PP=1 and pipelined layouts: each
 stage receives its input from the previous one and only the last stage sees the output layer's
-logits. Micro-batches of one call share one shape ([micro_batch_size, seq_length] tokens), as
-the pipeline's point-to-point transfers require.
+logits. With pipeline parallelism the micro-batches of one call share one shape
+([micro_batch_size, seq_length] tokens), as the point-to-point transfers require; without it
+each may have its own.
 """
 from __future__ import annotations
 
@@ -51,11 +52,14 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
 
     if not micro_batches:
         return []
+    from megatron.core import parallel_state
+
     b, s = micro_batches[0].tokens.shape
-    for mb in micro_batches:
-        if tuple(mb.tokens.shape) != (b, s):
-            raise ValueError(f"run_microbatches: micro-batches must share one shape, got "
-                             f"{tuple(mb.tokens.shape)} and {(b, s)}")
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        for mb in micro_batches:
+            if tuple(mb.tokens.shape) != (b, s):
+                raise ValueError(f"run_microbatches: with pipeline parallelism the micro-batches must "
+                                 f"share one shape, got {tuple(mb.tokens.shape)} and {(b, s)}")
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)

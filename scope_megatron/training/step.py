@@ -68,26 +68,51 @@ def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int, *,
     )
 
 
-def micro_batches(inputs: StepInputs, micro_batch_size: int) -> List[MicroBatch]:
-    """Consecutive rows (whole prompt groups: the caller keeps micro_batch_size a multiple of the
-    group size) with group ids renumbered from 0 within each micro-batch."""
+def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = False,
+                  seq_multiple: int = 1) -> List[MicroBatch]:
+    """Micro-batches of micro_batch_size rows (whole prompt groups: the caller keeps
+    micro_batch_size a multiple of the group size) with group ids renumbered 0.. within each.
+
+    trim=False: consecutive rows, every micro-batch as wide as the step's longest row (pipeline
+      parallelism sends activations of one shape).
+    trim=True (no pipeline parallelism): the groups ordered by their longest row, longest first,
+      and each micro-batch cut to its own longest row (rounded up to seq_multiple: the TP size
+      with sequence parallelism) and its own longest response, so that a few long responses do
+      not make every micro-batch pay for their length. The loss is a sum over groups, so the
+      order changes nothing but the summation order."""
     n = inputs.tokens.shape[0]
     if n % micro_batch_size:
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_batch_size}")
+    order = torch.arange(n, device=inputs.tokens.device)
+    if trim:
+        response_lengths = inputs.response_mask.sum(1)
+        row_lengths = inputs.response_index[:, 0] + 1 + response_lengths  # prompt + response
+        groups = inputs.group_ids.to(torch.int64)
+        longest = torch.zeros(int(groups.max()) + 1, dtype=row_lengths.dtype, device=row_lengths.device)
+        longest = longest.scatter_reduce(0, groups, row_lengths, reduce="amax")
+        order = order[torch.sort(groups, stable=True).indices]  # rows of a group together
+        order = order[torch.sort(longest[groups[order]], descending=True, stable=True).indices]
     out = []
     for start in range(0, n, micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        groups = inputs.group_ids[rows]
-        tokens = inputs.tokens[rows]
-        out.append(MicroBatch(tokens, position_ids_for(tokens), {
-            "response_index": inputs.response_index[rows],
-            "response_ids": inputs.response_ids[rows],
-            "response_mask": inputs.response_mask[rows],
-            "old_logprobs": inputs.old_logprobs[rows],
-            "group_ids": groups - groups.min(),
+        rows = order[start:start + micro_batch_size]
+        tokens, response_index = inputs.tokens[rows], inputs.response_index[rows]
+        length = inputs.response_ids.shape[1]
+        if trim:
+            width = int(row_lengths[rows].max())
+            width = min(-(-width // seq_multiple) * seq_multiple, tokens.shape[1])
+            length = max(1, int(response_lengths[rows].max()))
+            tokens = tokens[:, :width].contiguous()
+            response_index = response_index[:, :length].clamp(max=width - 1)
+        extra = {
+            "response_index": response_index,
+            "response_ids": inputs.response_ids[rows, :length],
+            "response_mask": inputs.response_mask[rows, :length],
+            "old_logprobs": inputs.old_logprobs[rows, :length],
+            "group_ids": torch.unique(inputs.group_ids[rows], return_inverse=True)[1],
             "correct": inputs.correct[rows],
-            **{key: value[rows] for key, value in inputs.teacher.items()},
-        }))
+            **{key: value[rows, :length] for key, value in inputs.teacher.items()},
+        }
+        out.append(MicroBatch(tokens, position_ids_for(tokens), extra))
     return out
 
 
@@ -136,11 +161,11 @@ TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teache
 
 
 def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: torch.dtype) -> int:
-    """Bytes of one micro-batch's response-aligned teacher logit shard [b, L, local_vocab]."""
+    """Bytes of the largest micro-batch's response-aligned teacher logit shard [b, L, local_vocab]."""
     if not batches:
         return 0
-    b, length = batches[0].extra["response_index"].shape
-    return b * length * local_vocab * torch.empty((), dtype=dtype).element_size()
+    cells = max(mb.extra["response_index"].numel() for mb in batches)
+    return cells * local_vocab * torch.empty((), dtype=dtype).element_size()
 
 
 def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optional[float] = None):

@@ -224,7 +224,8 @@ class Trainer:
                               seq_multiple=multiple)
         if self.remote_teacher is not None:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
-        batches = micro_batches(inputs, cfg.training.micro_batch_size)
+        batches = micro_batches(inputs, cfg.training.micro_batch_size, trim=self.layout.pp == 1,
+                                seq_multiple=multiple)
         if self.teacher is not None and self.teacher_wave_size(batches) is None:
             self._score_teacher(batches, offload=True)
         return batches, rollouts, scores

@@ -347,3 +347,57 @@ def test_activation_recompute_reruns_the_layers_and_gives_the_same_update(layout
 def test_bad_recompute_settings_are_refused(flags, match):
     with pytest.raises(ConfigError, match=match):
         load_config(flags)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sp"])
+def test_trimmed_micro_batches_give_the_same_loss(mode):
+    """Without pipeline parallelism each micro-batch is cut to its own longest row (groups ordered
+    by length): narrower micro-batches, the same SCOPE loss (full KL against the teacher), at
+    TP=2, also with sequence parallelism (widths a multiple of 2)."""
+    r = _launch("trimmed")[mode]
+    full, trimmed = r["widths"]
+    assert all(w[1] == r["step_width"] for w in full), r
+    assert max(w[1] for w in trimmed) == r["step_width"] and min(w[1] for w in trimmed) < r["step_width"], r
+    assert [w[1] for w in trimmed] == sorted((w[1] for w in trimmed), reverse=True), r  # longest first
+    if mode == "sp":
+        assert all(w[1] % 2 == 0 for w in trimmed), r
+    assert r["losses"][1] == pytest.approx(r["losses"][0], rel=1e-6, abs=1e-7), r
+
+
+def test_micro_batches_trim_keeps_groups_and_cuts_only_padding():
+    import torch
+
+    from scope_megatron.training.step import StepInputs, micro_batches
+
+    # 3 groups of 2 rows; prompt lengths 2..4, response lengths 1..6 (pad 0)
+    plen = torch.tensor([2, 3, 4, 2, 3, 2])
+    rlen = torch.tensor([1, 2, 6, 5, 3, 0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    width, length = int((plen + rlen).max()), int(rlen.max())
+    tokens = torch.zeros(6, width, dtype=torch.int64)
+    ids = torch.zeros(6, length, dtype=torch.int64)
+    mask = torch.arange(length).unsqueeze(0) < rlen.unsqueeze(1)
+    for i in range(6):
+        tokens[i, :plen[i]] = 7
+        ids[i, :rlen[i]] = torch.arange(1, rlen[i] + 1)
+        tokens[i, plen[i]:plen[i] + rlen[i]] = ids[i, :rlen[i]]
+    index = (plen.unsqueeze(1) - 1 + torch.arange(length)).clamp(max=width - 1)
+    inputs = StepInputs(tokens=tokens, response_index=index, response_ids=ids, response_mask=mask,
+                        old_logprobs=-torch.rand(6, length), group_ids=groups, correct=rlen > 2,
+                        teacher={"teacher_logprobs": -torch.rand(6, length)})
+    batches = micro_batches(inputs, 2, trim=True)
+    order = [1, 0, 2]  # groups by their longest row: 8 (group 1), 3 (group 0), 5 ... sorted below
+    longest = [max(int(plen[i] + rlen[i]) for i in range(6) if groups[i] == g) for g in range(3)]
+    order = sorted(range(3), key=lambda g: -longest[g])
+    for mb, g in zip(batches, order):
+        rows = [i for i in range(6) if groups[i] == g]
+        assert mb.tokens.shape[1] == longest[g]
+        assert torch.equal(mb.tokens, tokens[rows, :longest[g]])
+        assert torch.all(tokens[rows, longest[g]:] == 0)  # only padding was cut
+        keep = max(1, int(rlen[rows].max()))
+        assert torch.equal(mb.extra["response_ids"], ids[rows, :keep])
+        assert not mask[rows, keep:].any()
+        assert torch.equal(mb.extra["teacher_logprobs"], inputs.teacher["teacher_logprobs"][rows, :keep])
+        assert torch.equal(mb.extra["group_ids"], torch.zeros(2, dtype=torch.int64))
+        assert int(mb.extra["response_index"].max()) < mb.tokens.shape[1]
+    assert [mb.tokens.shape[1] for mb in micro_batches(inputs, 2)] == [width] * 3  # trim=False: as before

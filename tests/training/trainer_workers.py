@@ -448,3 +448,63 @@ def recompute(ctx):
                             "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(base, r["params"]))}
                      for mode, r in runs.items()}
     return out
+
+
+def trimmed(ctx):
+    """The SCOPE loss (full KL against the toy teacher) over micro-batches each cut to its own
+    longest row, against the same rollouts in micro-batches as wide as the step's longest row, at
+    TP=2, without and with sequence parallelism (widths rounded up to 2)."""
+    import dataclasses
+
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
+    from scope_megatron.rollout import LocalEngine, SamplingParams
+    from scope_megatron.scope import ScopeConfig
+    from scope_megatron.training import checkpoint, models, platform
+    from scope_megatron.training.config import toy_student, toy_teacher
+    from scope_megatron.training.schedule import MegatronDecoder
+    from scope_megatron.training.step import build_inputs, evaluate_loss, micro_batches, score_with_teacher
+
+    platform.init_distributed()
+    platform.apply_cpu_shims()
+    world = ToyArithmetic(ToyArithmeticConfig())
+    # problems of 1 to 3 digits: responses (carry traces) of different lengths
+    prompts = [world.prompt_ids(p) for p in world.held_out[:6]]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, stop_token_ids=(world.tokenizer.eos_id,),
+                            seed=ctx.seed % 100000)
+    platform.initialize_parallel(2, 1)
+    platform.seed_everything(0)
+    out = {}
+    try:
+        student = models.build_model_chunks(toy_student())[0]
+        checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", [student])
+        teacher = models.freeze(models.build_model_chunks(toy_teacher())[0])
+        checkpoint.load_checkpoint(REPO / "checkpoints/toy/teacher", [teacher])
+        decoder = MegatronDecoder([student], vocab_size=world.tokenizer.vocab_size, micro_batch_size=16,
+                                  pad_id=world.tokenizer.pad_id)
+        rollouts = LocalEngine(decoder, pad_id=world.tokenizer.pad_id).generate(prompts, params, key=3)
+        # the toy's responses all have one length: cut them (as if stopped early) to 6..34 tokens
+        keep = torch.tensor([34, 30, 6, 9, 20, 26, 12, 7, 33, 34, 15, 18])[:rollouts.num_rollouts]
+        mask = rollouts.response_mask & (torch.arange(rollouts.response_ids.shape[1]) < keep.unsqueeze(1))
+        rollouts = dataclasses.replace(rollouts, response_mask=mask,
+                                       response_ids=torch.where(mask, rollouts.response_ids, world.tokenizer.pad_id),
+                                       logprobs=torch.where(mask, rollouts.logprobs, 0.0))
+        correct = torch.arange(rollouts.num_rollouts) % 3 == 0
+        kw = dict(scope=ScopeConfig(), vocab_size=world.tokenizer.vocab_size)
+        out["response_lengths"] = rollouts.response_lengths.tolist()
+        for sp in (False, True):
+            set_model_to_sequence_parallel(student, sp)
+            set_model_to_sequence_parallel(teacher, sp)
+            multiple = 2 if sp else 1
+            inputs = build_inputs(rollouts, correct, world.tokenizer.pad_id, seq_multiple=multiple)
+            losses, widths = [], []
+            for trim in (False, True):
+                batches = micro_batches(inputs, 4, trim=trim, seq_multiple=multiple)
+                score_with_teacher([teacher], batches, scope=kw["scope"], vocab_size=kw["vocab_size"])
+                losses.append(evaluate_loss([student], batches, **kw))
+                widths.append([list(mb.tokens.shape) + [mb.extra["response_ids"].shape[1]] for mb in batches])
+            out["sp" if sp else "plain"] = {"losses": losses, "widths": widths, "step_width": int(inputs.tokens.shape[1])}
+    finally:
+        platform.destroy_parallel()
+    return out
