@@ -94,6 +94,10 @@ class TrainingConfig:
     precision: str = option("auto", flag="--precision", help=(
         "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'"))
     log_interval: int = option(1, flag="--log-interval", help="steps between log lines")
+    max_tokens_per_micro_batch: int = option(0, flag="--max-tokens-per-micro-batch", help=(
+        "0: micro_batch_size rollouts per micro-batch. N > 0 (no pipeline parallelism): a dynamic "
+        "batch size instead: as many whole prompt groups as fit N tokens (rows x the micro-batch's "
+        "longest prompt + response, padding included), at least one group"))
     recompute_granularity: Optional[str] = option(None, flag="--recompute-granularity", help=(
         "Megatron's activation recomputation of the student in backward: 'full' (whole layers, "
         "with recompute_method) or 'selective' (the attention core); null: off. Long responses "
@@ -116,6 +120,9 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.teacher_logits_gib, (int, float)) and self.teacher_logits_gib > 0):
             raise ValueError(f"teacher_logits_gib must be > 0, got {self.teacher_logits_gib!r}")
+        if isinstance(self.max_tokens_per_micro_batch, bool) or not isinstance(self.max_tokens_per_micro_batch, int) \
+                or self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"max_tokens_per_micro_batch must be an integer >= 0, got {self.max_tokens_per_micro_batch!r}")
         self._check_recompute()
 
     def _check_recompute(self) -> None:
@@ -386,6 +393,9 @@ class TrainConfig:
                 "(rollout.temperature; 1 when greedy): set --scope-student-temperature equal to "
                 "--rollout-temperature, or scope.old_logprobs 'recomputed'")
         t, pp = self.training, self.parallel.pipeline_model_parallel_size
+        if t.max_tokens_per_micro_batch and pp > 1:
+            raise ValueError("training.max_tokens_per_micro_batch needs pipeline_model_parallel_size 1 (the "
+                             "pipeline's transfers need micro-batches of one shape); use micro_batch_size")
         if t.recompute_granularity == "full" and t.recompute_num_layers > self.student.num_layers // pp:
             raise ValueError(f"training.recompute_num_layers {t.recompute_num_layers} exceeds the student's "
                              f"{self.student.num_layers // pp} layers per pipeline stage")

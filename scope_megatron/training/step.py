@@ -69,19 +69,24 @@ def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int, *,
 
 
 def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = False,
-                  seq_multiple: int = 1) -> List[MicroBatch]:
-    """Micro-batches of micro_batch_size rows (whole prompt groups: the caller keeps
-    micro_batch_size a multiple of the group size) with group ids renumbered 0.. within each.
+                  seq_multiple: int = 1, max_tokens: int = 0) -> List[MicroBatch]:
+    """Micro-batches of whole prompt groups with group ids renumbered 0.. within each.
 
-    trim=False: consecutive rows, every micro-batch as wide as the step's longest row (pipeline
-      parallelism sends activations of one shape).
+    trim=False: micro_batch_size consecutive rows each (a multiple of the group size), every
+      micro-batch as wide as the step's longest row (pipeline parallelism sends activations of
+      one shape).
     trim=True (no pipeline parallelism): the groups ordered by their longest row, longest first,
       and each micro-batch cut to its own longest row (rounded up to seq_multiple: the TP size
       with sequence parallelism) and its own longest response, so that a few long responses do
       not make every micro-batch pay for their length. The loss is a sum over groups, so the
-      order changes nothing but the summation order."""
+      order changes nothing but the summation order.
+    max_tokens > 0 (with trim): instead of micro_batch_size rows, as many whole groups as fit
+      max_tokens tokens (rows x the micro-batch's width, padding included), at least one group:
+      short groups travel in larger micro-batches (a dynamic batch size)."""
     n = inputs.tokens.shape[0]
-    if n % micro_batch_size:
+    if max_tokens and not trim:
+        raise ValueError("micro_batches: max_tokens needs trim=True (micro-batches of their own width)")
+    if not max_tokens and n % micro_batch_size:
         raise ValueError(f"{n} rollouts do not split into micro-batches of {micro_batch_size}")
     order = torch.arange(n, device=inputs.tokens.device)
     if trim:
@@ -92,9 +97,12 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         longest = longest.scatter_reduce(0, groups, row_lengths, reduce="amax")
         order = order[torch.sort(groups, stable=True).indices]  # rows of a group together
         order = order[torch.sort(longest[groups[order]], descending=True, stable=True).indices]
+    if max_tokens:
+        chunks = _pack_groups(order, groups[order].tolist(), row_lengths[order].tolist(), max_tokens, seq_multiple)
+    else:
+        chunks = [order[start:start + micro_batch_size] for start in range(0, n, micro_batch_size)]
     out = []
-    for start in range(0, n, micro_batch_size):
-        rows = order[start:start + micro_batch_size]
+    for rows in chunks:
         tokens, response_index = inputs.tokens[rows], inputs.response_index[rows]
         length = inputs.response_ids.shape[1]
         if trim:
@@ -114,6 +122,26 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         }
         out.append(MicroBatch(tokens, position_ids_for(tokens), extra))
     return out
+
+
+def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max_tokens: int,
+                 seq_multiple: int) -> List[torch.Tensor]:
+    """Consecutive whole groups of `order` (rows sorted longest group first) packed greedily into
+    chunks of at most max_tokens padded tokens; a group alone may exceed it."""
+    chunks, start, width, i = [], 0, 0, 0
+    n = len(groups)
+    while i < n:
+        j = i
+        while j < n and groups[j] == groups[i]:
+            j += 1
+        group_width = -(-max(lengths[i:j]) // seq_multiple) * seq_multiple
+        new_width = max(width, group_width)
+        if i > start and (j - start) * new_width > max_tokens:
+            chunks.append(order[start:i])
+            start, new_width = i, group_width
+        width, i = new_width, j
+    chunks.append(order[start:n])
+    return chunks
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:

@@ -225,7 +225,7 @@ class Trainer:
         if self.remote_teacher is not None:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
         batches = micro_batches(inputs, cfg.training.micro_batch_size, trim=self.layout.pp == 1,
-                                seq_multiple=multiple)
+                                seq_multiple=multiple, max_tokens=cfg.training.max_tokens_per_micro_batch)
         if self.teacher is not None and self.teacher_wave_size(batches) is None:
             self._score_teacher(batches, offload=True)
         return batches, rollouts, scores

@@ -352,16 +352,20 @@ def test_bad_recompute_settings_are_refused(flags, match):
 @pytest.mark.parametrize("mode", ["plain", "sp"])
 def test_trimmed_micro_batches_give_the_same_loss(mode):
     """Without pipeline parallelism each micro-batch is cut to its own longest row (groups ordered
-    by length): narrower micro-batches, the same SCOPE loss (full KL against the teacher), at
-    TP=2, also with sequence parallelism (widths a multiple of 2)."""
+    by length), or packed to a token budget: narrower micro-batches, the same SCOPE loss (full KL
+    against the teacher), at TP=2, also with sequence parallelism (widths a multiple of 2)."""
     r = _launch("trimmed")[mode]
-    full, trimmed = r["widths"]
+    full, trimmed, packed = r["widths"]
     assert all(w[1] == r["step_width"] for w in full), r
     assert max(w[1] for w in trimmed) == r["step_width"] and min(w[1] for w in trimmed) < r["step_width"], r
     assert [w[1] for w in trimmed] == sorted((w[1] for w in trimmed), reverse=True), r  # longest first
     if mode == "sp":
         assert all(w[1] % 2 == 0 for w in trimmed), r
     assert r["losses"][1] == pytest.approx(r["losses"][0], rel=1e-6, abs=1e-7), r
+    # a budget of 100 tokens: micro-batches of 1 or more groups (2 rows each), within budget
+    assert len({w[0] for w in packed}) > 1 and sum(w[0] for w in packed) == sum(w[0] for w in full), r
+    assert all(w[0] * w[1] <= 100 or w[0] == 2 for w in packed), r
+    assert r["losses"][2] == pytest.approx(r["losses"][0], rel=1e-6, abs=1e-7), r
 
 
 def test_micro_batches_trim_keeps_groups_and_cuts_only_padding():
@@ -401,3 +405,27 @@ def test_micro_batches_trim_keeps_groups_and_cuts_only_padding():
         assert torch.equal(mb.extra["group_ids"], torch.zeros(2, dtype=torch.int64))
         assert int(mb.extra["response_index"].max()) < mb.tokens.shape[1]
     assert [mb.tokens.shape[1] for mb in micro_batches(inputs, 2)] == [width] * 3  # trim=False: as before
+
+
+def test_token_budget_packs_whole_groups():
+    import torch
+
+    from scope_megatron.training.step import _pack_groups
+
+    # rows sorted longest group first: groups 5 (3 rows), 2, 7, 1 (2 rows each)
+    groups = [5, 5, 5, 2, 2, 7, 7, 1, 1]
+    lengths = [30, 29, 12, 20, 18, 10, 9, 4, 3]
+    order = torch.arange(9)
+    chunks = [c.tolist() for c in _pack_groups(order, groups, lengths, 100, 1)]
+    assert chunks == [[0, 1, 2], [3, 4, 5, 6], [7, 8]]  # 3x30=90; 4x20=80 (+2 would be 120); 2x4
+    assert [c.tolist() for c in _pack_groups(order, groups, lengths, 10, 1)] == [[0, 1, 2], [3, 4], [5, 6], [7, 8]]
+    assert [c.tolist() for c in _pack_groups(order, groups, lengths, 10**6, 1)] == [list(range(9))]
+    # widths rounded up to a multiple of 8 count: 3x32; 4x24=96 > 88 so 2x24; 4x16=64
+    assert [c.tolist() for c in _pack_groups(order, groups, lengths, 88, 8)] == [[0, 1, 2], [3, 4], [5, 6, 7, 8]]
+
+
+def test_token_budget_needs_no_pipeline_parallelism():
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch needs pipeline_model_parallel_size 1"):
+        load_config(["--max-tokens-per-micro-batch", "4096", "--pipeline-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch must be an integer >= 0"):
+        load_config(["--max-tokens-per-micro-batch", "-1"])

@@ -452,8 +452,9 @@ def recompute(ctx):
 
 def trimmed(ctx):
     """The SCOPE loss (full KL against the toy teacher) over micro-batches each cut to its own
-    longest row, against the same rollouts in micro-batches as wide as the step's longest row, at
-    TP=2, without and with sequence parallelism (widths rounded up to 2)."""
+    longest row, and packed by a token budget, against the same rollouts in micro-batches as wide
+    as the step's longest row, at TP=2, without and with sequence parallelism (widths rounded up
+    to 2)."""
     import dataclasses
 
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
@@ -499,8 +500,8 @@ def trimmed(ctx):
             multiple = 2 if sp else 1
             inputs = build_inputs(rollouts, correct, world.tokenizer.pad_id, seq_multiple=multiple)
             losses, widths = [], []
-            for trim in (False, True):
-                batches = micro_batches(inputs, 4, trim=trim, seq_multiple=multiple)
+            for kw_batches in (dict(), dict(trim=True), dict(trim=True, max_tokens=100)):
+                batches = micro_batches(inputs, 4, seq_multiple=multiple, **kw_batches)
                 score_with_teacher([teacher], batches, scope=kw["scope"], vocab_size=kw["vocab_size"])
                 losses.append(evaluate_loss([student], batches, **kw))
                 widths.append([list(mb.tokens.shape) + [mb.extra["response_ids"].shape[1]] for mb in batches])
