@@ -2,9 +2,11 @@
 the SCOPE loss through Megatron's schedule -> optimizer step.
 
 Layout of the model input: every row is prompt + response, right-padded. The logits at position
-prompt_len - 1 + t predict response token t, so the loss reads the student's (and teacher's)
-logit shards at those positions: [rows, L, V/tp] aligned with the response tokens, the layout
-scope.compute_loss takes. Micro-batches hold whole prompt groups (SCOPE normalizes weights within
+prompt_len - 1 + t predict response token t, so each micro-batch carries its response tokens
+(and their masks, engine and teacher log-probs) at those positions of a [rows, width] frame,
+counted only there: the loss takes the model's [rows, width, V/tp] logit shards as they come,
+without gathering a response-aligned copy (which, with its gradient scattered back, would hold
+two more [rows, L, V/tp] tensors). Micro-batches hold whole prompt groups (SCOPE normalizes weights within
 a group); the loss of a micro-batch is summed over its groups and Megatron divides the gradient
 by the number of groups over all micro-batches and data-parallel ranks
 (calculate_per_token_loss), which makes it the spec's sum over groups / #groups.
@@ -111,17 +113,33 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
             length = max(1, int(response_lengths[rows].max()))
             tokens = tokens[:, :width].contiguous()
             response_index = response_index[:, :length].clamp(max=width - 1)
+        mask = inputs.response_mask[rows, :length]
+        frame = _Frame(response_index, mask, tokens.shape[1])
         extra = {
-            "response_index": response_index,
-            "response_ids": inputs.response_ids[rows, :length],
-            "response_mask": inputs.response_mask[rows, :length],
-            "old_logprobs": inputs.old_logprobs[rows, :length],
+            "response_ids": frame(inputs.response_ids[rows, :length], 0),
+            "response_mask": frame(mask, False),
+            "old_logprobs": frame(inputs.old_logprobs[rows, :length], 0.0),
             "group_ids": torch.unique(inputs.group_ids[rows], return_inverse=True)[1],
             "correct": inputs.correct[rows],
-            **{key: value[rows, :length] for key, value in inputs.teacher.items()},
+            **{key: frame(value[rows, :length], 0) for key, value in inputs.teacher.items()},
         }
         out.append(MicroBatch(tokens, position_ids_for(tokens), extra))
     return out
+
+
+class _Frame:
+    """Places per-response-token values [b, L(, k)] at their logits' positions of a [b, width]
+    frame (response token t of row i at prompt_len_i - 1 + t); `fill` elsewhere."""
+
+    def __init__(self, response_index: torch.Tensor, mask: torch.Tensor, width: int):
+        self.rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        self.cols = response_index[mask]
+        self.mask, self.width = mask, width
+
+    def __call__(self, values: torch.Tensor, fill) -> torch.Tensor:
+        out = values.new_full((values.shape[0], self.width, *values.shape[2:]), fill)
+        out[self.rows, self.cols] = values[self.mask]
+        return out
 
 
 def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max_tokens: int,
@@ -144,34 +162,27 @@ def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max
     return chunks
 
 
-def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
-    """[b, s, V/tp] model output -> [b, L, V/tp] aligned with the response tokens."""
-    index = response_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, index)
-
-
 @torch.no_grad()
 def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
                        scope: ScopeConfig, vocab_size: int) -> None:
     """Runs the frozen teacher over the micro-batches and stores, on the last pipeline stage, what
-    the loss needs in each micro-batch's `extra` (TEACHER_KEYS): for the full KL, the teacher's
-    response-aligned logit shards ("teacher_logits", [b, L, V/tp]: hold few micro-batches at
-    once, see train_step's score_teacher); for the top-k estimator, its log-probs of the sampled
-    tokens plus its top-k ids and their log-probs ([b, L, k], what a served teacher returns);
-    otherwise its log-probs of the sampled tokens ("teacher_logprobs")."""
+    the loss needs in each micro-batch's `extra` (TEACHER_KEYS), in the micro-batch's [b, width]
+    frame: for the full KL, the teacher's logit shards ("teacher_logits", [b, width, V/tp]: hold
+    few micro-batches at once, see train_step's score_teacher); for the top-k estimator, its
+    log-probs of the sampled tokens plus its top-k ids and their log-probs ([b, width, k], what a
+    served teacher returns); otherwise its log-probs of the sampled tokens ("teacher_logprobs")."""
     from scope_megatron.scope import teacher_top_k
 
     temperature = scope.resolved_teacher_temperature
 
     def collect(mb, logits):
-        aligned = response_logits(logits, mb.extra["response_index"])
         if scope.kl_estimator == "full":
-            return {"teacher_logits": aligned}
+            return {"teacher_logits": logits}
         ids = torch.where(mb.extra["response_mask"], mb.extra["response_ids"], 0)
-        logprobs = vocab_parallel_logprob(aligned, ids, vocab_size=vocab_size, temperature=temperature)
+        logprobs = vocab_parallel_logprob(logits, ids, vocab_size=vocab_size, temperature=temperature)
         if scope.kl_estimator != "topk":
             return {"teacher_logprobs": logprobs}
-        top_ids, top_logprobs = teacher_top_k(aligned, ids, logprobs, k=scope.topk_k,
+        top_ids, top_logprobs = teacher_top_k(logits, ids, logprobs, k=scope.topk_k,
                                               vocab_size=vocab_size, teacher_temperature=temperature,
                                               dtype=logprobs.dtype)
         return {"teacher_logprobs": logprobs, "teacher_top_ids": top_ids, "teacher_top_logprobs": top_logprobs}
@@ -189,10 +200,10 @@ TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teache
 
 
 def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: torch.dtype) -> int:
-    """Bytes of the largest micro-batch's response-aligned teacher logit shard [b, L, local_vocab]."""
+    """Bytes of the largest micro-batch's teacher logit shard [b, width, local_vocab]."""
     if not batches:
         return 0
-    cells = max(mb.extra["response_index"].numel() for mb in batches)
+    cells = max(mb.tokens.numel() for mb in batches)
     return cells * local_vocab * torch.empty((), dtype=dtype).element_size()
 
 
@@ -218,11 +229,11 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optiona
         groups = batch.num_groups
         # loss_grad: Megatron backpropagates 1 into loss * groups (calculate_per_token_loss; the
         # bf16 loss scale is 1), i.e. `groups` into the loss, which the fused KL relies on.
-        loss, metrics = compute_loss(scope, batch, response_logits(logits, extra["response_index"]),
+        loss, metrics = compute_loss(scope, batch, logits,
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
                                      loss_grad=float(groups))
         if rescore and "logprob_diff/mean" in metrics:
-            metrics.update(_logprob_gap(batch, response_logits(logits, extra["response_index"]).detach(),
+            metrics.update(_logprob_gap(batch, logits.detach(),
                                         vocab_size, engine_temperature))
         return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
             "metrics": metrics, "groups": groups}

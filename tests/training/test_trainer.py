@@ -398,12 +398,19 @@ def test_micro_batches_trim_keeps_groups_and_cuts_only_padding():
         assert mb.tokens.shape[1] == longest[g]
         assert torch.equal(mb.tokens, tokens[rows, :longest[g]])
         assert torch.all(tokens[rows, longest[g]:] == 0)  # only padding was cut
-        keep = max(1, int(rlen[rows].max()))
-        assert torch.equal(mb.extra["response_ids"], ids[rows, :keep])
-        assert not mask[rows, keep:].any()
-        assert torch.equal(mb.extra["teacher_logprobs"], inputs.teacher["teacher_logprobs"][rows, :keep])
+        # response token t of row i sits at the logits predicting it: position plen_i - 1 + t
+        frame_ids = torch.zeros(2, longest[g], dtype=torch.int64)
+        frame_mask = torch.zeros(2, longest[g], dtype=torch.bool)
+        frame_teacher = torch.zeros(2, longest[g])
+        for k, i in enumerate(rows):
+            at = slice(int(plen[i]) - 1, int(plen[i]) - 1 + int(rlen[i]))
+            frame_ids[k, at], frame_mask[k, at] = ids[i, :rlen[i]], True
+            frame_teacher[k, at] = inputs.teacher["teacher_logprobs"][i, :rlen[i]]
+            assert torch.equal(mb.tokens[k, at.start + 1:at.stop + 1], ids[i, :rlen[i]])  # the tokens predicted
+        assert torch.equal(mb.extra["response_ids"], frame_ids)
+        assert torch.equal(mb.extra["response_mask"], frame_mask)
+        assert torch.equal(mb.extra["teacher_logprobs"], frame_teacher)
         assert torch.equal(mb.extra["group_ids"], torch.zeros(2, dtype=torch.int64))
-        assert int(mb.extra["response_index"].max()) < mb.tokens.shape[1]
     assert [mb.tokens.shape[1] for mb in micro_batches(inputs, 2)] == [width] * 3  # trim=False: as before
 
 

@@ -346,7 +346,7 @@ def teacher_waves(ctx):
 
     from scope_megatron.scope import RolloutBatch, compute_loss
     from scope_megatron.training import models
-    from scope_megatron.training.step import response_logits, score_with_teacher
+    from scope_megatron.training.step import score_with_teacher
 
     out = {}
     for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
@@ -392,7 +392,7 @@ def teacher_waves(ctx):
         with torch.no_grad():
             for mb, lmb in zip(batches, logit_batches):
                 logits = models.forward_logits(trainer.student[0].module, mb.tokens)
-                student = response_logits(logits, mb.extra["response_index"])
+                student = logits
                 base = dict(response_ids=mb.extra["response_ids"], group_ids=mb.extra["group_ids"],
                             correct=mb.extra["correct"], old_logprobs=mb.extra["old_logprobs"],
                             response_mask=mb.extra["response_mask"])
