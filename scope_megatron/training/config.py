@@ -176,7 +176,9 @@ class SGLangServersConfig:
     deterministic: bool = option(False, help=(
         "launch with --enable-deterministic-inference: per-sample seeds are honoured, so a "
         "resumed run samples what an uninterrupted one would (slower decoding)"))
-    max_in_flight: int = option(256, help="concurrent HTTP requests over all servers")
+    max_in_flight: int = option(256, help=(
+        "concurrent HTTP requests over all servers, per data-parallel replica (each replica's "
+        "first rank sends its own)"))
     request_timeout_s: float = option(600.0, help="per-request timeout")
     retries: int = option(3, help="retries of a failed request (with exponential backoff)")
 
@@ -400,6 +402,20 @@ class TrainConfig:
             raise ValueError(f"training.recompute_num_layers {t.recompute_num_layers} exceeds the student's "
                              f"{self.student.num_layers // pp} layers per pipeline stage")
         remote_teacher = self.teacher_serving.engine == "sglang"
+        if self.scope.uses_teacher and remote_teacher and s.resolved_teacher_temperature != 1.0:
+            raise ValueError(
+                f"teacher_serving.engine 'sglang' gives the teacher's log-probs at temperature 1 (SGLang "
+                f"computes prompt log-probs from the raw logits), but the loss wants them at "
+                f"{s.resolved_teacher_temperature:g} (scope.teacher_temperature, which defaults to "
+                "scope.student_temperature): pass --scope-teacher-temperature 1, or use the Megatron teacher")
+        rs, ts = self.rollout.sglang, self.teacher_serving.sglang
+        if (self.rollout.engine == "sglang" and rs.launches and remote_teacher and ts.launches
+                and self.scope.uses_teacher and rs.base_port < ts.base_port + ts.num_servers
+                and ts.base_port < rs.base_port + rs.num_servers):
+            raise ValueError(
+                f"the launched rollout servers (ports {rs.base_port}..{rs.base_port + rs.num_servers - 1}) and "
+                f"teacher servers ({ts.base_port}..{ts.base_port + ts.num_servers - 1}) would share ports: "
+                f"pass e.g. --teacher-serving-sglang-base-port {rs.base_port + 1000}")
         if self.scope.uses_teacher and remote_teacher and self.scope.kl_estimator == "full":
             raise ValueError("scope.kl_estimator 'full' needs the teacher's logits over the whole vocabulary; "
                              "an SGLang teacher gives log-probs of the sampled tokens and its top-k: use "

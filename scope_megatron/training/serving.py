@@ -38,12 +38,12 @@ def is_replica_leader() -> bool:
 
 
 def broadcast_tensors(tensors: Optional[Dict[str, torch.Tensor]], device) -> Dict[str, torch.Tensor]:
-    """The leader's named tensors on every rank of its model-parallel group (shapes and dtypes go
-    first as a small object, then each tensor with one broadcast on `device`)."""
+    """The leader's named tensors on `device` on every rank of its model-parallel group (shapes and
+    dtypes go first as a small object, then each tensor with one broadcast on `device`)."""
     group = model_parallel_group()
     ranks = dist.get_process_group_ranks(group)
-    if len(ranks) == 1:
-        return tensors
+    if len(ranks) == 1:  # no peers, but the engine's CPU tensors still go to the training device
+        return {k: v.to(device) for k, v in tensors.items()}
     leader = ranks[0]
     meta = [None]
     if dist.get_rank() == leader:
@@ -204,7 +204,14 @@ class SGLangTeacherScorer(_Served):
 
     def __init__(self, cfg, pad_id: int, temperature: float):
         from scope_megatron.rollout.sglang import SGLangTeacher
+        from scope_megatron.utils.config_io import ConfigError
 
+        if temperature != 1.0:  # on every rank, before any server is launched or attached
+            raise ConfigError(
+                f"teacher_serving.engine 'sglang' gives the teacher's log-probs at temperature 1 (SGLang "
+                f"computes prompt log-probs from the raw logits), but the loss wants them at {temperature:g} "
+                "(scope.teacher_temperature, which defaults to scope.student_temperature): pass "
+                "--scope-teacher-temperature 1, or use the Megatron teacher")
         super().__init__(cfg, cfg.teacher_serving.sglang, "teacher", progress=False)
         top_k = cfg.scope.topk_k if cfg.scope.kl_estimator == "topk" else 0
         self.teacher = (SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id, top_logprobs_num=top_k)

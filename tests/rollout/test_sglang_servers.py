@@ -134,3 +134,89 @@ def test_launched_servers_do_not_inherit_torchrun_rendezvous(monkeypatch):
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                 "SGLANG_RETURN_ORIGINAL_LOGPROB"} & set(env)
     assert env["MY_SETTING"] == "kept" and env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+# a minimal server: GET /health answers 200 (on the --port it is given, like sglang.launch_server)
+_HEALTH_ONLY = (
+    "import sys, http.server\n"
+    "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.send_header('Content-Length', '0'); self.end_headers()\n"
+    "    def log_message(self, *a):\n"
+    "        pass\n"
+    "http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n"
+)
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped (a container's init may not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_launched_servers_do_not_outlive_the_launching_process(tmp_path, sig):
+    """torchrun stops the surviving ranks with SIGTERM, then SIGKILL, when one rank fails (and on
+    Ctrl-C): global rank 0 then dies without running atexit or finally blocks. Its servers run in
+    their own session, so nothing else stops them: they must die with it, not stay behind holding
+    the GPUs and the ports of the next run."""
+    import signal
+    import subprocess
+
+    base = _free_ports(1)
+    launcher = (
+        "import sys, time\n"
+        "from scope_megatron.rollout.sglang import SGLangServers\n"
+        f"s = SGLangServers.launch('/no/model', base_port={base}, log_dir={str(tmp_path)!r}, "
+        f"command=(sys.executable, '-c', {_HEALTH_ONLY!r}), startup_timeout=60, kill_timeout=5)\n"
+        "print(s.processes[0].pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    trainer = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, cwd=REPO, env=env)
+    server_pid = None
+    try:
+        line = trainer.stdout.readline()
+        assert line, "the launching process did not start its server"
+        server_pid = int(line)
+        assert not _dead(server_pid)
+        os.kill(trainer.pid, getattr(signal, sig))
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while not _dead(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _dead(server_pid), f"the server (pid {server_pid}) outlived the process that launched it"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        if server_pid is not None and not _dead(server_pid):
+            os.killpg(server_pid, signal.SIGKILL)
+
+
+def test_servers_launched_without_gpu_lists_take_distinct_gpus(tmp_path):
+    """Without `gpus` every server sees the same CUDA_VISIBLE_DEVICES, and SGLang starts each one
+    on the first visible GPU (--base-gpu-id 0): num_servers > 1 would stack them all on GPU 0
+    (out of memory at startup). Server i starts at GPU i * tp_size of the visible ones instead."""
+    base = _free_ports(2)
+    with SGLangServers.launch("/no/model", num_servers=2, base_port=base, tp_size=2, log_dir=tmp_path,
+                              command=(sys.executable, "-c", _HEALTH_ONLY), startup_timeout=60, kill_timeout=5):
+        pass
+    logs = [(tmp_path / f"sglang-{base + i}.log").read_text() for i in range(2)]  # the command, first
+    assert "--base-gpu-id 0" in logs[0] and "--base-gpu-id 2" in logs[1]
+    # given GPU lists (CUDA_VISIBLE_DEVICES per server), or a --base-gpu-id of the user's: left alone
+    base = _free_ports(2)
+    with SGLangServers.launch("/no/model", num_servers=2, base_port=base, gpus=[[0], [1]], log_dir=tmp_path,
+                              command=(sys.executable, "-c", _HEALTH_ONLY), startup_timeout=60, kill_timeout=5):
+        pass
+    with SGLangServers.launch("/no/model", num_servers=1, base_port=base, log_dir=tmp_path / "one",
+                              command=(sys.executable, "-c", _HEALTH_ONLY), startup_timeout=60, kill_timeout=5):
+        pass
+    logs = [(tmp_path / f"sglang-{base + i}.log").read_text() for i in range(2)] + \
+        [(tmp_path / "one" / f"sglang-{base}.log").read_text()]
+    assert not any("--base-gpu-id" in text for text in logs)

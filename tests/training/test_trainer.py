@@ -96,6 +96,11 @@ def test_bad_configs_fail_in_preflight(flags, world, match):
     (["--teacher-load", "null"], "distills from a teacher"),
     (["--n-samples-per-prompt", "1"], "rollout.n must be >= 2"),
     (["--lr", "-1"], "lr > 0"),
+    (["--teacher-engine", "sglang", "--teacher-serving-sglang-urls", "http://t:1", "--scope-kl-estimator", "k3",
+      "--scope-student-temperature", "0.6"], "pass --scope-teacher-temperature 1"),
+    (["--teacher-engine", "sglang", "--teacher-serving-sglang-model-path", "/m/teacher", "--scope-kl-estimator",
+      "k3", "--rollout-engine", "sglang", "--rollout-sglang-model-path", "/m/student"],
+     "would share ports: pass e.g. --teacher-serving-sglang-base-port 31000"),
 ])
 def test_bad_configs_fail_when_parsed(flags, match):
     with pytest.raises(ConfigError, match=match):

@@ -6,8 +6,9 @@
       engine = SGLangEngine(SGLangClient(servers.urls), pad_id=...)
 
 Launching runs `<command> --model-path M --host H --port P --tp-size T [--mem-fraction-static F]
-[--enable-deterministic-inference] <extra_args>` per server, with command = python -m
-sglang.launch_server by default (overridable, e.g. for tests), each in its own process group
+[--enable-deterministic-inference] [--base-gpu-id G] <extra_args>` per server (G = i * T for
+server i when several servers share the visible GPUs: no `gpus`, no --base-gpu-id in extra_args),
+with command = python -m sglang.launch_server by default (overridable, e.g. for tests), each in its own process group
 (start_new_session) with stdout and stderr in a log file, CUDA_VISIBLE_DEVICES per server when
 `gpus` is given, torchrun's rendezvous variables (the server would join the trainer's process
 group) and SGLANG_RETURN_ORIGINAL_LOGPROB removed from the environment (it would
@@ -15,7 +16,11 @@ return log-probs at temperature 1, breaking the Rollouts contract). It then wait
 to answer 200 on every server (startup_timeout); a process that exits first, or a timeout,
 raises SGLangError with the tail of its log, after shutting every launched server down.
 shutdown() sends SIGTERM to each process group, waits, then SIGKILLs (SGLang's scheduler and
-detokenizer processes are in the group).
+detokenizer processes are in the group). On Linux each server also gets SIGKILL from the kernel
+when the launching process dies without running shutdown (PR_SET_PDEATHSIG: torchrun stops
+surviving ranks with SIGTERM / SIGKILL when one fails, or on Ctrl-C; SGLang's own subprocesses
+die with their server), so no server outlives the trainer. That signal is tied to the launching
+thread: it is set only when launching from the main thread.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -70,6 +76,27 @@ def server_environment() -> Dict[str, str]:
     return env
 
 
+def _die_with_parent():
+    """A preexec_fn for Popen (or None where unavailable): the child gets SIGKILL when this
+    process's main thread exits, however it exits. ctypes is resolved here, before the fork."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
 class SGLangServers:
     """URLs of SGLang servers, and the processes behind them when launched here."""
 
@@ -103,8 +130,8 @@ class SGLangServers:
                startup_timeout: float = 900.0, kill_timeout: float = 30.0) -> "SGLangServers":
         """Starts num_servers servers on ports base_port, base_port + 1, ... (see the module
         docstring). gpus[i]: the GPU ids of server i (CUDA_VISIBLE_DEVICES; its length should be
-        tp_size). deterministic: --enable-deterministic-inference (needed for sampling_seed to be
-        honoured). env: extra environment variables."""
+        tp_size); None: all servers see this process's GPUs, server i from GPU i * tp_size on.
+        deterministic: --enable-deterministic-inference (needed for sampling_seed to be honoured). env: extra environment variables."""
         if num_servers < 1 or tp_size < 1:
             raise ValueError("SGLangServers.launch: num_servers and tp_size must be >= 1")
         if gpus is not None and len(gpus) != num_servers:
@@ -126,6 +153,10 @@ class SGLangServers:
                     args += ["--mem-fraction-static", str(mem_fraction_static)]
                 if deterministic:
                     args.append("--enable-deterministic-inference")
+                if gpus is None and num_servers > 1 and not any(str(a).startswith("--base-gpu-id")
+                                                                for a in extra_args):
+                    # the same visible GPUs for every server: SGLang would start each on the first
+                    args += ["--base-gpu-id", str(i * tp_size)]
                 args += [str(a) for a in extra_args]
                 child_env = server_environment()
                 child_env.update(env or {})
@@ -138,7 +169,8 @@ class SGLangServers:
                     out.write(f"$ {' '.join(args)}\n".encode())
                     out.flush()
                 proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env,
-                                        start_new_session=True, cwd=os.getcwd())
+                                        start_new_session=True, cwd=os.getcwd(),
+                                        preexec_fn=_die_with_parent())
                 processes.append(proc)
                 logs.append(log)
                 urls.append(f"http://{host}:{port}")
