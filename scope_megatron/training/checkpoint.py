@@ -406,11 +406,13 @@ def _check_optimizer(meta: dict, optimizer, ckpt: Path) -> None:
                               "use_distributed_optimizer setting, or optimizer=None")
     lay, saved = platform.layout(), meta["layout"]
     sharding = meta["optimizer"]["sharding_metadata"].get("distrib_optim_sharding_type")
-    if sharding == "dp_reshardable" and (lay.tp, lay.pp) != (saved["tp"], saved["pp"]):
+    # The dp_reshardable state is laid out per model chunk (one gradient buffer each) and
+    # bucket: a different TP, PP or VPP changes every buffer's contents.
+    if sharding == "dp_reshardable" and (lay.tp, lay.pp, lay.vpp) != (saved["tp"], saved["pp"], saved.get("vpp")):
         raise CheckpointError(f"{ckpt}: this distributed optimizer state (dp_reshardable) reshards "
-                              f"across DP only (saved at TP={saved['tp']} PP={saved['pp']}, now "
-                              f"TP={lay.tp} PP={lay.pp}); load with optimizer=None (fresh optimizer "
-                              "state) or at the saved TP/PP")
+                              f"across DP only (saved at TP={saved['tp']} PP={saved['pp']} "
+                              f"VPP={saved.get('vpp')}, now TP={lay.tp} PP={lay.pp} VPP={lay.vpp}); "
+                              "load with optimizer=None (fresh optimizer state) or at the saved TP/PP/VPP")
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:
