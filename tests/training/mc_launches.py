@@ -61,9 +61,10 @@ def results(name: str):
     return _results[name]
 
 
-def assert_check(launch: str, check: str) -> None:
-    """Fails the calling test with every rank's traceback if `check` failed in `launch`."""
-    res = results(launch)
+def assert_check(launch: str, check: str, res=None) -> None:
+    """Fails the calling test with every rank's traceback if `check` failed in `launch` (res: that
+    launch's per-rank results, or its exception; default: this module's launch of that name)."""
+    res = results(launch) if res is None else res
     if isinstance(res, Exception):
         pytest.fail(f"SCOPE_TEST_SEED={SESSION_SEED}\n{res}")
     missing = [rank for rank, r in enumerate(res) if check not in r["checks"]]

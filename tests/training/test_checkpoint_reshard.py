@@ -30,15 +30,6 @@ def _launch(name: str):
     return _results[name]
 
 
-def _assert_check(launch: str, check: str) -> None:
-    res = _launch(launch)
-    if isinstance(res, Exception):
-        pytest.fail(f"SCOPE_TEST_SEED={SESSION_SEED}\n{res}")
-    errors = [f"rank {rank}:\n{r['checks'].get(check, 'did not run')}" for rank, r in enumerate(res)
-              if r["checks"].get(check, "did not run")]
-    assert not errors, f"SCOPE_TEST_SEED={SESSION_SEED}\n" + "\n".join(errors)
-
-
 @pytest.mark.parametrize("launch,check", [
     ("save", "save_pp2_vpp2_regular"),
     ("save", "save_pp2_vpp2_distributed"),
@@ -49,4 +40,4 @@ def _assert_check(launch: str, check: str) -> None:
     ("load1", "reshard_distributed_optimizer_dp2_to_dp1"),
 ])
 def test_reshard(launch, check):
-    _assert_check(launch, check)
+    mc_launches.assert_check(launch, check, _launch(launch))

@@ -279,35 +279,44 @@ def sglang(ctx):
     return out
 
 
+def _toy_student_tp2(ctx, decode_micro_batch_size: int):
+    """At TP=2 (the caller destroys the parallel state): the toy world, the toy student loaded from
+    its checkpoint, and a local engine sampling from it."""
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
+    from scope_megatron.rollout import LocalEngine
+    from scope_megatron.training import checkpoint, models, platform
+    from scope_megatron.training.config import toy_student
+    from scope_megatron.training.schedule import MegatronDecoder
+
+    platform.init_distributed()
+    platform.apply_cpu_shims()
+    world = ToyArithmetic(ToyArithmeticConfig())
+    platform.initialize_parallel(2, 1)
+    platform.seed_everything(0)
+    student = models.build_model_chunks(toy_student())[0]
+    checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", [student])
+    decoder = MegatronDecoder([student], vocab_size=world.tokenizer.vocab_size,
+                              micro_batch_size=decode_micro_batch_size, pad_id=world.tokenizer.pad_id)
+    return world, student, LocalEngine(decoder, pad_id=world.tokenizer.pad_id)
+
+
 def sequence_parallel(ctx):
     """TP=2 with Megatron's sequence parallelism switched on in the toy student (its CPU layers
     accept it once built; TransformerEngine's are what a GPU run uses): decoding and the training
     forward must work and agree with the same model without it."""
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
-    from scope_megatron.rollout import LocalEngine, SamplingParams
+    from scope_megatron.rollout import SamplingParams
     from scope_megatron.scope import ScopeConfig
-    from scope_megatron.training import checkpoint, models, platform
-    from scope_megatron.training.config import toy_student
-    from scope_megatron.training.schedule import MegatronDecoder
+    from scope_megatron.training import platform
     from scope_megatron.training.step import build_inputs, evaluate_loss, micro_batches
 
-    platform.init_distributed()
-    platform.apply_cpu_shims()
-    world = ToyArithmetic(ToyArithmeticConfig())
-    prompts = [world.prompt_ids(p) for p in world.held_out[:4]]
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=34, stop_token_ids=(world.tokenizer.eos_id,),
-                            seed=ctx.seed % 100000)
-    platform.initialize_parallel(2, 1)
-    platform.seed_everything(0)
     out = {}
     try:
-        chunk = models.build_model_chunks(toy_student())[0]
-        checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", [chunk])
-        decoder = MegatronDecoder([chunk], vocab_size=world.tokenizer.vocab_size, micro_batch_size=8,
-                                  pad_id=world.tokenizer.pad_id)
-        engine = LocalEngine(decoder, pad_id=world.tokenizer.pad_id)
+        world, chunk, engine = _toy_student_tp2(ctx, 8)
+        prompts = [world.prompt_ids(p) for p in world.held_out[:4]]
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=34, stop_token_ids=(world.tokenizer.eos_id,),
+                                seed=ctx.seed % 100000)
         ref = engine.generate(prompts, params, key=1)
         correct = torch.zeros(ref.num_rollouts, dtype=torch.bool)
         correct[::2] = True
@@ -459,32 +468,21 @@ def trimmed(ctx):
 
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-    from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
-    from scope_megatron.rollout import LocalEngine, SamplingParams
+    from scope_megatron.rollout import SamplingParams
     from scope_megatron.scope import ScopeConfig
     from scope_megatron.training import checkpoint, models, platform
-    from scope_megatron.training.config import toy_student, toy_teacher
-    from scope_megatron.training.schedule import MegatronDecoder
+    from scope_megatron.training.config import toy_teacher
     from scope_megatron.training.step import build_inputs, evaluate_loss, micro_batches, score_with_teacher
 
-    platform.init_distributed()
-    platform.apply_cpu_shims()
-    world = ToyArithmetic(ToyArithmeticConfig())
-    # problems of 1 to 3 digits: responses (carry traces) of different lengths
-    prompts = [world.prompt_ids(p) for p in world.held_out[:6]]
-    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, stop_token_ids=(world.tokenizer.eos_id,),
-                            seed=ctx.seed % 100000)
-    platform.initialize_parallel(2, 1)
-    platform.seed_everything(0)
     out = {}
     try:
-        student = models.build_model_chunks(toy_student())[0]
-        checkpoint.load_checkpoint(REPO / "checkpoints/toy/student", [student])
+        world, student, engine = _toy_student_tp2(ctx, 16)
         teacher = models.freeze(models.build_model_chunks(toy_teacher())[0])
         checkpoint.load_checkpoint(REPO / "checkpoints/toy/teacher", [teacher])
-        decoder = MegatronDecoder([student], vocab_size=world.tokenizer.vocab_size, micro_batch_size=16,
-                                  pad_id=world.tokenizer.pad_id)
-        rollouts = LocalEngine(decoder, pad_id=world.tokenizer.pad_id).generate(prompts, params, key=3)
+        prompts = [world.prompt_ids(p) for p in world.held_out[:6]]
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, stop_token_ids=(world.tokenizer.eos_id,),
+                                seed=ctx.seed % 100000)
+        rollouts = engine.generate(prompts, params, key=3)
         # the toy's responses all have one length: cut them (as if stopped early) to 6..34 tokens
         keep = torch.tensor([34, 30, 6, 9, 20, 26, 12, 7, 33, 34, 15, 18])[:rollouts.num_rollouts]
         mask = rollouts.response_mask & (torch.arange(rollouts.response_ids.shape[1]) < keep.unsqueeze(1))
