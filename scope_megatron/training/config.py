@@ -264,6 +264,10 @@ class TeacherServingConfig:
         "teacher_load); 'sglang': log-probs come from SGLang servers holding the teacher "
         "(kl_estimator 'sampled', 'k3', or 'topk' from its top scope.topk_k log-probs)"))
     sglang: SGLangServersConfig = section(SGLangServersConfig)
+    check_tokenizer: bool = option(True, help=(
+        "with engine 'sglang': before training, probe every teacher server with student token ids "
+        "and refuse a teacher whose tokenizer decodes them differently (its log-probs would be "
+        "of other tokens); false skips the check"))
 
     def __post_init__(self):
         if self.engine not in ("megatron", "sglang"):

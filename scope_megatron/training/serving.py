@@ -7,6 +7,10 @@ the replica's leader (first rank of its model-parallel group) sends the HTTP req
 replica's prompts, then broadcasts the result tensors to its peers, which need identical rollouts
 for the parallel forward passes. Weight sync after an optimizer step is collective over all ranks
 (the export gathers the sharded student) and global rank 0 alone talks to the servers.
+
+The served teacher's tokenizer is checked once when its scorer is built: global rank 0 (a replica
+leader) probes every teacher server with the student tokenizer's ids and broadcasts the verdict,
+so a teacher with another tokenizer stops every rank with an error before training starts.
 """
 from __future__ import annotations
 
@@ -199,10 +203,28 @@ class SGLangRollouts(_Served):
         self.sync.update(self.client, int(step or 0))
 
 
-class SGLangTeacherScorer(_Served):
-    """teacher_serving.engine 'sglang': the remote teacher of every replica leader."""
+def student_tokenizer(cfg):
+    """(the tokenizer whose ids the student produces, its name for messages), from the config's
+    task: task.tokenizer for 'prompts', the toy world's CharTokenizer for 'toy_arithmetic'."""
+    t = cfg.task
+    if t.name == "prompts" and t.tokenizer:
+        from transformers import AutoTokenizer
 
-    def __init__(self, cfg, pad_id: int, temperature: float):
+        return AutoTokenizer.from_pretrained(t.tokenizer), f"task.tokenizer {t.tokenizer}"
+    if t.name == "toy_arithmetic":
+        from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
+
+        return ToyArithmetic(ToyArithmeticConfig(digits=t.digits)).tokenizer, "the toy_arithmetic task's tokenizer"
+    raise ValueError(f"no student tokenizer for task.name {t.name!r}")
+
+
+class SGLangTeacherScorer(_Served):
+    """teacher_serving.engine 'sglang': the remote teacher of every replica leader.
+
+    tokenizer: the student's (what its token ids mean); None: built from the config's task
+    (student_tokenizer). Checked against every teacher server once, here (check_teacher_tokenizer)."""
+
+    def __init__(self, cfg, pad_id: int, temperature: float, tokenizer=None):
         from scope_megatron.rollout.sglang import SGLangTeacher
         from scope_megatron.utils.config_io import ConfigError
 
@@ -216,6 +238,32 @@ class SGLangTeacherScorer(_Served):
         top_k = cfg.scope.topk_k if cfg.scope.kl_estimator == "topk" else 0
         self.teacher = (SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id, top_logprobs_num=top_k)
                         if self.client else None)
+        self.tokenizer_verdict = None
+        if cfg.teacher_serving.check_tokenizer:
+            try:
+                self.tokenizer_verdict = self.check_teacher_tokenizer(cfg, tokenizer)
+            except BaseException:
+                self.close()
+                raise
+
+    def check_teacher_tokenizer(self, cfg, tokenizer=None) -> Dict[str, str]:
+        """Collective over all ranks: global rank 0 (a replica leader, whose client reaches every
+        teacher server) runs SGLangTeacher.check_tokenizer and broadcasts the verdict ({url: "ok"
+        | "unverified"}); a mismatch (or a failed probe) raises TokenizerMismatch / SGLangError
+        there and an SGLangError quoting it on every other rank, before any training step."""
+        from scope_megatron.rollout.sglang import SGLangError
+
+        def check():
+            if tokenizer is not None:
+                tok, name = tokenizer, None
+            else:
+                tok, name = student_tokenizer(cfg)
+            verdict = self.teacher.check_tokenizer(tok, student=name)
+            log.info("teacher tokenizer check: %s", verdict)
+            return verdict
+
+        return result_from_source(check, is_source=dist.get_rank() == 0, error_cls=SGLangError,
+                                  what="the teacher tokenizer check")
 
     def score(self, rollouts: Rollouts, device) -> Dict[str, torch.Tensor]:
         """{"teacher_logprobs": [B, L]} (+ "teacher_top_ids", "teacher_top_logprobs" [B, L, k] for

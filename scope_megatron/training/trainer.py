@@ -153,7 +153,8 @@ class Trainer:
         if self.uses_teacher and remote_teacher:
             from .serving import SGLangTeacherScorer
 
-            self.remote_teacher = SGLangTeacherScorer(cfg, self.task.pad_id, cfg.scope.resolved_teacher_temperature)
+            self.remote_teacher = SGLangTeacherScorer(cfg, self.task.pad_id, cfg.scope.resolved_teacher_temperature,
+                                                      tokenizer=self.task.tokenizer)
         self._logprob_checked = False
         self._waves_reported = False
 

@@ -11,7 +11,11 @@ What it reproduces of SGLang, because our client depends on it:
   when greedy), input_token_logprobs at T = 1 for the tokens from logprob_start_len on (-1: the
   last prompt token only), the first entry [null, token, null]; top_logprobs_num; finish_reason
   {"type": "stop", "matched": id} (the stop token stays in output_ids) or {"type": "length"};
-  meta_info.weight_version.
+  meta_info.weight_version; return_text_in_logprobs: the text slot of every log-prob triple
+  (input/output token and top log-probs) holds the token's text, decoded one id at a time by the
+  HF tokenizer the server loaded (--tokenizer-path, default the model path) as sglang 0.5.21's
+  tokenizer_manager.detokenize_logprob_tokens does (batch_decode([[id], ...])), else null;
+  text_in_logprobs=False stands in for a server that leaves it null.
 - weights: /update_weights_from_disk (reloads the model; sets weight_version), /get_weights_by_name
   (param.float().tolist()[:truncate_size]: the first truncate_size ROWS of a matrix, as SGLang's
   Llama does; HTTP 400 {"error": {"message": "Get parameter by name failed"}} for an unknown name,
@@ -108,8 +112,13 @@ class FakeSGLangServer:
 
     def __init__(self, model_path, *, host: str = "127.0.0.1", port: int = 0,
                  weight_version: str = "default", tp_size: int = 1, deserializer=PickleSerializer,
-                 weights_by_name: Optional[bool] = None):
+                 weights_by_name: Optional[bool] = None, tokenizer_path=None, text_in_logprobs: bool = True):
         self.model_path = str(model_path)
+        # like sglang's --tokenizer-path: loaded once, kept across weight updates (loaded lazily:
+        # some test models have no tokenizer and never need one)
+        self.tokenizer_path = str(tokenizer_path or model_path)
+        self.text_in_logprobs = bool(text_in_logprobs)
+        self._tokenizer = None
         self.weight_version = weight_version
         self.tp_size = int(tp_size)
         self.deserializer = deserializer
@@ -141,6 +150,22 @@ class FakeSGLangServer:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
         return model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def _add_texts(self, triples):
+        """Fills the text slot of [logprob, id, text] triples (None entries stay None)."""
+        live = [t for t in triples if t is not None]
+        if live:
+            for t, text in zip(live, self.tokenizer.batch_decode([[int(t[1])] for t in live])):
+                t[2] = text
+        return triples
 
     @property
     def url(self) -> str:
@@ -325,6 +350,7 @@ class FakeSGLangServer:
         return_lp = per_item("return_logprob", False)
         starts = per_item("logprob_start_len", -1)
         top_nums = per_item("top_logprobs_num", 0)
+        with_text = bool(req.get("return_text_in_logprobs", False)) and self.text_in_logprobs
         if len(sps) != len(inputs):
             raise _BadRequest("sampling_params and input_ids have different batch sizes")
         params = [self._sample_params(sp) for sp in sps]
@@ -344,7 +370,8 @@ class FakeSGLangServer:
                 raise _BadRequest(f"logprob_start_len ({starts[i]}) must be < the input length ({len(inp)})")
             for _ in range(n):
                 items.append(dict(input_ids=list(inp), params=params[i], return_logprob=bool(return_lp[i]),
-                                  logprob_start_len=int(starts[i]), top_logprobs_num=int(top_nums[i] or 0)))
+                                  logprob_start_len=int(starts[i]), top_logprobs_num=int(top_nums[i] or 0),
+                                  return_text=with_text))
         t0 = time.time()
         by_len: Dict[int, List[dict]] = {}
         for it in items:
@@ -376,6 +403,13 @@ class FakeSGLangServer:
             if it["top_logprobs_num"]:
                 meta["input_top_logprobs"] = it["input_top"]
                 meta["output_top_logprobs"] = it["output_top"]
+            if it["return_text"]:
+                self._add_texts(meta["input_token_logprobs"])
+                self._add_texts(meta["output_token_logprobs"])
+                for key in ("input_top_logprobs", "output_top_logprobs"):
+                    for entry in meta.get(key) or ():
+                        if entry is not None:
+                            self._add_texts(entry)
         return {"text": "", "output_ids": list(it["output_ids"]), "meta_info": meta}
 
     # -- weights --------------------------------------------------------------------------------
@@ -483,7 +517,7 @@ class FakeSGLangServer:
         return 200, {"success": True, "message": "Succeeded to update parameter online."}
 
     def model_info(self):
-        return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
+        return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path, "is_generation": True,
                 "preferred_sampling_params": None, "weight_version": self.weight_version}
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -683,6 +717,22 @@ def perturbed_copy(src, dst, *, scale: float = 1.5, shift: float = 0.01, dtype=N
     return dst
 
 
+def retokenized_copy(src, dst, symbols) -> Path:
+    """An HF directory like `src` (same config and weights) whose tokenizer is a CharTokenizer over
+    `symbols` (ids 0-2 the special tokens, then `symbols` in order): e.g. the toy model with its
+    symbols in another order stands in for a teacher with another tokenizer."""
+    from scope_megatron.convert.template import save_char_tokenizer
+    from scope_megatron.data.tokenizer import CharTokenizer
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dst / f.name)
+    save_char_tokenizer(CharTokenizer(symbols), dst)
+    return dst
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="fake SGLang server (tests)")
     ap.add_argument("--model-path", required=True)
@@ -690,10 +740,12 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--tp-size", "--tp", type=int, default=1)
     ap.add_argument("--weight-version", default="default")
+    ap.add_argument("--tokenizer-path", default=None)
     args, _unknown = ap.parse_known_args(argv)  # other sglang flags are accepted and ignored
     torch.set_num_threads(1)
     server = FakeSGLangServer(args.model_path, host=args.host, port=args.port,
-                              weight_version=args.weight_version, tp_size=args.tp_size)
+                              weight_version=args.weight_version, tp_size=args.tp_size,
+                              tokenizer_path=args.tokenizer_path)
     print(f"fake sglang server ready on {server.url}", flush=True)
     try:
         server.httpd.serve_forever(poll_interval=0.1)

@@ -137,3 +137,124 @@ def test_teacher_temperature_other_than_one_needs_a_scaling_server():
         SGLangTeacher(client, temperature=0.7)
     teacher = SGLangTeacher(client, temperature=0.7, server_scales_temperature=True)
     assert teacher.payload([1, 2], [3])["sampling_params"]["temperature"] == 0.7
+
+
+# -- the teacher's tokenizer is the student's ------------------------------------------------------
+
+def _toy_tokenizers():
+    from transformers import AutoTokenizer
+
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+
+    return ToyArithmetic().tokenizer, AutoTokenizer.from_pretrained(toy_hf_dir())
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(tmp_path_factory):
+    """The toy model served with another tokenizer: the same 18 symbols in reverse order (the same
+    vocabulary size, so the server accepts every student id, but the ids mean other strings)."""
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+    from tests.rollout.fake_sglang_server import retokenized_copy
+
+    symbols = ToyArithmetic().tokenizer.tokens[3:]
+    return retokenized_copy(toy_hf_dir(), tmp_path_factory.mktemp("other-tok"), symbols[::-1])
+
+
+def test_the_fake_server_returns_token_texts_as_sglang_does(teacher_server):
+    """return_text_in_logprobs fills the third slot of every log-prob triple with the id's text,
+    decoded one id at a time by the served tokenizer (sglang's detokenize_logprob_tokens); without
+    it the slot is null."""
+    _, hf = _toy_tokenizers()
+    client = SGLangClient([teacher_server.url], timeout=60)
+    body = {"input_ids": [1, 9, 12, 11, 13, 5, 16], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    meta = client.post("/generate", body)["meta_info"]
+    assert [t[2] for t in meta["input_token_logprobs"]] == [hf.decode([i]) for i in body["input_ids"]]
+    assert [t[2] for t in meta["output_token_logprobs"]] == [hf.decode([t[1]]) for t in meta["output_token_logprobs"]]
+    for entry in meta["output_top_logprobs"] + meta["input_top_logprobs"][1:]:
+        assert [t[2] for t in entry] == [hf.decode([t[1]]) for t in entry]
+    assert meta["input_top_logprobs"][0] is None
+    meta = client.post("/generate", {**body, "return_text_in_logprobs": False})["meta_info"]
+    assert all(t[2] is None for t in meta["input_token_logprobs"] + meta["output_token_logprobs"])
+    client.close()
+
+
+def test_a_teacher_with_the_students_tokenizer_passes_the_check(teacher_server):
+    """The teacher (another model, the same tokenizer files) decodes every probed student id as
+    the student does: for the toy world's CharTokenizer and for its HF form. One /generate per
+    check: the probe ids in sequences of <= 32, texts asked for, nothing generated."""
+    from scope_megatron.rollout.sglang.teacher import PROBE_CHUNK, tokenizer_probe_ids
+
+    char, hf = _toy_tokenizers()
+    teacher = SGLangTeacher(SGLangClient([teacher_server.url], timeout=60))
+    for tok in (char, hf):
+        teacher_server.calls.clear()
+        assert teacher.check_tokenizer(tok) == {teacher_server.url: "ok"}
+        (body,) = teacher_server.calls_to("/generate")
+        assert [i for chunk in body["input_ids"] for i in chunk] == tokenizer_probe_ids(tok)
+        assert all(0 < len(chunk) <= PROBE_CHUNK for chunk in body["input_ids"])
+        assert body["return_text_in_logprobs"] is True and body["logprob_start_len"] == 0
+        assert body["sampling_params"]["max_new_tokens"] == 0
+    assert set(tokenizer_probe_ids(char)) == set(range(18))  # a small vocabulary is probed whole
+    teacher.client.close()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(other_tokenizer_dir, teacher_server):
+    from scope_megatron.rollout.sglang.teacher import TokenizerMismatch
+
+    char, hf = _toy_tokenizers()
+    with FakeSGLangServer(other_tokenizer_dir) as other:
+        # two teacher servers, one of them wrong: the wrong one is named, the right one is not
+        teacher = SGLangTeacher(SGLangClient([teacher_server.url, other.url], timeout=60))
+        for tok, student in ((char, "the toy world's tokenizer"), (hf, None)):
+            with pytest.raises(TokenizerMismatch) as info:
+                teacher.check_tokenizer(tok, student=student)
+            msg = str(info.value)
+            assert "does not share the student's tokenizer" in msg
+            assert (student or str(toy_hf_dir())) in msg  # the student's tokenizer
+            assert f"{other.url} ({other_tokenizer_dir})" in msg and teacher_server.url not in msg
+            # 15 symbols reversed: all but the middle one ('7', id 10) moved
+            assert "14 of 18 probed ids decode differently" in msg and "e.g. id 3: student '0', teacher '}'" in msg
+        teacher.client.close()
+
+
+def test_a_teacher_that_rejects_the_students_ids_is_refused(teacher_server):
+    """A student vocabulary larger than the teacher's: the server rejects the probe (the fake
+    server answers 400 for ids beyond its vocabulary) and the check says so."""
+    from scope_megatron.data.tokenizer import CharTokenizer
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+    from scope_megatron.rollout.sglang.teacher import TokenizerMismatch
+
+    bigger = CharTokenizer(ToyArithmetic().tokenizer.tokens[3:] + ("a", "b"))
+    teacher = SGLangTeacher(SGLangClient([teacher_server.url], timeout=60))
+    with pytest.raises(TokenizerMismatch, match="rejected 20 token ids of the student's tokenizer") as info:
+        teacher.check_tokenizer(bigger)
+    assert f"{teacher_server.url} ({teacher_server.model_path})" in str(info.value)
+    assert "outside the vocabulary" in str(info.value)  # the server's own message
+    teacher.client.close()
+
+
+def test_a_server_without_token_texts_is_warned_about_not_refused(teacher_dir):
+    from scope_megatron.rollout.sglang import teacher as teacher_module
+
+    char, _ = _toy_tokenizers()
+    teacher_module._UNVERIFIED_WARNED["warned"] = False  # warned once per process
+    with FakeSGLangServer(teacher_dir, text_in_logprobs=False) as old:
+        teacher = SGLangTeacher(SGLangClient([old.url], timeout=60))
+        with pytest.warns(UserWarning, match=r"could not verify that the teacher server\(s\) .* share the "
+                                             r"student's tokenizer"):
+            assert teacher.check_tokenizer(char) == {old.url: "unverified"}
+        teacher.client.close()
+
+
+def test_compare_probe_rules():
+    from scope_megatron.rollout.sglang.teacher import compare_probe
+
+    expected = {0: ("<pad>",), 3: ("0",), 4: ("1",)}
+    assert compare_probe([(3, 3, None), (4, 4, None)], expected) is None  # no texts: unverifiable
+    assert compare_probe([(3, 3, "0"), (4, 4, "1"), (3, 3, "0")], expected) == []
+    # sglang 0.5.21's id-0 label: the text is id 0's, compared as such
+    assert compare_probe([(3, 0, "<pad>"), (4, 4, "1")], expected) == []
+    assert compare_probe([(3, 3, "1"), (4, 4, "1")], expected) == [(3, ("0",), "1")]
+    assert compare_probe([(3, 4, "1")], expected) == [(3, ("0",), "1")]  # another label: not aligned
+    assert compare_probe([(3, 3, "0"), (4, 4, None)], expected) == [(4, ("1",), "<none>")]

@@ -62,3 +62,96 @@ def test_a_served_teacher_at_another_temperature_is_a_config_error_before_any_se
 
     with pytest.raises(ConfigError, match="--scope-teacher-temperature 1"):
         serving.SGLangTeacherScorer(None, pad_id=0, temperature=0.6)
+
+
+def _teacher_cfg(url, log_dir, *flags):
+    from scope_megatron.training.config import load_config
+
+    return load_config(["--teacher-engine", "sglang", "--teacher-serving-sglang-urls", url, "--teacher-load", "null",
+                        "--scope-kl-estimator", "k3", "--scope-teacher-temperature", "1", "--log-dir", str(log_dir),
+                        *flags])
+
+
+def _other_tokenizer_dir(dst):
+    """The toy model served with the toy symbols in reverse order: another tokenizer."""
+    from scope_megatron.data.toy_arithmetic import ToyArithmetic
+    from tests.rollout.fake_sglang_server import retokenized_copy, toy_hf_dir
+
+    return retokenized_copy(toy_hf_dir(), dst, ToyArithmetic().tokenizer.tokens[3:][::-1])
+
+
+def test_the_served_teachers_tokenizer_is_checked_when_the_scorer_is_built(one_rank_group, tmp_path, monkeypatch):
+    """The scorer probes the teacher once with the task's tokenizer (the toy world's here): the
+    same tokenizer passes; another one is an error naming both, and the scorer it would have been
+    closes its client."""
+    from scope_megatron.rollout.sglang.teacher import TokenizerMismatch
+    from tests.rollout.fake_sglang_server import FakeSGLangServer, toy_hf_dir
+
+    with FakeSGLangServer(toy_hf_dir()) as same, FakeSGLangServer(_other_tokenizer_dir(tmp_path / "t")) as other:
+        scorer = serving.SGLangTeacherScorer(_teacher_cfg(same.url, tmp_path / "logs"), pad_id=0, temperature=1.0)
+        assert scorer.tokenizer_verdict == {same.url: "ok"}
+        assert [b["return_text_in_logprobs"] for b in same.calls_to("/generate")] == [True]
+        scorer.close()
+        closed, original = [], serving._Served.close
+        monkeypatch.setattr(serving._Served, "close", lambda self: (closed.append(self), original(self)))
+        want = (r"student tokenizer the toy_arithmetic task's tokenizer; "
+                r"teacher server\(s\) http://127\.0\.0\.1:\d+ \(.*/t\): 14 of 18")
+        with pytest.raises(TokenizerMismatch, match=want):
+            serving.SGLangTeacherScorer(_teacher_cfg(other.url, tmp_path / "logs"), pad_id=0, temperature=1.0)
+        assert len(closed) == 1
+        # the user's way out: no probe at all
+        calls = len(other.calls_to("/generate"))
+        unchecked = serving.SGLangTeacherScorer(_teacher_cfg(other.url, tmp_path / "logs", "--teacher-serving-check-tokenizer",
+                                                             "false"), pad_id=0, temperature=1.0)
+        assert unchecked.tokenizer_verdict is None and len(other.calls_to("/generate")) == calls
+        unchecked.close()
+
+
+def scorer_ranks(ctx):
+    """Worker (2 gloo ranks, DP = 2: each rank its own replica leader): only global rank 0 probes;
+    the verdict reaches rank 1, and so does a mismatch, as an error there too."""
+    import pathlib
+    import tempfile
+
+    from tests.rollout.fake_sglang_server import FakeSGLangServer, toy_hf_dir
+
+    groups = [dist.new_group([0]), dist.new_group([1])]
+    serving.model_parallel_group = lambda: groups[dist.get_rank()]
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    servers, urls = [], [None]
+    if ctx.rank == 0:
+        servers = [FakeSGLangServer(toy_hf_dir()).start(), FakeSGLangServer(_other_tokenizer_dir(tmp / "t")).start()]
+        urls[0] = [s.url for s in servers]
+    dist.broadcast_object_list(urls, src=0)
+    out = {}
+    try:
+        scorer = serving.SGLangTeacherScorer(_teacher_cfg(urls[0][0], tmp), pad_id=0, temperature=1.0)
+        out["verdict"] = scorer.tokenizer_verdict
+        out["has_client"] = scorer.client is not None
+        scorer.close()
+        try:
+            serving.SGLangTeacherScorer(_teacher_cfg(urls[0][1], tmp), pad_id=0, temperature=1.0)
+            out["error"] = None
+        except Exception as exc:
+            out["error"] = [type(exc).__name__, str(exc)]
+        out["probes"] = [len(s.calls_to("/generate")) for s in servers]
+    finally:
+        for s in servers:
+            s.stop()
+    out["urls"] = urls[0]
+    return out
+
+
+def test_a_tokenizer_mismatch_stops_every_rank():
+    from tests.conftest import SESSION_SEED
+    from tests.distributed import run_workers
+
+    r0, r1 = run_workers("tests.training.test_serving:scorer_ranks", 2, seed=SESSION_SEED, timeout=240)
+    same, other = r0["urls"]
+    assert r0["verdict"] == r1["verdict"] == {same: "ok"}
+    assert r0["has_client"] and r1["has_client"]  # both lead a replica, one probe in all
+    assert r0["probes"] == [1, 1]
+    assert r0["error"][0] == "TokenizerMismatch" and other in r0["error"][1]
+    assert r1["error"][0] == "SGLangError"
+    assert r1["error"][1].startswith("the teacher tokenizer check failed on rank 0: TokenizerMismatch: ")
+    assert other in r1["error"][1] and "14 of 18 probed ids decode differently" in r1["error"][1]

@@ -8,13 +8,14 @@ TensorWeightSync's default serializer and launching need it installed).
   DiskWeightSync, TensorWeightSync, DistributedWeightSync
                                                 weight sync strategies (weight_sync.py)
   SGLangTeacher, TeacherScores                  teacher log-probs of rollouts (teacher.py)
+  TokenizerMismatch                             a teacher server whose tokenizer is not the student's
   logprob_gap, check_logprobs                   engine-vs-trainer log-prob consistency
 """
 from .client import ResponseInvalid, SGLangBadRequest, SGLangClient, SGLangError
 from .consistency import check_logprobs, logprob_gap
 from .engine import SGLangEngine, sampling_payload, sampling_seed
 from .servers import SGLangServers
-from .teacher import SGLangTeacher, TeacherScores
+from .teacher import SGLangTeacher, TeacherScores, TokenizerMismatch
 from .weight_sync import (DiskWeightSync, DistributedWeightSync, TensorWeightSync, WeightSync,
                           compare_weights, init_weight_update_group, weight_version)
 
@@ -22,5 +23,5 @@ __all__ = [
     "SGLangClient", "SGLangError", "SGLangBadRequest", "ResponseInvalid", "SGLangServers", "SGLangEngine",
     "sampling_payload", "sampling_seed", "WeightSync", "DiskWeightSync", "TensorWeightSync",
     "DistributedWeightSync", "compare_weights", "init_weight_update_group", "weight_version", "SGLangTeacher",
-    "TeacherScores", "logprob_gap", "check_logprobs",
+    "TeacherScores", "TokenizerMismatch", "logprob_gap", "check_logprobs",
 ]

@@ -16,6 +16,13 @@ Validation: exactly 1 + L triples, their token ids equal the response, every val
 <= 0 (a hair above 0 is clamped), top-k entries complete. A short or malformed answer is retried
 and then raises SGLangError: a missing teacher log-prob is never replaced by 0.
 
+Tokenizer: the teacher scores the student's token ids, so both must mean the same strings by them.
+`check_tokenizer` (run once before training) sends each teacher server a probe of student ids and
+compares the texts the server attaches to them (return_text_in_logprobs: sglang's
+tokenizer_manager.detokenize_logprob_tokens decodes each id on its own, batch_decode([[id], ...]))
+with the student tokenizer's decode of each single id; any difference raises TokenizerMismatch.
+A server that leaves the text slots null (no return_text_in_logprobs) is warned about, not refused.
+
 Temperature: SGLang computes prompt (input) log-probs from the raw logits: LogitsMetadata's
 temp_scaled_logprobs is False for ordinary requests, so sampling_params.temperature does not
 change them. The teacher's log-probs are therefore at temperature 1, which is what the SCOPE /
@@ -29,12 +36,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..types import Rollouts
-from .client import ResponseInvalid, SGLangClient, SGLangError
+from .client import ResponseInvalid, SGLangBadRequest, SGLangClient, SGLangError
 
 _SLACK = 1e-4
 
@@ -126,6 +133,162 @@ def _note_relabeled(count: int) -> None:
                       "ignored); shown once", stacklevel=3)
 
 
+# -- tokenizer check ----------------------------------------------------------------------------
+
+class TokenizerMismatch(SGLangError):
+    """A teacher server's tokenizer is not the student's: its ids mean other strings, so its
+    log-probs of the student's tokens would be log-probs of other tokens."""
+
+
+# multilingual prose, math and code: the student's encoding of it holds common ids of many scripts
+PROBE_TEXT = ("The answer is \\boxed{42}. Solve 3x^2 - 5x + 2 = 0: x = (5 ± √1)/6, ∫_0^1 x² dx = 1/3, "
+              "α + β ≠ γ.\ndef f(x):\n    return {'k': [x ** 2, \"s\"]}  # code\n"
+              "中文：你好，世界。日本語：こんにちは。한국어 Русский Ελληνικά العربية हिन्दी 😀")
+PROBE_CHUNK = 32  # ids per probe sequence: shorter than any model's context (the toy model's is 64)
+PROBE_MAX_IDS = 256
+_PROBE_SPREAD = 64  # ids spread evenly over the student's vocabulary (the last one included)
+
+
+def _is_hf(tokenizer) -> bool:
+    return hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "convert_ids_to_tokens")
+
+
+def _vocab_len(tokenizer) -> int:
+    if _is_hf(tokenizer):
+        return len(tokenizer)
+    return int(tokenizer.vocab_size)  # scope_megatron.data.tokenizer.CharTokenizer
+
+
+def tokenizer_label(tokenizer) -> str:
+    """A name for error messages: the HF tokenizer's directory / hub name, else its class."""
+    name = getattr(tokenizer, "name_or_path", None)
+    kind = type(tokenizer).__name__
+    return f"{kind} {name}" if name else f"{kind} ({_vocab_len(tokenizer)} ids)"
+
+
+def tokenizer_probe_ids(tokenizer, max_ids: int = PROBE_MAX_IDS) -> List[int]:
+    """Student ids to probe a teacher with: the encoding of PROBE_TEXT, the special / added ids
+    (bos, eos, pad, chat-template tokens) and ids spread over the whole vocabulary, all < the
+    student tokenizer's length."""
+    n = _vocab_len(tokenizer)
+    if n <= 0:
+        raise ValueError("the student tokenizer has no ids")
+    special: List[int] = []
+    if _is_hf(tokenizer):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+            v = getattr(tokenizer, name, None)
+            if isinstance(v, int):
+                special.append(v)
+        special += [int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])]
+        special += sorted(int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {}))[:32]
+    else:
+        special += [int(getattr(tokenizer, a)) for a in ("bos_id", "eos_id", "pad_id") if hasattr(tokenizer, a)]
+    if n <= _PROBE_SPREAD:
+        spread = list(range(n))
+    else:
+        spread = sorted({round(k * (n - 1) / (_PROBE_SPREAD - 1)) for k in range(_PROBE_SPREAD)})
+    try:
+        text = (tokenizer.encode(PROBE_TEXT, add_special_tokens=False, verbose=False) if _is_hf(tokenizer)
+                else tokenizer.encode(PROBE_TEXT))
+    except (ValueError, KeyError):  # a small fixed vocabulary (the toy world's) cannot encode it
+        text = []
+    extra, seen = [], set()
+    for i in special + spread:
+        if 0 <= i < n and i not in seen:
+            seen.add(i)
+            extra.append(i)
+    text = [int(i) for i in text if 0 <= int(i) < n]
+    ids = text[:max(0, max_ids - len(extra))] + extra
+    return ids[:max_ids]
+
+
+def student_token_texts(tokenizer, ids: Sequence[int]) -> Dict[int, Tuple[str, ...]]:
+    """{id: the texts accepted for it}: the student's decode of the single id as SGLang decodes a
+    logprob token (batch_decode([[id], ...]), special tokens kept); with and without
+    clean_up_tokenization_spaces too, a default that differs between transformers versions."""
+    ids = sorted({int(i) for i in ids})
+    if not _is_hf(tokenizer):
+        return {i: (tokenizer.decode([i], skip_special=False),) for i in ids}
+    singles = [[i] for i in ids]
+    variants = [tokenizer.batch_decode(singles)]
+    for cleanup in (True, False):
+        try:
+            variants.append(tokenizer.batch_decode(singles, clean_up_tokenization_spaces=cleanup))
+        except TypeError:
+            pass
+    return {i: tuple(dict.fromkeys(v[k] for v in variants)) for k, i in enumerate(ids)}
+
+
+def probe_payload(ids: Sequence[int], chunk: int = PROBE_CHUNK) -> dict:
+    """One /generate over the probe ids cut into sequences of <= chunk ids: the log-prob triples of
+    every input token with their texts (no generation)."""
+    ids = [int(i) for i in ids]
+    return {
+        "input_ids": [ids[k:k + chunk] for k in range(0, len(ids), chunk)],
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "return_text_in_logprobs": True,
+    }
+
+
+def parse_probe(answer: Any, chunks: Sequence[Sequence[int]]) -> List[Tuple[int, int, Optional[str]]]:
+    """(sent id, id the server labeled, the server's text or None) per probe token; raises
+    ResponseInvalid when the answer does not hold one triple per sent token."""
+    items = answer if isinstance(answer, list) else [answer]
+    if len(items) != len(chunks):
+        raise ResponseInvalid(f"{len(items)} answers for {len(chunks)} probe sequences")
+    out = []
+    for c, (item, chunk) in enumerate(zip(items, chunks)):
+        meta = item.get("meta_info") if isinstance(item, dict) else None
+        triples = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
+        if not isinstance(triples, list) or len(triples) != len(chunk):
+            got = len(triples) if isinstance(triples, list) else None
+            raise ResponseInvalid(f"probe sequence {c}: {got} input log-probs for {len(chunk)} tokens")
+        for tok, tri in zip(chunk, triples):
+            if not isinstance(tri, (list, tuple)) or len(tri) < 2:
+                raise ResponseInvalid(f"probe sequence {c}: triple {tri!r}")
+            text = tri[2] if len(tri) > 2 else None
+            out.append((int(tok), int(tri[1]), text if isinstance(text, str) else None))
+    return out
+
+
+def compare_probe(probed: Sequence[Tuple[int, int, Optional[str]]],
+                  expected: Dict[int, Tuple[str, ...]]) -> Optional[List[Tuple[int, Tuple[str, ...], str]]]:
+    """The probe tokens whose server text is not the student's: [(id, student texts, server text)];
+    None when the server gave no texts at all (it does not support return_text_in_logprobs)."""
+    if all(text is None for _, _, text in probed):
+        return None
+    bad, seen = [], set()
+    for sent, label, text in probed:
+        # the id the text belongs to: the label (sglang 0.5.21 may label an input token 0)
+        tok = label if label in (sent, 0) else sent
+        if tok in seen:
+            continue
+        seen.add(tok)
+        want = expected.get(tok)
+        if want is None or text is None or text not in want or label not in (sent, 0):
+            bad.append((tok, want or (), "<none>" if text is None else text))
+    return bad
+
+
+def _server_tokenizer(client: SGLangClient, url: str) -> str:
+    """The server's tokenizer path (or model path) from /model_info, best effort."""
+    for path in ("/model_info", "/get_model_info"):
+        try:
+            info = client.request("GET", path, url=url, retries=0, timeout=10)
+        except SGLangError:
+            continue
+        if isinstance(info, dict):
+            name = info.get("tokenizer_path") or info.get("model_path")
+            if name:
+                return str(name)
+    return "tokenizer unknown"
+
+
+_UNVERIFIED_WARNED = {"warned": False}
+
+
 class SGLangTeacher:
     """Teacher log-probs of rollouts from SGLang server(s) serving the teacher.
 
@@ -151,6 +314,60 @@ class SGLangTeacher:
         self.temperature = float(temperature)
         self.pad_id = int(pad_id)
         self.request_timeout = request_timeout
+
+    def check_tokenizer(self, tokenizer, *, student: Optional[str] = None, examples: int = 5) -> Dict[str, str]:
+        """Checks once, before any scoring, that every teacher server decodes the student's ids as
+        the student tokenizer does (see the module docstring). Returns {url: "ok" | "unverified"}
+        ("unverified": the server gave no token texts; a warning says so once). Raises
+        TokenizerMismatch naming both tokenizers and the servers, with examples, when any server's
+        texts differ, or when a server rejects the student's ids (e.g. ids beyond its vocabulary)."""
+        student = student or tokenizer_label(tokenizer)
+        ids = tokenizer_probe_ids(tokenizer)
+        expected = student_token_texts(tokenizer, set(ids) | {0})
+        payload = probe_payload(ids)
+        chunks = payload["input_ids"]
+        answers: Dict[str, Any] = {}
+
+        def validate(url, answer):
+            answers[url] = parse_probe(answer, chunks)
+
+        try:
+            self.client.broadcast("POST", "/generate", payload, validate=validate, timeout=self.request_timeout)
+        except SGLangBadRequest as exc:
+            servers = ", ".join(f"{u} ({_server_tokenizer(self.client, u)})" for u in self.client.urls)
+            raise TokenizerMismatch(
+                f"the teacher server rejected {len(ids)} token ids of the student's tokenizer ({student}) "
+                f"probing whether it shares that tokenizer (teacher server(s) {servers}): {exc}. A teacher "
+                "that does not accept the student's ids cannot score the student's tokens: serve a teacher "
+                "with the student's tokenizer") from None
+        verdict, problems, unverified = {}, [], []
+        for url in self.client.urls:
+            bad = compare_probe(answers[url], expected)
+            if bad is None:
+                verdict[url] = "unverified"
+                unverified.append(url)
+            elif bad:
+                verdict[url] = "mismatch"
+                shown = "; ".join(f"id {tok}: student {' or '.join(repr(w) for w in want) or '<no such id>'}, "
+                                  f"teacher {text!r}" for tok, want, text in sorted(bad)[:examples])
+                problems.append(f"{url} ({_server_tokenizer(self.client, url)}): {len(bad)} of "
+                                f"{len(set(ids))} probed ids decode differently, e.g. {shown}")
+            else:
+                verdict[url] = "ok"
+        if problems:
+            raise TokenizerMismatch(
+                f"the teacher does not share the student's tokenizer: student tokenizer {student}; teacher "
+                f"server(s) " + " | ".join(problems) + ". The teacher's log-probs of the student's token ids "
+                "would be log-probs of other strings: serve a teacher whose tokenizer is the student's "
+                "(same vocabulary and ids)")
+        if unverified and not _UNVERIFIED_WARNED["warned"]:
+            _UNVERIFIED_WARNED["warned"] = True
+            names = ", ".join(f"{u} ({_server_tokenizer(self.client, u)})" for u in unverified)
+            warnings.warn(f"could not verify that the teacher server(s) {names} share the student's tokenizer "
+                          f"({student}): they returned no token texts (return_text_in_logprobs unsupported, "
+                          "e.g. an older SGLang). Make sure the teacher uses the student's tokenizer; "
+                          "shown once", stacklevel=2)
+        return verdict
 
     def payload(self, prompt: Sequence[int], response: Sequence[int]) -> dict:
         if len(prompt) == 0 or len(response) == 0:
