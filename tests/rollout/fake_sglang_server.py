@@ -24,7 +24,9 @@ What it reproduces of SGLang, because our client depends on it:
   the begin/end pair, as in 0.5.21), /init_weights_update_group + /update_weights_from_distributed
   (recorded; with backend "fake" the tensors arrive through an in-process channel, standing in
   for the NCCL broadcast), /destroy_weights_update_group, /get_model_info, /model_info,
-  /get_weight_version, /server_info, /get_server_info, /flush_cache, /health, /health_generate.
+  /get_weight_version, /server_info, /get_server_info, /flush_cache, /health, /health_generate,
+  /abort_request {"abort_all": true} (ends the slow and hanging faults in progress; an aborted
+  slow /generate answers finish_reason {"type": "abort"}, as SGLang does).
 - errors: HTTP 400 {"error": {"message"}} for bad /generate input; {"success": false, "message"}
   with 400 for failed weight operations.
 
@@ -136,6 +138,7 @@ class FakeSGLangServer:
         self.max_active = 0
         self._updating = False
         self._stop = threading.Event()
+        self._abort_epoch = 0  # POST /abort_request {"abort_all": true} ends the slow / hanging waits begun before it
         self._thread: Optional[threading.Thread] = None
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -177,6 +180,16 @@ class FakeSGLangServer:
                                         daemon=True, name=f"fake-sglang-{self.url}")
         self._thread.start()
         return self
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleeps up to `seconds` (a fault's delay); True when an /abort_request ended it early."""
+        epoch, until = self._abort_epoch, time.monotonic() + seconds
+        while not self._stop.wait(0.02):
+            if self._abort_epoch != epoch:
+                return True
+            if time.monotonic() >= until:
+                return False
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -528,6 +541,10 @@ class FakeSGLangServer:
             b = dict(body or {})
             self.inject_fault(b.pop("kind"), **b)
             return 200, {"success": True}
+        if path == "/abort_request" and method == "POST":  # SGLang: AbortReq(rid="", abort_all=False)
+            if (body or {}).get("abort_all"):
+                self._abort_epoch += 1
+            return 200, ""
         if path in ("/health", "/health_generate"):
             return 200, ""
         if path == "/generate" and method in ("POST", "PUT"):
@@ -610,11 +627,12 @@ class _Handler(BaseHTTPRequestHandler):
             if kind == "status":
                 return self._send(fault["status"], {"error": {"message": f"injected HTTP {fault['status']}"}})
             if kind == "hang":
-                owner._stop.wait(fault["delay"])
+                owner._wait(fault["delay"])
                 self.close_connection = True
                 return None
-            if kind == "slow":
-                owner._stop.wait(fault["delay"])
+            if kind == "slow" and owner._wait(fault["delay"]):
+                return self._send(200, {"text": "", "output_ids": [], "meta_info": {
+                    "id": "aborted", "finish_reason": {"type": "abort", "message": "Abort in waiting queue"}}})
             if kind == "close":
                 self.close_connection = True
                 return None

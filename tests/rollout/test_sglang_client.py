@@ -61,7 +61,7 @@ def test_500_forever_names_server_endpoint_and_request(server):
         c.map("/generate", [BODY, BODY, BODY])
     msg = str(err.value)
     assert server.url in msg and "/generate" in msg and "HTTP 500" in msg and "3 attempt(s)" in msg
-    assert "request 0" in msg
+    assert any(f"request {i})" in msg for i in range(3))  # whichever failed for good first
     assert not isinstance(err.value, SGLangBadRequest)
 
 
@@ -145,3 +145,23 @@ def test_progress_bar_and_order(server, capsys):
         out = c.map("/generate", bodies, desc="probe")
     assert [o["meta_info"]["prompt_tokens"] for o in out] == [2] * 5
     assert "probe" in capsys.readouterr().err
+
+
+def test_a_failed_map_aborts_the_requests_still_running(server):
+    """One request of a map fails for good while two others are still generating: the running
+    ones are aborted on the server (not retried), so the error and the client's close come in
+    seconds, not after the longest generation."""
+    server.inject_fault("slow", count=2, delay=60)
+
+    def reject(i, answer):  # whichever request answers first (the one not slowed) fails for good
+        raise SGLangError(f"answer {i} rejected")
+
+    with _client([server.url], max_in_flight=4, retries=3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(SGLangError, match="rejected"):
+            c.map("/generate", [BODY, BODY, BODY], validate=reject)
+    assert time.monotonic() - t0 < 15, "close waited for the aborted requests' generation"
+    assert [p for p, _ in server.calls].count("/abort_request") == 1
+    assert len(server.calls_to("/generate")) == 3  # the aborted requests were not retried
+    with _client([server.url]) as c:  # the server (and a client) serve again afterwards
+        assert len(c.post("/generate", BODY)["output_ids"]) == 2

@@ -12,7 +12,10 @@ retried with exponential backoff, preferring another server on the retry:
 
 After the last attempt an SGLangError names the server, the endpoint, the request index and the
 last error (and every attempt). `map` runs many requests with bounded concurrency (a thread pool of
-`max_in_flight` workers, one requests.Session per thread) and returns the answers in order.
+`max_in_flight` workers, one requests.Session per thread) and returns the answers in order. When
+one of them fails for good (or the caller is interrupted), the queued ones are cancelled and the
+running ones aborted on the servers (POST /abort_request {"abort_all": true}) and not retried, so
+that the error surfaces in seconds rather than after the longest generation.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import json
 import random
 import threading
 import time
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -96,6 +100,7 @@ class SGLangClient:
         self._local = threading.local()
         self._sessions: List[requests.Session] = []
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._aborting = threading.Event()  # a failed map's running requests: no more retries
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -207,6 +212,9 @@ class SGLangClient:
             except _Transient as exc:
                 attempts.append(f"{server}: {exc}")
                 tried.append(server)
+                if self._aborting.is_set():
+                    raise SGLangError(f"SGLang server {server}, {method} {path} ({where}): abandoned after "
+                                      f"another request failed ({exc})") from None
                 if attempt == retries:
                     raise SGLangError(
                         f"SGLang server {server} failed {method} {path} ({where}) after "
@@ -238,6 +246,7 @@ class SGLangClient:
             return self.post(path, payloads[i], index=i, validate=check, timeout=timeout)
 
         futures = [pool.submit(run, i) for i in range(len(payloads))]
+        index = {fut: i for i, fut in enumerate(futures)}
         bar = None
         if self.progress:
             try:
@@ -248,18 +257,37 @@ class SGLangClient:
                 bar = None
         results: List[Any] = [None] * len(futures)
         try:
-            for i, fut in enumerate(futures):
-                results[i] = fut.result()
+            for fut in concurrent.futures.as_completed(futures):  # the first failure raises at once
+                results[index[fut]] = fut.result()
                 if bar is not None:
                     bar.update(1)
         except BaseException:
             for fut in futures:
                 fut.cancel()
+            self._abort_running([f for f in futures if not f.done()])
             raise
         finally:
             if bar is not None:
                 bar.close()
         return results
+
+    def _abort_running(self, running: list, wait: float = 30.0) -> None:
+        """After a failed map: asks every server to abort its requests (best effort, once, no
+        retries) so that the requests still running answer now, and waits up to `wait` seconds
+        for them to come back (each then fails without a retry)."""
+        if not running:
+            return
+        self._aborting.set()
+        try:
+            for url in self.urls:
+                try:
+                    self._session().post(f"{url}/abort_request", json={"abort_all": True},
+                                         timeout=(min(5.0, self.connect_timeout), 5.0))
+                except requests.RequestException:
+                    pass  # the server may be the one that failed
+            concurrent.futures.wait(running, timeout=wait)
+        finally:
+            self._aborting.clear()
 
     def broadcast(self, method: str, path: str, payload: Any = None, *,
                   validate: Optional[Callable[[str, Any], None]] = None,
