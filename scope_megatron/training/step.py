@@ -6,9 +6,9 @@ prompt_len - 1 + t predict response token t, so each micro-batch carries its res
 (and their masks, engine and teacher log-probs) at those positions of a [rows, width] frame,
 counted only there: the loss takes the model's [rows, width, V/tp] logit shards as they come,
 without gathering a response-aligned copy (which, with its gradient scattered back, would hold
-two more [rows, L, V/tp] tensors). Micro-batches hold whole prompt groups (SCOPE normalizes weights within
-a group); the loss of a micro-batch is summed over its groups and Megatron divides the gradient
-by the number of groups over all micro-batches and data-parallel ranks
+two more [rows, L, V/tp] tensors). Micro-batches hold whole prompt groups (SCOPE normalizes
+weights within a group); the loss of a micro-batch is summed over its groups and Megatron divides
+the gradient by the number of groups over all micro-batches and data-parallel ranks
 (calculate_per_token_loss), which makes it the spec's sum over groups / #groups.
 """
 from __future__ import annotations
