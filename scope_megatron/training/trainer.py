@@ -253,7 +253,7 @@ class Trainer:
         size = max(1, budget // per_batch)
         if not self._waves_reported and self.is_rank0:
             self._waves_reported = True
-            print(f"[scope-megatron] the teacher's logits for a step take {per_batch * len(batches) / 2**30:.1f} "
+            print(f"[scope-megatron] the teacher's logits for a step take {per_batch * len(batches) / 2**30:.3g} "
                   f"GiB per rank, above training.teacher_logits_gib {self.cfg.training.teacher_logits_gib}: "
                   f"scoring in waves of {size} micro-batch(es), each followed by the student's pass", flush=True)
         return size
