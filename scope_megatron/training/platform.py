@@ -220,18 +220,21 @@ def _require_shims(caller: str) -> None:
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy, torch (CPU and every CUDA device) and Megatron's RNG tracker.
 
-    Call after `initialize_parallel` (and, on CPU, after `apply_cpu_shims`). Every rank uses the
-    same seed; Megatron's tracker (`model_parallel_cuda_manual_seed`) derives the streams that
-    must differ: the tensor-parallel stream is seed + 2718 + tp_rank (dropout inside TP regions,
-    GPU weight initialization), the data-parallel one is seed. On CPU the tracker's streams are
-    CPU generator states (the rng shim).
+    Call after `initialize_parallel` (and, on CPU, after `apply_cpu_shims`). Each pipeline stage
+    uses seed + 100 * pp_rank (Megatron-LM's rule: otherwise every stage would initialize its
+    layers as the first stage does); the ranks of a stage share it, and Megatron's tracker
+    (`model_parallel_cuda_manual_seed`) derives the streams that must differ: the tensor-parallel
+    stream is that seed + 2718 + tp_rank (dropout inside TP regions, GPU weight initialization),
+    the data-parallel one is that seed. On CPU the tracker's streams are CPU generator states (the
+    rng shim). Sampling and data order do not draw from these (they use their own generators).
     """
     _require_shims("seed_everything")
     if _STATE["layout"] is None:
         raise RuntimeError("seed_everything: call platform.initialize_parallel() first (Megatron's "
                            "RNG tracker derives per-TP-rank streams from the parallel state)")
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state, tensor_parallel
 
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

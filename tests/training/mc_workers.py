@@ -379,7 +379,18 @@ def _pp2_phase(results: dict, seed: int) -> None:
         checkpoint.save_checkpoint(shared_dir() / "ckpt_pp2", 2, ddp, optimizer, scheduler)
         _save_json("ckpt_pp2.json", {"eval_loss": _eval_loss(ddp, seed)})
 
-    run_checks({"train_pp2_activation_recompute": train_pp2_with_recompute,
+    def stages_initialize_differently():
+        # Megatron-LM's rule: each stage seeds with seed + 100 * pp_rank, so that no stage draws
+        # its weights (from scratch) or dropout masks from another stage's random stream
+        from megatron.core import parallel_state
+
+        platform.seed_everything(seed + 7)
+        seeds = [None, None]
+        dist.all_gather_object(seeds, torch.initial_seed(), group=parallel_state.get_pipeline_model_parallel_group())
+        assert seeds == [seed + 7, seed + 107], seeds
+
+    run_checks({"pp2_stages_initialize_differently": stages_initialize_differently,
+                "train_pp2_activation_recompute": train_pp2_with_recompute,
                 "train_pp2_vpp2_interleaved": train_pp2_interleaved,
                 "save_pp2_for_reshard": save_for_reshard}, results)
     platform.destroy_parallel()

@@ -121,6 +121,7 @@ LAUNCH_CHECKS = [f"build_{family}_{tie}_tp2"
     "tp2_logits_for_tp1_comparison",
     "tp1_logits_equal_gathered_tp2",
     "train_tp2_frozen_teacher",
+    "pp2_stages_initialize_differently",
     "train_pp2_activation_recompute",
     "train_pp2_vpp2_interleaved",
     "train_dp2_distributed_optimizer",
