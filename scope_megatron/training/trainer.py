@@ -280,7 +280,6 @@ class Trainer:
 
     def step(self, step: int) -> Dict[str, float]:
         """One training step; returns this replica's metrics (where it reports them) else {}."""
-        cfg = self.cfg
         started = time.perf_counter()
         batches, rollouts, scores = self.prepare(step)
         prepared = time.perf_counter()

@@ -8,8 +8,6 @@ in real gloo groups (tests/distributed.py).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
