@@ -36,6 +36,7 @@ def compute_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     loss_grad: float = 1.0,
+    old_logprobs_temperature: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The loss of `config.algorithm` on one batch of rollouts, and its metrics.
 
@@ -62,6 +63,11 @@ def compute_loss(
         kl_estimator="full" and no tensor parallelism, the per-token gradient of the KL is then
         known before the forward, and the fused kernel computes KL and gradient in one pass
         (vocab_parallel_kl's expected_grad). Any other gradient stays exact (it is recomputed).
+      old_logprobs_temperature: the temperature of batch.old_logprobs (a rollout engine's
+        log-probs are at its sampling temperature); None: config.student_temperature. When it
+        differs, the old log-probs may not enter a PPO ratio (ValueError), and logprob_diff/*
+        compares them with the student's log-probs at that temperature (one more pass over the
+        logits, without gradient).
 
     Returns:
       (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 logits), identical on
@@ -83,6 +89,8 @@ def compute_loss(
         batch, tp, vocab_size, {"student": student_logits},
         lambda: vocab_parallel_logprob(student_logits, ids, tp_group=tp.group, vocab_size=vocab_size,
                                        temperature=config.student_temperature))
+    engine_lp = _at_old_logprobs_temperature(config, batch, student_logits, student_lp, tp, vocab_size,
+                                             old_logprobs_temperature)
     # Differentiable: the MLE loss of every rollout; detached where it weights rollouts.
     student_log_ppl = batch.log_perplexity(student_lp)
     dtype = student_lp.dtype
@@ -92,7 +100,7 @@ def compute_loss(
         path = grpo_path_loss(config, batch, members, advantages, student_lp)
         weights = uniform_group_weights(batch, members, config.normalize, dtype)
         loss = (weights * path.losses).sum() / batch.num_groups
-        return loss, collect_metrics(batch, loss=loss, student_logprobs=student_lp,
+        return loss, collect_metrics(batch, loss=loss, student_logprobs=engine_lp,
                                      student_log_ppl=student_log_ppl, policy_path=path,
                                      advantages=advantages)
 
@@ -134,7 +142,7 @@ def compute_loss(
         loss = loss + (teacher_weights * teacher_path.losses).sum()
     loss = loss / batch.num_groups
     return loss, collect_metrics(
-        batch, loss=loss, student_logprobs=student_lp, student_log_ppl=student_log_ppl,
+        batch, loss=loss, student_logprobs=engine_lp, student_log_ppl=student_log_ppl,
         teacher_log_ppl=teacher_log_ppl, teacher_rows=teacher_rows,
         student_members=student_members, student_weights=student_weights,
         teacher_members=teacher_members, teacher_weights=teacher_weights,
@@ -154,6 +162,24 @@ def _token_term_grad(batch: RolloutBatch, members: torch.Tensor, weights: torch.
         (grad,) = torch.autograd.grad(loss, x, torch.full((), loss_grad, dtype=loss.dtype,
                                                           device=loss.device))
     return grad
+
+
+def _at_old_logprobs_temperature(config: ScopeConfig, batch: RolloutBatch, student_logits: torch.Tensor,
+                                 student_lp: torch.Tensor, tp: TensorParallel, vocab_size: Optional[int],
+                                 temperature: Optional[float]) -> torch.Tensor:
+    """The student's log-probs comparable with batch.old_logprobs (for logprob_diff/*): student_lp
+    when both are at config.student_temperature, else a recomputation at the old log-probs'
+    temperature, which then must not enter a PPO ratio."""
+    if temperature is None or temperature == config.student_temperature:
+        return student_lp
+    if "old_logprobs" in config.effective_fields() and config.old_logprobs == "rollout":
+        raise ValueError(
+            f"compute_loss: the PPO ratio would divide log-probs at student_temperature "
+            f"{config.student_temperature} by batch.old_logprobs at {temperature}; compute both at one "
+            "temperature, or use ScopeConfig.old_logprobs='recomputed'")
+    with torch.no_grad():
+        return vocab_parallel_logprob(student_logits.detach(), batch.safe_response_ids, tp_group=tp.group,
+                                      vocab_size=vocab_size, temperature=temperature)
 
 
 def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tensor,

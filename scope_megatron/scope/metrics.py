@@ -19,7 +19,8 @@ Keys (a mean over an empty set is left out rather than reported as a made-up num
   clip_fraction                     "sampled" and GRPO: share of path tokens whose PPO ratio is
                                     clipped
   grpo/advantage_abs_mean           GRPO: mean |A_i| over its rollouts
-  logprob_diff/mean, logprob_diff/max   |log p_S (this forward) - old_logprobs (rollout engine)|
+  logprob_diff/mean, logprob_diff/max   |log p_S (this forward, at old_logprobs' temperature)
+                                    - old_logprobs (rollout engine)|
                                     over counted tokens: ~0 when the engine and the trainer
                                     agree (same weights and temperature)
 {path} is student_path or teacher_path.

@@ -209,15 +209,8 @@ def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: tor
 
 def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optional[float] = None):
     """The per-micro-batch output function of the student: (loss summed over the micro-batch's
-    groups, its number of groups, {"metrics", "groups"}).
-
-    engine_temperature: the temperature of the rollout engine's log-probs (old_logprobs); when it
-    differs from scope.student_temperature (sampling at 0.6, training at 1, say), logprob_diff/*
-    compares them with the student's log-probs at that temperature (one more pass over the
-    logits, without gradient) instead of at the training temperature, which would differ by the
-    temperature alone."""
-    rescore = engine_temperature is not None and engine_temperature != scope.student_temperature
-
+    groups, its number of groups, {"metrics", "groups"}). engine_temperature: the temperature of
+    the rollout engine's log-probs (old_logprobs; compute_loss's old_logprobs_temperature)."""
     def loss_fn(mb, logits):
         extra = mb.extra
         batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
@@ -231,22 +224,10 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optiona
         # bf16 loss scale is 1), i.e. `groups` into the loss, which the fused KL relies on.
         loss, metrics = compute_loss(scope, batch, logits,
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
-                                     loss_grad=float(groups))
-        if rescore and "logprob_diff/mean" in metrics:
-            metrics.update(_logprob_gap(batch, logits.detach(),
-                                        vocab_size, engine_temperature))
+                                     loss_grad=float(groups), old_logprobs_temperature=engine_temperature)
         return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
             "metrics": metrics, "groups": groups}
     return loss_fn
-
-
-@torch.no_grad()
-def _logprob_gap(batch: RolloutBatch, logits: torch.Tensor, vocab_size: int, temperature: float) -> Dict[str, float]:
-    """logprob_diff/mean and /max of the engine's log-probs against the student's at `temperature`."""
-    student = vocab_parallel_logprob(logits, batch.safe_response_ids, vocab_size=vocab_size, temperature=temperature)
-    diff = (student.double() - batch.old_logprobs.double()).abs()[batch.response_mask]
-    mean, top = torch.stack([diff.mean(), diff.max()]).tolist()
-    return {"logprob_diff/mean": mean, "logprob_diff/max": top}
 
 
 @torch.no_grad()
@@ -270,7 +251,7 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     """Forward + backward of the SCOPE loss over the micro-batches, then one optimizer step.
 
     engine_temperature: the temperature of the rollouts' log-probs (SamplingParams
-      .logprob_temperature), for logprob_diff/* (see _scope_loss); None: scope.student_temperature.
+      .logprob_temperature: compute_loss's old_logprobs_temperature); None: scope.student_temperature.
 
     score_teacher, micro_batches_per_wave: for a colocated teacher whose outputs for the whole
       step do not fit in memory at once (the full KL keeps [b, L, V/tp] logits per micro-batch):

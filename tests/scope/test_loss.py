@@ -15,13 +15,13 @@ from tests.scope.problems import (fresh_leaf, layout, make_batch, make_problem, 
 TIGHT = dict(rtol=1e-9, atol=1e-11)
 
 
-def run(config, p, *, packed=False, remote=False, dtype=torch.float64, old_logprobs=None):
-    """Our loss, metrics and student gradient ([B, L, V] layout)."""
+def run(config, p, *, packed=False, remote=False, dtype=torch.float64, old_logprobs=None, **kw):
+    """Our loss, metrics and student gradient ([B, L, V] layout); kw: more compute_loss arguments."""
     batch = make_batch(p, packed=packed, teacher_logprobs=remote)
     student = fresh_leaf(layout(p, p.student, packed), dtype)
     teacher = None if remote or config.algorithm == "grpo" else layout(p, p.teacher, packed).to(dtype)
     loss, metrics = compute_loss(config, batch, student, teacher_logits=teacher,
-                                 vocab_size=p.vocab_size)
+                                 vocab_size=p.vocab_size, **kw)
     loss.backward()
     grad = torch.zeros_like(p.student, dtype=dtype)
     if packed:
@@ -341,6 +341,21 @@ def test_rollout_logprobs_match_the_trainer_at_the_configured_temperature(gen):
     assert same["logprob_diff/max"] < 1e-9
     other = run(ScopeConfig(student_temperature=1.0), p)[1]
     assert other["logprob_diff/mean"] > 1e-2
+
+
+def test_old_logprobs_at_the_sampling_temperature_are_compared_at_that_temperature(gen):
+    """Sampling at 0.6 and training at 1: with old_logprobs_temperature the gap is measured at
+    0.6 (against the float64 reference: ~0), and the loss and gradient do not change; a PPO
+    ratio on those old log-probs is refused."""
+    p = make_problem(gen, student_temperature=0.6)
+    plain_loss, _, plain_grad = run(ScopeConfig(student_temperature=1.0), p)
+    loss, metrics, grad = run(ScopeConfig(student_temperature=1.0), p, old_logprobs_temperature=0.6)
+    assert metrics["logprob_diff/max"] < 1e-9
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
+    with pytest.raises(ValueError, match="PPO ratio would divide log-probs at student_temperature 1.0"):
+        run(ScopeConfig(student_temperature=1.0, kl_estimator="sampled"), p, old_logprobs_temperature=0.6)
+    run(ScopeConfig(student_temperature=1.0, kl_estimator="sampled", old_logprobs="recomputed"), p,
+        old_logprobs_temperature=0.6)
 
 
 def test_teacher_temperature_defaults_to_student_temperature(gen):

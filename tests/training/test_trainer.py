@@ -145,7 +145,7 @@ def test_prompt_dataset_task_trains_and_evaluates():
     assert [s for s, _ in r["eval"]] == [0, 2] and all(0 <= v <= 1 for _, v in r["eval"])
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2_tensor", "tp2_topk", "dp2_t06"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2_tensor", "tp2_topk", "tp2_t06"])
 def test_sglang_rollouts_and_teacher(layout):
     """rollout.engine / teacher_serving.engine 'sglang' against the test servers: no Megatron
     teacher is built, weights reach the server after every step (versions checked by the sync,

@@ -213,7 +213,7 @@ def sglang(ctx):
     """rollout.engine 'sglang' and teacher_serving.engine 'sglang' against the protocol-faithful
     test servers (tests/rollout/fake_sglang_server.py, run by rank 0) holding the toy student and
     teacher as HF models: at DP=2 and TP=2 (weights through disk), PP=2 (weights as tensors),
-    TP=2 with the top-k estimator from the served teacher's top-k, and DP=2 sampling at
+    TP=2 with the top-k estimator from the served teacher's top-k, and TP=2 sampling at
     temperature 0.6 while training at 1, 2 steps with an evaluation each."""
     from scope_megatron.convert import export_hf, write_toy_template
     from scope_megatron.training.checkpoint import checkpoint_info
@@ -240,9 +240,9 @@ def sglang(ctx):
                             ("pp2_tensor", ["--pipeline-model-parallel-size", "2", "--rollout-weight-sync", "tensor"]),
                             ("tp2_topk", ["--tensor-model-parallel-size", "2", "--scope-kl-estimator", "topk",
                                           "--scope-topk-k", "4"]),
-                            # sampling at 0.6, training at 1: the gap is measured at 0.6
-                            ("dp2_t06", ["--rollout-temperature", "0.6", "--scope-kl-estimator", "topk",
-                                         "--scope-topk-k", "4"])):
+                            # sampling at 0.6, training at 1 (TP=2): the gap is measured at 0.6
+                            ("tp2_t06", ["--tensor-model-parallel-size", "2", "--rollout-temperature", "0.6",
+                                         "--scope-kl-estimator", "topk", "--scope-topk-k", "4"])):
             run_dir = root / name
             cfg = load_config(SHORT + [
                 "--train-iters", "2", "--eval-interval", "2", "--log-dir", str(run_dir / "logs"), "--save", "null",
