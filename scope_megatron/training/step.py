@@ -49,8 +49,7 @@ def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int, *,
     the sequence over the TP ranks: pass the TP size)."""
     n, length = rollouts.response_ids.shape
     plen = rollouts.prompt_lengths
-    width = int((plen + rollouts.response_lengths).max())
-    width = -(-width // seq_multiple) * seq_multiple
+    width = _round_up(int((plen + rollouts.response_lengths).max()), seq_multiple)
     device = rollouts.response_ids.device
     tokens = torch.full((n, width), pad_id, dtype=torch.int64, device=device)
     prompt_width = rollouts.prompt_ids.shape[1]
@@ -108,11 +107,10 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         tokens, response_index = inputs.tokens[rows], inputs.response_index[rows]
         length = inputs.response_ids.shape[1]
         if trim:
-            width = int(row_lengths[rows].max())
-            width = min(-(-width // seq_multiple) * seq_multiple, tokens.shape[1])
+            width = min(_round_up(int(row_lengths[rows].max()), seq_multiple), tokens.shape[1])
             length = max(1, int(response_lengths[rows].max()))
             tokens = tokens[:, :width].contiguous()
-            response_index = response_index[:, :length].clamp(max=width - 1)
+            response_index = response_index[:, :length]
         mask = inputs.response_mask[rows, :length]
         frame = _Frame(response_index, mask, tokens.shape[1])
         extra = {
@@ -125,6 +123,10 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         }
         out.append(MicroBatch(tokens, position_ids_for(tokens), extra))
     return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class _Frame:
@@ -152,7 +154,7 @@ def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max
         j = i
         while j < n and groups[j] == groups[i]:
             j += 1
-        group_width = -(-max(lengths[i:j]) // seq_multiple) * seq_multiple
+        group_width = _round_up(max(lengths[i:j]), seq_multiple)
         new_width = max(width, group_width)
         if i > start and (j - start) * new_width > max_tokens:
             chunks.append(order[start:i])
@@ -195,6 +197,11 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
 # metrics that count (summed over micro-batches and data-parallel replicas, not averaged)
 COUNT_KEYS = ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
               "groups/total", "groups/all_correct", "groups/all_wrong")
+
+def is_maximum(key: str) -> bool:
+    """Metrics that are maxima (logprob_diff/max, */weight_max): combined by max, not averaged."""
+    return key.endswith("max")
+
 
 TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs")
 
@@ -292,7 +299,7 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     metrics = {}
     for key in keys:
         present = [(r["metrics"][key], r["groups"]) for r in reduced if key in r["metrics"]]
-        if key.endswith("max"):  # logprob_diff/max, */weight_max
+        if is_maximum(key):
             metrics[key] = max(v for v, _ in present)
         else:
             metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)

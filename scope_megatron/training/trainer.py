@@ -27,13 +27,14 @@ from scope_megatron.eval import summarize
 from scope_megatron.rewards import score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
 from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
-from scope_megatron.utils.logging import RESERVED_KEYS, MetricsLogger, ProgressBar, plot_curves, read_metrics
+from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, ProgressBar, logged_metrics, plot_curves,
+                                          read_metrics)
 
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import (COUNT_KEYS, build_inputs, micro_batches, score_with_teacher, teacher_logits_bytes,
-                   train_step)
+from .step import (COUNT_KEYS, build_inputs, is_maximum, micro_batches, score_with_teacher,
+                   teacher_logits_bytes, train_step)
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -452,8 +453,7 @@ def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
     `save` (not None); "other": anything else."""
     import yaml
 
-    jsonl, events = log_dir / "metrics.jsonl", list((log_dir / "tensorboard").glob("events.out.tfevents.*"))
-    if not ((jsonl.exists() and jsonl.stat().st_size > 0) or events):
+    if logged_metrics(log_dir) is None:
         return None
     try:
         earlier = yaml.safe_load((log_dir / "config.yaml").read_text())["checkpoint"]["save"]
@@ -465,14 +465,14 @@ def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
 
 def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:
     """One step's metrics from every data-parallel replica's: counts, tokens and throughput
-    summed, maxima (logprob_diff/max, */weight_max) maximized, everything else averaged (each replica has the same number
-    of prompts)."""
+    summed, maxima (is_maximum) maximized, everything else averaged (each replica has the same
+    number of prompts)."""
     out = {}
     for key in set().union(*reported):
         values = [r[key] for r in reported if key in r]
         if key in COUNT_KEYS or key in ("tokens", "throughput/tokens_per_s"):
             out[key] = sum(values)
-        elif key.endswith("max"):
+        elif is_maximum(key):
             out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)

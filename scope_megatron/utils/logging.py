@@ -130,6 +130,18 @@ def read_metrics(jsonl_path: PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def logged_metrics(log_dir: PathLike, filename: str = "metrics.jsonl") -> Optional[str]:
+    """What in log_dir holds a run's metrics (a non-empty metrics file, else TensorBoard events),
+    or None: what MetricsLogger refuses to start a new run over."""
+    log_dir = Path(log_dir)
+    jsonl = log_dir / filename
+    if jsonl.exists() and jsonl.stat().st_size > 0:
+        return jsonl.name
+    if any((log_dir / "tensorboard").glob("events.out.tfevents.*")):
+        return "TensorBoard events"
+    return None
+
+
 class MetricsLogger:
     """Per-step scalars to <log_dir>/metrics.jsonl and TensorBoard, on rank 0 only.
 
@@ -166,11 +178,11 @@ class MetricsLogger:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         events = sorted(self.tensorboard_dir.glob("events.out.tfevents.*"))
         if resume_step is None:
-            existing = self.jsonl_path.exists() and self.jsonl_path.stat().st_size > 0
-            if (existing or events) and not overwrite:
+            held = logged_metrics(self.log_dir, filename)
+            if held and not overwrite:
                 raise FileExistsError(
                     f"MetricsLogger: {self.log_dir} already holds the metrics of a run "
-                    f"({self.jsonl_path.name if existing else 'TensorBoard events'}). Pass "
+                    f"({held}). Pass "
                     "resume_step=<checkpoint step> to continue it, overwrite=True to replace it, "
                     "or choose another log directory.")
             self.jsonl_path.unlink(missing_ok=True)
