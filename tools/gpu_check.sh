@@ -125,10 +125,15 @@ fi
 if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then
   stamp "== trainer smoke (toy run, 1 GPU, bf16: NCCL, CUDA kernels)"
   if "$PY" -c "import megatron.core" >/dev/null 2>&1; then
-    timeout 300 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
-      --train-iters 6 --eval-interval 3 --eval-num-prompts 32 --save /tmp/scope_gpu_check/run/ckpt \
-      --save-interval 3 --log-dir /tmp/scope_gpu_check/run --logging-overwrite true \
-      >>"$OUT/tests.log" 2>&1 && tail -3 "$OUT/tests.log" || { tail -30 "$OUT/tests.log"; status=1; }
+    # 6 steps from the toy checkpoint (bf16: the KL must stay near step 1's), checkpoints at 3
+    # and 6, then the same run continued to 8 steps (a bf16 resume: optimizer state loaded)
+    for iters in 6 8; do
+      timeout 200 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
+        --train-iters $iters --eval-interval 3 --eval-num-prompts 32 --save /tmp/scope_gpu_check/run/ckpt \
+        --save-interval 3 --log-dir /tmp/scope_gpu_check/run \
+        >>"$OUT/tests.log" 2>&1 || { tail -30 "$OUT/tests.log"; status=1; break; }
+    done
+    grep -E "step [0-9]+/[0-9]+ \||done:|already holds" "$OUT/tests.log" | tail -14
   else
     echo "megatron-core is not installed here: carry a cp312 wheel in .whl/ (see the device README)"
   fi

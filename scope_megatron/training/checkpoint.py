@@ -493,6 +493,20 @@ def load_checkpoint(path, model_chunks: Sequence[torch.nn.Module], optimizer=Non
     return {"step": meta["step"], **extra["extra_state"]}
 
 
+def load_weights(path, model_chunks: Sequence[torch.nn.Module], optimizer=None) -> dict:
+    """A weights-only load (a starting point: --load) into model chunks that `optimizer` trains.
+
+    A bf16 / fp16 model's optimizer keeps fp32 main copies of the weights, taken when it was
+    built; they are refreshed from the loaded weights (Megatron's reload_model_params), or the
+    first step would write the initialization back into the model. Returns load_checkpoint's
+    dict. Collective.
+    """
+    state = load_checkpoint(path, model_chunks)
+    if optimizer is not None:
+        optimizer.reload_model_params()
+    return state
+
+
 def _restore_rng(meta: dict, ckpt: Path) -> None:
     lay, saved = platform.layout(), meta["layout"]
     if (lay.world_size, lay.tp, lay.pp, lay.dp) != tuple(saved[k] for k in ("world_size", "tp", "pp", "dp")):

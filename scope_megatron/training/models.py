@@ -220,7 +220,7 @@ def transformer_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.fl
                        **overrides) -> "TransformerConfig":
     """Megatron's TransformerConfig for `cfg` in the current parallel layout (platform.layout()).
 
-    params_dtype: float32, or bfloat16 / float16 on GPU (sets Megatron's bf16 / fp16 mode).
+    params_dtype: float32, bfloat16, or float16 on GPU (sets Megatron's bf16 / fp16 mode).
     Weights are initialized on the CPU on a CPU machine (which also makes TP=2 weights exactly
     the shards of the TP=1 weights) and on the GPU otherwise. `overrides` are further
     TransformerConfig fields (e.g. recompute_granularity="full", fusion switches); they win.
@@ -230,8 +230,9 @@ def transformer_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.fl
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be torch.float32, bfloat16 or float16, got {params_dtype}")
     on_cpu = platform.device().type == "cpu"
-    if on_cpu and params_dtype != torch.float32:
-        raise ValueError(f"params_dtype {params_dtype} needs a GPU; train in torch.float32 on CPU")
+    if on_cpu and params_dtype == torch.float16:
+        raise ValueError("params_dtype torch.float16 needs a GPU (its loss scaler does); use "
+                         "torch.bfloat16 or torch.float32 on CPU")
     fields = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
@@ -303,7 +304,24 @@ def build_gpt_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float
         position_embedding_type="rope", rotary_base=cfg.rotary_base, vp_stage=vp_stage,
     )
     model.scope_model_config = cfg
+    cast_parameters(model, params_dtype)
     return model.to(platform.device())
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Puts every floating-point parameter of `model` in `dtype`, in place (buffers, such as the
+    rotary frequencies, are left as they are). Returns the model.
+
+    Why: without TransformerEngine and apex, Megatron's norms are torch.nn.RMSNorm built in
+    fp32 whatever params_dtype says (Megatron-LM casts the whole model in Float16Module). Its
+    bf16 optimizer assumes every parameter is 16-bit: an fp32 one shifts the optimizer's map
+    to the model's checkpoint entries ("Param id N does not match any model sharded param" at
+    the first save with megatron-core 0.19), and the norms run on mixed dtypes.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
 
 
 def build_model_chunks(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,

@@ -696,6 +696,7 @@ SHIMS: Tuple[Shim, ...] = (
         CallSite(f"{_OPTIM}.distrib_optimizer:DistributedOptimizer.__init__", "param.type() in"),
         CallSite(f"{_OPTIM}.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups",
                  "model_param.type() =="),
+        CallSite(f"{_OPTIM}.optimizer:Float16OptimizerWithFloat16Params.__init__", "param.type() in"),
         CallSite(f"{_OPTIM}.clip_grads:clip_grad_by_total_norm_fp32", "param.grad.type() =="),
     ), _install_tensor_type),
     Shim("streams", "torch.cuda.current_stream() -> a no-op stream (module-scoped)", (

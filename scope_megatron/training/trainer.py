@@ -44,8 +44,6 @@ def params_dtype(cfg: TrainConfig) -> torch.dtype:
     precision = cfg.training.precision
     if precision == "auto":
         precision = "bf16" if platform.cuda_available() else "fp32"
-    if precision == "bf16" and not platform.cuda_available():
-        raise ConfigError("training.precision 'bf16' needs a GPU; use 'fp32' (or 'auto') on CPU")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -187,7 +185,7 @@ class Trainer:
             extra = checkpoint.load_checkpoint(c.save, self.student, self.optimizer, self.scheduler)
             return int(extra["step"])
         if c.load is not None:
-            checkpoint.load_checkpoint(c.load, self.student)
+            checkpoint.load_weights(c.load, self.student, self.optimizer)
         return 0
 
     def _save(self, step: int) -> None:

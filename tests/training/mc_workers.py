@@ -426,8 +426,49 @@ def _dp2_phase(results: dict, data: dict, seed: int) -> None:
     run_checks({"train_dp2_distributed_optimizer": train_dp2_distributed_optimizer,
                 "tp1_logits_equal_gathered_tp2": tp1_logits_equal_tp2,
                 "resume_dp2_distributed_optimizer_phase1": resume_phase1,
-                "bad_config_tp_not_dividing_world_size": bad_world_size}, results)
+                "bad_config_tp_not_dividing_world_size": bad_world_size,
+                "bf16_dp2_regular_optimizer": lambda: _bf16_check(seed, distributed_optimizer=False),
+                "bf16_dp2_distributed_optimizer": lambda: _bf16_check(seed, distributed_optimizer=True),
+                }, results)
     platform.destroy_parallel()
+
+
+def _bf16_check(seed: int, *, distributed_optimizer: bool) -> None:
+    """bf16 training, the GPU default, on CPU: every parameter bf16 (the norms too), a checkpoint
+    saved after steps (an fp32 parameter broke megatron's optimizer map: "Param id N does not
+    match any model sharded param"), a resume that continues identically, and a weights-only
+    start whose first step starts from the loaded weights (the optimizer's fp32 main copies were
+    the initialization's, and the first step wrote them back)."""
+    bf16 = dict(distributed_optimizer=distributed_optimizer, params_dtype=torch.bfloat16)
+    platform.seed_everything(seed + 5)
+    ddp, optimizer, scheduler = build_student(**bf16)
+    dtypes = {name: p.dtype for name, p in _params(ddp).items() if p.dtype != torch.bfloat16}
+    assert not dtypes, f"parameters not in bf16: {dtypes}"
+    _assert_decreasing(train(ddp, optimizer, scheduler, range(6), seed))
+    root = shared_dir() / f"ckpt_bf16_{'dist' if distributed_optimizer else 'regular'}"
+    checkpoint.save_checkpoint(root, 6, ddp, optimizer, scheduler)
+    trained = _params(ddp)
+
+    platform.seed_everything(seed + 6)
+    resumed = build_student(**bf16)
+    checkpoint.load_checkpoint(root, *resumed)
+    for name, value in _params(resumed[0]).items():
+        assert torch.equal(value, trained[name]), f"{name} differs after the resume"
+    rng = platform.rng_state()  # restored by the load: the saved one, for both next steps
+    after_resume = train(*resumed, [6], seed)
+    platform.set_rng_state(rng)
+    assert after_resume == train(ddp, optimizer, scheduler, [6], seed), "the resumed run's next step differs"
+
+    platform.seed_everything(seed + 7)
+    ddp, optimizer, scheduler = build_student(**bf16)
+    init = _params(ddp)
+    checkpoint.load_weights(root, ddp, optimizer)
+    train(ddp, optimizer, scheduler, [6], seed)
+    norm = lambda params: sum(float(p.double().norm()) ** 2 for p in params) ** 0.5
+    moved = norm(value - trained[name] for name, value in _params(ddp).items())
+    gap = norm(trained[name] - init[name] for name in trained)
+    assert moved < 0.25 * gap, (f"one step after a weights-only load moved {moved:.3g} from the "
+                                f"loaded weights, which are {gap:.3g} from the initialization")
 
 
 def train_launch(ctx) -> dict:

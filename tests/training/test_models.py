@@ -101,10 +101,19 @@ def test_fixed_padded_vocab_is_the_same_at_every_tp():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_16_bit_params_need_a_gpu(monkeypatch):
+def test_fp16_params_need_a_gpu_bf16_do_not(monkeypatch):
     monkeypatch.setitem(platform._STATE, "layout", platform.ParallelLayout(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="needs a GPU"):
-        models.transformer_config(models.ModelConfig(**SIZES), params_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float16 needs a GPU"):
+        models.transformer_config(models.ModelConfig(**SIZES), params_dtype=torch.float16)
+    assert models.transformer_config(models.ModelConfig(**SIZES), params_dtype=torch.bfloat16).bf16
+
+
+def test_cast_parameters_leaves_buffers():
+    module = torch.nn.RMSNorm(8)
+    module.register_buffer("inv_freq", torch.rand(4))
+    models.cast_parameters(module, torch.bfloat16)
+    assert module.weight.dtype == torch.bfloat16 and isinstance(module.weight, torch.nn.Parameter)
+    assert module.inv_freq.dtype == torch.float32
 
 
 def test_forward_logits_refuses_a_pipeline_stage():
@@ -125,6 +134,8 @@ LAUNCH_CHECKS = [f"build_{family}_{tie}_tp2"
     "train_pp2_activation_recompute",
     "train_pp2_vpp2_interleaved",
     "train_dp2_distributed_optimizer",
+    "bf16_dp2_regular_optimizer",
+    "bf16_dp2_distributed_optimizer",
     "bad_config_heads_not_divisible_by_tp",
     "bad_config_tp_not_dividing_world_size",
 ]

@@ -69,6 +69,13 @@ def layouts(ctx):
     return out
 
 
+def bf16(ctx):
+    """The GPU default, bf16, on CPU at TP=2 (2 processes): 4 steps from the toy checkpoint with
+    checkpoints at steps 2 and 4."""
+    return _train(ctx, _run_dir(ctx, "bf16"), ["--precision", "bf16", "--tensor-model-parallel-size", "2",
+                                              "--save-interval", "2", "--eval-interval", "0"], iters=4)
+
+
 def learning(ctx):
     """At DP=2, for 6 steps: the SCOPE loss of each step's batch before and after its update."""
     from scope_megatron.training.step import evaluate_loss, train_step
