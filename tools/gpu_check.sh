@@ -13,8 +13,8 @@
 #   GPU_CHECK_CPP=1     the C++ CTest suite (CPU and CUDA launchers; builds the kernels again)
 #   GPU_CHECK_SKIP=tests,tune   leave steps out (of tests, tune, bench, trace): a rerun after a
 #                       Python-only change needs the build, the benchmark and the timeline only
-#   GPU_CHECK_TRAIN=1   a 6-step bf16 toy training run, resumed to 8 (needs megatron-core: tools/device_wheels.sh puts
-#                       a cp312 wheel in .whl/ here; carry .whl with the call)
+#   GPU_CHECK_TRAIN=1   a 6-step bf16 toy training run, resumed to 8 (needs megatron-core:
+#                       tools/device_wheels.sh puts a cp312 wheel in .whl/ here; carry .whl)
 # Wheels in .whl/ are installed to /tmp/site first (the test machine has no network). The package
 # is used in place (build_ext --inplace), so pip never resolves dependencies there.
 set -uo pipefail
