@@ -126,7 +126,9 @@ if [ "${GPU_CHECK_TRAIN:-0}" = 1 ]; then
   stamp "== trainer smoke (toy run, 1 GPU, bf16: NCCL, CUDA kernels)"
   if "$PY" -c "import megatron.core" >/dev/null 2>&1; then
     # 6 steps from the toy checkpoint (bf16: the KL must stay near step 1's), checkpoints at 3
-    # and 6, then the same run continued to 8 steps (a bf16 resume: optimizer state loaded)
+    # and 6, then the same run continued to 8 steps (a bf16 resume: optimizer state loaded).
+    # A fresh run directory: on a machine kept warm, the last call's run would be resumed.
+    rm -rf /tmp/scope_gpu_check/run
     for iters in 6 8; do
       timeout 200 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
         --train-iters $iters --eval-interval 3 --eval-num-prompts 32 --save /tmp/scope_gpu_check/run/ckpt \
