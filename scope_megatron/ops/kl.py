@@ -196,6 +196,9 @@ def vocab_parallel_kl(
     if direction not in DIRECTIONS:
         raise ValueError(f"{_OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
     deferred = defers_error_check(_OP, error_check, student_logits)
+    # Whether the result will be differentiated: what "backward" defers on (one definition, in
+    # _checks), and what makes the fused kernel's gradient worth computing.
+    differentiated = defers_error_check(_OP, "backward", student_logits)
     require_device_support(student_logits)
     inv_ts = 1.0 / check_temperature(_OP, "student_temperature", student_temperature)
     inv_tt = 1.0 / check_temperature(_OP, "teacher_temperature", teacher_temperature)
@@ -204,8 +207,7 @@ def vocab_parallel_kl(
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
     student_rows, teacher_rows = flatten_rows(student_logits), flatten_rows(teacher_logits.detach())
     reverse = direction == "reverse"
-    if expected_grad is not None and shard.world_size == 1 and torch.is_grad_enabled() \
-            and student_logits.requires_grad:
+    if expected_grad is not None and shard.world_size == 1 and differentiated:
         _MISMATCHES.poll()
         expected = _check_expected_grad(expected_grad, student_logits)
         out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse,

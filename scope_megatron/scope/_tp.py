@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 # Shared with the ops on purpose: a different default group here would be a silent TP bug.
 from scope_megatron.ops import default_tp_group
+from scope_megatron.ops._checks import resolve_vocab_size
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,13 @@ class TensorParallel:
     group: Optional[dist.ProcessGroup]
     rank: int
     world_size: int
+
+    def true_vocab(self, op: str, vocab_size: Optional[int], local_vocab: int) -> int:
+        """The true vocabulary size for shards of local_vocab columns, validated as the ops
+        validate it (None: local_vocab * world_size, no padding; ValueError naming op if it is
+        <= 0 or beyond the sharded vocabulary)."""
+        return resolve_vocab_size(op, vocab_size, local_vocab * self.world_size, local_vocab,
+                                  self.world_size)
 
 
 def resolve_tp(tp_group: Optional[dist.ProcessGroup]) -> TensorParallel:

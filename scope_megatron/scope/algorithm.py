@@ -83,7 +83,11 @@ def compute_loss(
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"compute_loss: batch must be a RolloutBatch, got {type(batch).__name__}")
     tp = resolve_tp(tp_group)
-    _check_logits(config, batch, student_logits, teacher_logits, tp, vocab_size)
+    members = None if config.algorithm == "grpo" else path_members(config, batch)
+    # The one host sync on routing: whether any rollout is distilled. A batch whose teacher path
+    # is empty (e.g. every rollout correct) has no teacher term and needs no teacher.
+    distills = members is not None and config.uses_teacher and bool(members[1].any())
+    _check_logits(config, batch, student_logits, teacher_logits, tp, vocab_size, distills)
     ids = batch.safe_response_ids
     student_lp = _guard_nonfinite(
         batch, tp, vocab_size, {"student": student_logits},
@@ -105,14 +109,10 @@ def compute_loss(
                                      advantages=advantages)
 
     teacher_lp, teacher_rows = _teacher_logprobs(config, batch, teacher_logits, tp, vocab_size)
-    student_members, teacher_members = path_members(config, batch)
+    student_members, teacher_members = members
+    # Without teacher log-probs the teacher path is empty (_check_logits / _require_teacher raised
+    # otherwise): no weight, loss or metric of the teacher reads them.
     _require_teacher(config, batch, teacher_members, teacher_lp, teacher_rows)
-    if teacher_lp is None and config.uses_teacher:
-        # Only possible with an empty teacher path (e.g. every rollout correct, so a remote
-        # teacher had nothing to score; _check_logits / _require_teacher raised otherwise): the
-        # teacher term is skipped below and nothing reads these zeros (teacher_rows stays False,
-        # so no teacher metric is derived from them).
-        teacher_lp = torch.zeros(ids.shape, dtype=student_lp.dtype, device=ids.device)
     teacher_log_ppl = None
     if teacher_lp is not None:
         teacher_log_ppl = batch.log_perplexity(
@@ -128,7 +128,7 @@ def compute_loss(
 
     loss = (student_weights * student_log_ppl).sum()
     teacher_path = None
-    if config.uses_teacher and bool(teacher_members.any()):
+    if distills:
         kl_grad = None
         if (config.fused_kl and config.kl_estimator == "full" and torch.is_grad_enabled()
                 and student_logits.requires_grad):
@@ -184,7 +184,8 @@ def _at_old_logprobs_temperature(config: ScopeConfig, batch: RolloutBatch, stude
 
 def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tensor,
                   teacher: Optional[torch.Tensor], tp: TensorParallel,
-                  vocab_size: Optional[int]) -> None:
+                  vocab_size: Optional[int], distills: bool) -> None:
+    """distills: whether the batch has a teacher term (a teacher-path rollout, config.uses_teacher)."""
     layout = "[N, V_local] (packed)" if batch.packed else "[B, L, V_local] (padded)"
     ids_shape = tuple(batch.response_ids.shape)
     if not isinstance(student, torch.Tensor) or not student.dtype.is_floating_point:
@@ -207,15 +208,14 @@ def _check_logits(config: ScopeConfig, batch: RolloutBatch, student: torch.Tenso
         served_topk = config.kl_estimator == "topk" and batch.teacher_top_ids is not None
         if served_topk and config.uses_teacher:
             served_k = batch.teacher_top_ids.shape[-1]
-            vocab = student.shape[-1] * tp.world_size if vocab_size is None else int(vocab_size)
+            vocab = tp.true_vocab("compute_loss", vocab_size, student.shape[-1])
             if served_k != min(config.topk_k, vocab):
                 raise ValueError(
                     f"compute_loss: the served teacher's top-k has k={served_k} ids per token "
                     f"(batch.teacher_top_ids), but ScopeConfig.topk_k={config.topk_k}; the top-k "
                     "estimator would silently use the served k. Request top_logprobs_num="
                     f"{config.topk_k} from the teacher or set topk_k={served_k}.")
-        if (config.uses_teacher and config.kl_estimator in ("full", "topk") and not served_topk
-                and bool(path_members(config, batch)[1].any())):
+        if distills and config.kl_estimator in ("full", "topk") and not served_topk:
             raise ValueError(
                 f"compute_loss: kl_estimator={config.kl_estimator!r} needs teacher_logits (a "
                 "colocated teacher's vocabulary shard, aligned and sharded like student_logits). "
@@ -310,7 +310,7 @@ def _first_nonfinite_row(logits: torch.Tensor, tp: TensorParallel, vocab_size: O
     """First flattened row whose real (non-padding) columns of this shard are not finite;
     scanned in chunks so that the error path allocates no [tokens, V] mask."""
     local = logits.shape[-1]
-    vocab = local * tp.world_size if vocab_size is None else int(vocab_size)
+    vocab = tp.true_vocab("compute_loss", vocab_size, local)
     real = max(0, min(local, vocab - tp.rank * local))
     rows = logits.detach().reshape(-1, local)[:, :real]
     for start in range(0, rows.shape[0], chunk):

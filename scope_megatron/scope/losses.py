@@ -133,9 +133,22 @@ def _served_topk(batch: RolloutBatch, tokens: torch.Tensor, tp: TensorParallel,
     non-finite value there would turn the masked tokens' zero gradient into NaN."""
     ids, logprobs = batch.teacher_top_ids, batch.teacher_top_logprobs
     keep = tokens.unsqueeze(-1)
-    vocab = tp.world_size * local_vocab if vocab_size is None else int(vocab_size)
-    bad = (keep & ((ids < 0) | (ids >= vocab))).any(-1).flatten()
-    if bool(bad.any()):
+    vocab = tp.true_vocab("compute_loss", vocab_size, local_vocab)
+    # RolloutBatch checked the entries of the scored rollouts (has_teacher_logprobs: ids >= 0,
+    # finite log-probs <= 0); the path may read no other (compute_loss's _require_teacher ensures
+    # it; a direct caller of opd_path_loss may not), and the ids' upper bound is checked here.
+    unscored = tokens & ~batch.has_teacher_logprobs[batch.token_rollout]
+    outside = (keep & (ids >= vocab)).any(-1)
+    if bool((unscored | outside).any()):  # one host sync for both
+        if bool(unscored.any()):
+            r = int(batch.token_rollout.flatten()[torch.nonzero(unscored.flatten())[0]])
+            kind = "correct" if bool(batch.correct[r]) else "incorrect"
+            raise ValueError(
+                f"opd_path_loss: rollout {r} (group {int(batch.group_ids[r])}, {kind}) is on the teacher "
+                "path but has no served teacher scores (batch.has_teacher_logprobs is False): its "
+                "teacher_top_ids / teacher_top_logprobs were never checked. Score every teacher-path "
+                "rollout, or leave this one off the path.")
+        bad = outside.flatten()
         idx = int(torch.nonzero(bad)[0])
         row = ids.reshape(-1, ids.shape[-1])[idx]
         raise ValueError(

@@ -8,10 +8,11 @@ It equals the full reverse KL when K covers the vocabulary, and is a lower bound
 (the KL of a coarsening).
 
 Tensor parallelism: each rank takes the top-k of its shard (padding columns excluded), one
-all-gather of (value, global id) pairs gives every rank the same global top-k. Log-probs at the
-chosen ids need each model's log-normalizer, obtained from its log-prob of the sampled token y
-(the vocab_parallel_logprob op): log p(j) = (x_j - x_y) / T + log p(y). The logits x_j, x_y are
-gathered from the owning ranks with a differentiable sum over the group (backward: identity).
+all-gather of (value, global id) pairs, with the teacher's logit x_y of the sampled token y from
+the rank owning it, gives every rank the same global top-k. Log-probs at the chosen ids need each
+model's log-normalizer, obtained from its log-prob of y (the vocab_parallel_logprob op):
+log p(j) = (x_j - x_y) / T + log p(y). The student's logits x_j, x_y are gathered from the owning
+ranks with one differentiable sum over the group (backward: identity).
 
 teacher_top_k gives the teacher's side alone (ids and log-probs, as a served teacher's
 top_logprobs do): a colocated teacher keeps k values per token instead of its logit shard, and
@@ -23,6 +24,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from scope_megatron.ops._checks import check_logits, check_same_placement, check_temperature
 
 from ._tp import TensorParallel, gather_ranks, resolve_tp, sum_over_ranks
 
@@ -56,8 +59,9 @@ def topk_reverse_kl(
     replicated on the group, differentiable w.r.t. this rank's student shard (and
     student_logprobs). The teacher gets no gradient.
     """
-    top_ids, top_logprobs = _teacher_top_k(teacher_logits, target, teacher_logprobs, k=k, tp=tp,
-                                           vocab_size=vocab_size, teacher_temperature=teacher_temperature,
+    vocab = tp.true_vocab("topk_reverse_kl", vocab_size, teacher_logits.shape[-1])
+    top_ids, top_logprobs = _teacher_top_k(teacher_logits, target, teacher_logprobs, k=int(k), tp=tp,
+                                           vocab=vocab, teacher_temperature=teacher_temperature,
                                            dtype=student_logprobs.dtype)
     return topk_reverse_kl_given(student_logits, top_ids, top_logprobs, target, student_logprobs, tp=tp,
                                  student_temperature=student_temperature)
@@ -80,55 +84,99 @@ def teacher_top_k(
 
     Args:
       teacher_logits: this rank's shard [..., V_local] (rank r holds ids [r * V_local, ...)).
-      target: [...] global ids of the sampled tokens, valid ids (< vocab_size) everywhere.
+      target: [...] integer global ids of the sampled tokens, each in [0, vocab_size).
       teacher_logprobs: [...] log p_T(target) at teacher_temperature (vocab_parallel_logprob of
         the same logits): it supplies the log-normalizer.
-      k: capped at vocab_size; vocab_size: true vocabulary (None: V_local * world_size); padded
-        ids are never chosen.
+      k: >= 1, capped at vocab_size; vocab_size: true vocabulary (None: V_local * world_size);
+        padded ids are never chosen.
+      teacher_temperature: finite, > 0.
       tp_group: the tensor-parallel group the vocabulary is sharded over (default: Megatron's
         tensor-model-parallel group if initialized, else none).
       dtype: of the returned log-probs (float32, or float64 for float64 logits).
 
     Returns (ids [..., k] int64 global ids in descending order of probability, log-probs [..., k]
     at teacher_temperature), identical on every rank of the group. No gradient.
+
+    Raises ValueError / TypeError for a k < 1, misaligned shapes, a bad temperature or vocab_size,
+    or a target outside the vocabulary (checking it waits for the device once).
     """
-    return _teacher_top_k(teacher_logits, target, teacher_logprobs, k=k, tp=resolve_tp(tp_group),
-                          vocab_size=vocab_size, teacher_temperature=teacher_temperature, dtype=dtype)
+    op = "teacher_top_k"
+    check_logits(op, "teacher_logits", teacher_logits)
+    try:
+        valid_k = int(k) == k and int(k) >= 1
+    except (TypeError, ValueError):
+        valid_k = False
+    if not valid_k:
+        raise ValueError(f"{op}: k must be an integer >= 1, got {k!r}; pass the number of teacher top ids "
+                         "per token (ScopeConfig.topk_k)")
+    shape = tuple(teacher_logits.shape[:-1])
+    for name, value in (("target", target), ("teacher_logprobs", teacher_logprobs)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(value.shape)}; it must be {shape}, one value "
+                             f"per token of teacher_logits {tuple(teacher_logits.shape)} (its shape without "
+                             "the vocabulary dimension)")
+        check_same_placement(op, name, value, "teacher_logits", teacher_logits)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{op}: target must hold integer token ids, got {target.dtype}")
+    if not teacher_logprobs.dtype.is_floating_point:
+        raise TypeError(f"{op}: teacher_logprobs must be floating point log-probs, got "
+                        f"{teacher_logprobs.dtype}")
+    temperature = check_temperature(op, "teacher_temperature", teacher_temperature)
+    tp = resolve_tp(tp_group)
+    vocab = tp.true_vocab(op, vocab_size, teacher_logits.shape[-1])
+    # Outside [0, vocab) no shard (or a padding column) holds the target's logit and the log-probs
+    # come out shifted, even positive. The one host sync of this entry; the internal path of
+    # topk_reverse_kl has none (its targets were checked by vocab_parallel_logprob).
+    bad = ((target < 0) | (target >= vocab)).flatten()
+    if bool(bad.any()):
+        idx = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{op}: target ids must be in [0, {vocab}) (vocab_size); {int(bad.sum())} of {bad.numel()} "
+            f"tokens are outside it (first: flattened token {idx}, target {int(target.flatten()[idx])}). "
+            "Replace padding / ignore ids by a valid id and mask those tokens' results instead.")
+    return _teacher_top_k(teacher_logits, target, teacher_logprobs, k=int(k), tp=tp, vocab=vocab,
+                          teacher_temperature=temperature, dtype=dtype)
 
 
 @torch.no_grad()
-def _teacher_top_k(teacher_logits, target, teacher_logprobs, *, k, tp, vocab_size, teacher_temperature, dtype):
+def _teacher_top_k(teacher_logits, target, teacher_logprobs, *, k, tp, vocab, teacher_temperature, dtype):
+    """teacher_top_k on validated arguments (vocab: the resolved true vocabulary size; targets in
+    [0, vocab)); one collective, no host sync."""
     local_vocab = teacher_logits.shape[-1]
     shape = teacher_logits.shape[:-1]
     t = teacher_logits.detach().reshape(-1, local_vocab)
     rows = t.shape[0]
     start = tp.rank * local_vocab
-    vocab = local_vocab * tp.world_size if vocab_size is None else int(vocab_size)
-    k = min(int(k), vocab)
+    k = min(k, vocab)
 
-    # Per shard over its real (non-padding) columns, then across shards. Values and ids travel
-    # together as float64 (ids < 2^53 are exact) in one all-gather.
+    # One all-gather of float64 rows [values (k) | ids (k) | x_y]: the shard's top-k over its real
+    # (non-padding) columns, their global ids (exact below 2^53), and the teacher's logit x_y of
+    # the sampled token from the shard owning y (0 on the others, so that the sum over the shards
+    # is x_y exactly: no all-reduce of its own).
     real = max(0, min(local_vocab, vocab - start))
     k_local = min(k, real)
-    cand = torch.full((rows, 2, k), float("-inf"), dtype=torch.float64, device=t.device)
-    cand[:, 1] = -1.0
+    y = target.reshape(-1, 1).to(torch.int64)
+    owned = (y >= start) & (y < start + local_vocab)
+    cand = torch.empty((rows, 2 * k + 1), dtype=torch.float64, device=t.device)
+    cand[:, :k] = float("-inf")
+    cand[:, k:2 * k] = -1.0
+    x_y = t.gather(-1, (y - start).clamp(0, local_vocab - 1)).to(torch.float64)
+    cand[:, 2 * k:] = torch.where(owned, x_y, torch.zeros((), dtype=torch.float64, device=t.device))
     if k_local > 0:
         values, idx = t[:, :real].topk(k_local, dim=-1)
-        cand[:, 0, :k_local] = values.to(torch.float64)
-        cand[:, 1, :k_local] = (idx + start).to(torch.float64)
-    gathered = gather_ranks(cand, tp)  # [world, rows, 2, k]
-    all_values = gathered[:, :, 0].permute(1, 0, 2).reshape(rows, -1)
-    all_ids = gathered[:, :, 1].permute(1, 0, 2).reshape(rows, -1)
+        cand[:, :k_local] = values.to(torch.float64)
+        cand[:, k:k + k_local] = (idx + start).to(torch.float64)
+    gathered = gather_ranks(cand, tp)  # [world, rows, 2k + 1]
+    all_values = gathered[:, :, :k].permute(1, 0, 2).reshape(rows, -1)
+    all_ids = gathered[:, :, k:2 * k].permute(1, 0, 2).reshape(rows, -1)
+    x_y = gathered[:, :, 2 * k:].sum(0)  # [rows, 1], one non-zero term
     top_values, pos = all_values.topk(k, dim=-1)
     top_ids = all_ids.gather(-1, pos).to(torch.int64)
 
-    # log p_T(j) = (x_j - x_y) / T + log p_T(y), with x_y from the rank owning y.
-    y = target.reshape(-1, 1).to(torch.int64)
-    owned = (y >= start) & (y < start + local_vocab)
-    x_y = torch.where(owned, t.gather(-1, (y - start).clamp(0, local_vocab - 1)).to(dtype),
-                      torch.zeros((), dtype=dtype, device=t.device))
-    x_y = sum_over_ranks(x_y, tp)
-    logprobs = (top_values.to(dtype) - x_y) / teacher_temperature \
+    # log p_T(j) = (x_j - x_y) / T + log p_T(y)
+    logprobs = (top_values.to(dtype) - x_y.to(dtype)) / teacher_temperature \
         + teacher_logprobs.detach().reshape(-1, 1).to(dtype)
     return top_ids.reshape(*shape, k), logprobs.reshape(*shape, k)
 

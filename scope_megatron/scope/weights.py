@@ -52,9 +52,11 @@ def dual_path_weights(config: ScopeConfig, batch: RolloutBatch,
 
     Args:
       student_log_ppl: [B] log PPL_S of each rollout (detached here); needed when
-        student_path="weighted". Only the student-path members' values are read.
-      teacher_log_ppl: [B] log PPL_T; needed when teacher_path="weighted". Only the teacher-path
-        members' values are read (others may be anything, NaN included).
+        student_path="weighted" and the path has members. Only the student-path members' values
+        are read.
+      teacher_log_ppl: [B] log PPL_T; needed when teacher_path="weighted" and the path has
+        members. Only the teacher-path members' values are read (others may be anything, NaN
+        included).
 
     Direction (paper): the student weight grows with PPL_S (sign +1), the teacher weight shrinks
     with PPL_T (sign -1); flip_*_direction inverts a path's sign. "uniform" gives every member of
@@ -83,6 +85,11 @@ def _path_weights(config, batch, name, mode, members, log_ppl, sign, dtype):
         log_ppl, sign, tau = torch.zeros(batch.num_rollouts, dtype=dtype, device=device), 1, 1.0
     else:
         if log_ppl is None:
+            # A path with no member reads no perplexity (e.g. every rollout correct: no teacher
+            # path, so none was scored). Tested only here, where the perplexity is missing, so
+            # that the usual call does not wait for the device.
+            if not bool(members.any()):
+                return torch.zeros(batch.num_rollouts, dtype=dtype, device=device)
             raise ValueError(f"dual_path_weights: {name}='weighted' needs the "
                              f"{'student' if name == 'student_path' else 'teacher'} log perplexity")
         if tuple(log_ppl.shape) != (batch.num_rollouts,):

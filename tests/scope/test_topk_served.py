@@ -4,7 +4,8 @@ packed, and the batch checks of the new fields."""
 import pytest
 import torch
 
-from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss
+from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss, opd_path_loss
+from scope_megatron.scope._tp import resolve_tp
 from tests.scope.problems import fresh_leaf, layout, make_batch, make_problem, served_topk_batch
 
 K = 4
@@ -146,3 +147,36 @@ def test_served_k_must_match_topk_k(gen):
     loss, _ = compute_loss(ScopeConfig(kl_estimator="topk", topk_k=10_000), whole,
                            fresh_leaf(p.student), vocab_size=p.vocab_size)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("vocab_size", [0, 48 + 1])
+def test_bad_vocab_size_with_a_served_top_k_names_vocab_size(vocab_size, gen):
+    """The vocabulary the served k is compared with is validated first: a vocab_size of 0 read as
+    a k mismatch ("served teacher's top-k has k=4 ... topk_k=4")."""
+    p = make_problem(gen)
+    assert p.student.shape[-1] == 48
+    with pytest.raises(ValueError, match="compute_loss: vocab_size"):
+        compute_loss(ScopeConfig(kl_estimator="topk", topk_k=K), served_topk_batch(p, K),
+                     fresh_leaf(p.student), vocab_size=vocab_size)
+
+
+def test_opd_path_loss_refuses_served_rows_the_batch_did_not_check(gen):
+    """The batch checks the served top-k only on the rollouts with teacher scores
+    (has_teacher_logprobs); opd_path_loss called directly with other rollouts on the path would
+    read unchecked entries (here NaN log-probs): an error, not a NaN loss."""
+    p = make_problem(gen, group_sizes=(2, 3), correct=[1, 0, 0, 1, 0], length=4)
+    p.mask[:] = True
+    ids, lps = _served_top(p)
+    lps[0] = float("nan")  # rollout 0 has no teacher scores: never checked, never to be read
+    batch = RolloutBatch(p.ids, p.group_ids, p.correct, p.old_logprobs, response_mask=p.mask,
+                         teacher_logprobs=p.teacher_logprobs, has_teacher_logprobs=~p.correct,
+                         teacher_top_ids=ids, teacher_top_logprobs=lps)
+    config = ScopeConfig(algorithm="opd", kl_estimator="topk", topk_k=K)
+    student = fresh_leaf(p.student)
+    lp = torch.gather(p.student[..., :p.vocab_size].log_softmax(-1), -1, p.ids.unsqueeze(-1)).squeeze(-1)
+    kw = dict(student_logprobs=lp, teacher_logprobs=p.teacher_logprobs, student_logits=student,
+              teacher_logits=None, tp=resolve_tp(None), vocab_size=p.vocab_size)
+    path = opd_path_loss(config, batch, ~p.correct, **kw)  # the scored rollouts: fine
+    assert torch.isfinite(path.losses).all()
+    with pytest.raises(ValueError, match=r"rollout 0 \(group 0, correct\) .*has_teacher_logprobs"):
+        opd_path_loss(config, batch, torch.ones_like(p.correct), **kw)

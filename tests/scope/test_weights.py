@@ -159,3 +159,19 @@ def test_weighted_path_needs_its_perplexity(gen):
         dual_path_weights(ScopeConfig(), batch, ls, None)
     with pytest.raises(ValueError, match="for algorithm='scope' only"):
         dual_path_weights(ScopeConfig(algorithm="opd"), batch, ls, ls)
+
+
+@pytest.mark.parametrize("path", ["student_path", "teacher_path"])
+def test_an_empty_weighted_path_needs_no_perplexity(path):
+    """A path with no member (every rollout correct: no teacher path; all wrong: no student path)
+    has zero weights and reads no perplexity, so none need be computed; a member still needs it."""
+    batch = rollouts([0, 0, 1], [1, 1, 1] if path == "teacher_path" else [0, 0, 0])
+    ls = torch.zeros(3, dtype=torch.float64)
+    w = dual_path_weights(ScopeConfig(), batch, *((ls, None) if path == "teacher_path" else (None, ls)))
+    empty = w.teacher if path == "teacher_path" else w.student
+    assert empty.dtype == torch.float64 and empty.tolist() == [0, 0, 0]
+    full = w.student if path == "teacher_path" else w.teacher
+    assert full.tolist() == [0.5, 0.5, 1.0]
+    mixed = rollouts([0, 0, 1], [1, 0, 1])
+    with pytest.raises(ValueError, match=f"{path}='weighted' needs the"):
+        dual_path_weights(ScopeConfig(), mixed, *((ls, None) if path == "teacher_path" else (None, ls)))

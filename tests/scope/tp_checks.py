@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from scope_megatron.scope import ScopeConfig, compute_loss
+from scope_megatron.ops import vocab_parallel_logprob
+from scope_megatron.scope import ScopeConfig, compute_loss, teacher_top_k
+from scope_megatron.scope._tp import resolve_tp
+from scope_megatron.scope.topk import topk_reverse_kl, topk_reverse_kl_given
 from tests.distributed import run_checks
 from tests.scope.problems import (fresh_leaf, layout, make_batch, make_problem, reference_loss,
                                   sampled_kl_policy_gradient_loss, served_topk_batch)
@@ -117,6 +120,46 @@ def check_served_topk(ctx, *, salt, k, packed=False, algorithm="scope", **proble
     torch.testing.assert_close(grad, _shard(ctx, leaf.grad), rtol=1e-9, atol=1e-11)
 
 
+def check_teacher_top_k(ctx, *, salt, k, pad):
+    """teacher_top_k on this rank's teacher shard equals the float64 log-softmax top-k of the whole
+    (unpadded) vocabulary, and with topk_reverse_kl_given gives exactly topk_reverse_kl's KL;
+    topk_reverse_kl itself costs one all-gather (the teacher's candidates and its logit of the
+    sampled token) and one all-reduce (the student's logits at the chosen ids)."""
+    p = _problem(ctx, salt, pad=pad, teacher_temperature=1.3)
+    ts, tt = 0.7, 1.3
+    teacher = _shard(ctx, p.teacher)
+    ids, lps = teacher_top_k(teacher, p.ids, p.teacher_logprobs, k=k, vocab_size=p.vocab_size,
+                             teacher_temperature=tt, tp_group=GROUP, dtype=torch.float64)
+    ref_values, ref_ids = torch.log_softmax(p.teacher[..., :p.vocab_size].double() / tt, -1).topk(k)
+    assert torch.equal(ids, ref_ids), "teacher_top_k: ids differ from the reference"
+    torch.testing.assert_close(lps, ref_values, rtol=1e-12, atol=1e-12)
+
+    tp = resolve_tp(GROUP)
+    student = fresh_leaf(_shard(ctx, p.student))
+    student_lp = vocab_parallel_logprob(student, p.ids, tp_group=GROUP, vocab_size=p.vocab_size,
+                                        temperature=ts)
+    given = topk_reverse_kl_given(student, ids, lps, p.ids, student_lp, tp=tp, student_temperature=ts)
+    calls = {"all_reduce": 0, "all_gather": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in calls:
+            setattr(dist, name, counting(name))
+        kl = topk_reverse_kl(student, teacher, p.ids, student_lp, p.teacher_logprobs, k=k, tp=tp,
+                             vocab_size=p.vocab_size, student_temperature=ts, teacher_temperature=tt)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    assert calls == {"all_reduce": 1, "all_gather": 1}, f"topk_reverse_kl's collectives: {calls}"
+    torch.testing.assert_close(given, kl, rtol=0, atol=0)
+
+
 def check_nan_on_one_shard_raises_on_every_rank(ctx):
     """NaN logits in rank 1's shard: rank 1 names the rollout, rank 0 points at another rank's
     shard; neither hangs in a collective, and the group keeps working."""
@@ -166,6 +209,8 @@ def checks() -> dict:
     out["served_topk_padded_packed_opd"] = lambda ctx: check_served_topk(ctx, salt=11, k=9, packed=True,
                                                                          algorithm="opd", pad=20)
     out["opd_equals_scope_routing_off"] = check_opd_equals_scope_routing_off
+    # rank 1 holds 4 real columns and 20 padding ones
+    out["teacher_top_k_padded"] = lambda ctx: check_teacher_top_k(ctx, salt=12, k=9, pad=20)
     out["nan_on_one_shard_raises_on_every_rank"] = check_nan_on_one_shard_raises_on_every_rank
     return out
 
