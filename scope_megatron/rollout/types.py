@@ -10,6 +10,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 
+def logprob_temperature_of(temperature: float) -> float:
+    """The temperature of the log-probs an engine returns when sampling at `temperature`: that
+    temperature, or 1 for greedy decoding (0). The one rule for engines and config checks."""
+    return temperature if temperature > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How responses are sampled.
@@ -54,7 +60,7 @@ class SamplingParams:
 
     @property
     def logprob_temperature(self) -> float:
-        return self.temperature if self.temperature > 0 else 1.0
+        return logprob_temperature_of(self.temperature)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from scope_megatron.data.toy_arithmetic import TOY_TOKENIZER
+from scope_megatron.rollout.types import logprob_temperature_of
 from scope_megatron.scope import ScopeConfig
 from scope_megatron.utils.config_io import ConfigError, markdown_table, option, parse_config, section
 
@@ -118,6 +119,8 @@ class TrainingConfig:
         for name in ("train_iters", "prompts_per_step", "micro_batch_size", "log_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not (isinstance(self.teacher_logits_gib, (int, float)) and self.teacher_logits_gib > 0):
             raise ValueError(f"teacher_logits_gib must be > 0, got {self.teacher_logits_gib!r}")
         if isinstance(self.max_tokens_per_micro_batch, bool) or not isinstance(self.max_tokens_per_micro_batch, int) \
@@ -148,8 +151,6 @@ class TrainingConfig:
         if self.recompute_granularity == "full":
             out.update(recompute_method=self.recompute_method, recompute_num_layers=self.recompute_num_layers)
         return out
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ class TrainConfig:
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups)")
         s = self.scope
-        engine_temperature = self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+        engine_temperature = logprob_temperature_of(self.rollout.temperature)
         if ("old_logprobs" in s.effective_fields() and s.old_logprobs == "rollout"
                 and engine_temperature != s.student_temperature):
             raise ValueError(

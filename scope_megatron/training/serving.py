@@ -203,37 +203,16 @@ class SGLangRollouts(_Served):
         self.sync.update(self.client, int(step or 0))
 
 
-def student_tokenizer(cfg):
-    """(the tokenizer whose ids the student produces, its name for messages), from the config's
-    task: task.tokenizer for 'prompts', the toy world's CharTokenizer for 'toy_arithmetic'."""
-    t = cfg.task
-    if t.name == "prompts" and t.tokenizer:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(t.tokenizer), f"task.tokenizer {t.tokenizer}"
-    if t.name == "toy_arithmetic":
-        from scope_megatron.data.toy_arithmetic import ToyArithmetic, ToyArithmeticConfig
-
-        return ToyArithmetic(ToyArithmeticConfig(digits=t.digits)).tokenizer, "the toy_arithmetic task's tokenizer"
-    raise ValueError(f"no student tokenizer for task.name {t.name!r}")
-
-
 class SGLangTeacherScorer(_Served):
     """teacher_serving.engine 'sglang': the remote teacher of every replica leader.
 
-    tokenizer: the student's (what its token ids mean); None: built from the config's task
-    (student_tokenizer). Checked against every teacher server once, here (check_teacher_tokenizer)."""
+    temperature: the loss's teacher temperature; TrainConfig refuses any but 1 at parse time (SGLang's
+    prompt log-probs are at temperature 1). tokenizer: the student's (what its token ids mean, the
+    task's), checked against every teacher server once, here (check_teacher_tokenizer)."""
 
-    def __init__(self, cfg, pad_id: int, temperature: float, tokenizer=None):
+    def __init__(self, cfg, pad_id: int, temperature: float, tokenizer):
         from scope_megatron.rollout.sglang import SGLangTeacher
-        from scope_megatron.utils.config_io import ConfigError
 
-        if temperature != 1.0:  # on every rank, before any server is launched or attached
-            raise ConfigError(
-                f"teacher_serving.engine 'sglang' gives the teacher's log-probs at temperature 1 (SGLang "
-                f"computes prompt log-probs from the raw logits), but the loss wants them at {temperature:g} "
-                "(scope.teacher_temperature, which defaults to scope.student_temperature): pass "
-                "--scope-teacher-temperature 1, or use the Megatron teacher")
         super().__init__(cfg, cfg.teacher_serving.sglang, "teacher", progress=False)
         top_k = cfg.scope.topk_k if cfg.scope.kl_estimator == "topk" else 0
         self.teacher = (SGLangTeacher(self.client, temperature=temperature, pad_id=pad_id, top_logprobs_num=top_k)
@@ -246,7 +225,7 @@ class SGLangTeacherScorer(_Served):
                 self.close()
                 raise
 
-    def check_teacher_tokenizer(self, cfg, tokenizer=None) -> Dict[str, str]:
+    def check_teacher_tokenizer(self, cfg, tokenizer) -> Dict[str, str]:
         """Collective over all ranks: global rank 0 (a replica leader, whose client reaches every
         teacher server) runs SGLangTeacher.check_tokenizer and broadcasts the verdict ({url: "ok"
         | "unverified"}); a mismatch (or a failed probe) raises TokenizerMismatch / SGLangError
@@ -254,11 +233,7 @@ class SGLangTeacherScorer(_Served):
         from scope_megatron.rollout.sglang import SGLangError
 
         def check():
-            if tokenizer is not None:
-                tok, name = tokenizer, None
-            else:
-                tok, name = student_tokenizer(cfg)
-            verdict = self.teacher.check_tokenizer(tok, student=name)
+            verdict = self.teacher.check_tokenizer(tokenizer)
             log.info("teacher tokenizer check: %s", verdict)
             return verdict
 

@@ -53,23 +53,20 @@ def test_replica_rollouts_reach_the_training_device_without_model_parallel_peers
     assert scores["teacher_logprobs"].device == device
 
 
-def test_a_served_teacher_at_another_temperature_is_a_config_error_before_any_server():
-    """SGLang's prompt log-probs are at temperature 1. A loss that wants the teacher at another
-    temperature (e.g. scope.student_temperature 0.6 set to match rollout.temperature for the PPO
-    ratio, which teacher_temperature follows by default) is refused on every rank, naming the flag,
-    before servers are launched or attached (the config is not even read)."""
-    from scope_megatron.utils.config_io import ConfigError
-
-    with pytest.raises(ConfigError, match="--scope-teacher-temperature 1"):
-        serving.SGLangTeacherScorer(None, pad_id=0, temperature=0.6)
-
-
 def _teacher_cfg(url, log_dir, *flags):
     from scope_megatron.training.config import load_config
 
     return load_config(["--teacher-engine", "sglang", "--teacher-serving-sglang-urls", url, "--teacher-load", "null",
                         "--scope-kl-estimator", "k3", "--scope-teacher-temperature", "1", "--log-dir", str(log_dir),
                         *flags])
+
+
+def _scorer(cfg):
+    """The scorer as the trainer builds it: the task's tokenizer, the loss's teacher temperature."""
+    from scope_megatron.training.tasks import build_task
+
+    return serving.SGLangTeacherScorer(cfg, pad_id=0, temperature=cfg.scope.resolved_teacher_temperature,
+                                       tokenizer=build_task(cfg).tokenizer)
 
 
 def _other_tokenizer_dir(dst):
@@ -88,21 +85,20 @@ def test_the_served_teachers_tokenizer_is_checked_when_the_scorer_is_built(one_r
     from tests.rollout.fake_sglang_server import FakeSGLangServer, toy_hf_dir
 
     with FakeSGLangServer(toy_hf_dir()) as same, FakeSGLangServer(_other_tokenizer_dir(tmp_path / "t")) as other:
-        scorer = serving.SGLangTeacherScorer(_teacher_cfg(same.url, tmp_path / "logs"), pad_id=0, temperature=1.0)
+        scorer = _scorer(_teacher_cfg(same.url, tmp_path / "logs"))
         assert scorer.tokenizer_verdict == {same.url: "ok"}
         assert [b["return_text_in_logprobs"] for b in same.calls_to("/generate")] == [True]
         scorer.close()
         closed, original = [], serving._Served.close
         monkeypatch.setattr(serving._Served, "close", lambda self: (closed.append(self), original(self)))
-        want = (r"student tokenizer the toy_arithmetic task's tokenizer; "
+        want = (r"student tokenizer CharTokenizer \(18 ids\); "
                 r"teacher server\(s\) http://127\.0\.0\.1:\d+ \(.*/t\): 14 of 18")
         with pytest.raises(TokenizerMismatch, match=want):
-            serving.SGLangTeacherScorer(_teacher_cfg(other.url, tmp_path / "logs"), pad_id=0, temperature=1.0)
+            _scorer(_teacher_cfg(other.url, tmp_path / "logs"))
         assert len(closed) == 1
         # the user's way out: no probe at all
         calls = len(other.calls_to("/generate"))
-        unchecked = serving.SGLangTeacherScorer(_teacher_cfg(other.url, tmp_path / "logs", "--teacher-serving-check-tokenizer",
-                                                             "false"), pad_id=0, temperature=1.0)
+        unchecked = _scorer(_teacher_cfg(other.url, tmp_path / "logs", "--teacher-serving-check-tokenizer", "false"))
         assert unchecked.tokenizer_verdict is None and len(other.calls_to("/generate")) == calls
         unchecked.close()
 
@@ -125,12 +121,12 @@ def scorer_ranks(ctx):
     dist.broadcast_object_list(urls, src=0)
     out = {}
     try:
-        scorer = serving.SGLangTeacherScorer(_teacher_cfg(urls[0][0], tmp), pad_id=0, temperature=1.0)
+        scorer = _scorer(_teacher_cfg(urls[0][0], tmp))
         out["verdict"] = scorer.tokenizer_verdict
         out["has_client"] = scorer.client is not None
         scorer.close()
         try:
-            serving.SGLangTeacherScorer(_teacher_cfg(urls[0][1], tmp), pad_id=0, temperature=1.0)
+            _scorer(_teacher_cfg(urls[0][1], tmp))
             out["error"] = None
         except Exception as exc:
             out["error"] = [type(exc).__name__, str(exc)]

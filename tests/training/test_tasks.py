@@ -9,7 +9,6 @@ import pytest
 pytest.importorskip("transformers")
 
 from scope_megatron.rewards import score_responses  # noqa: E402
-from scope_megatron.rollout import SamplingParams  # noqa: E402
 from scope_megatron.training.config import TaskConfig  # noqa: E402
 from scope_megatron.training.tasks import PromptTask  # noqa: E402
 from tests.data.test_stop_ids import EOS, IM_END, model_dir  # noqa: E402
@@ -27,8 +26,7 @@ def test_stop_ids_add_the_generation_configs_eos_ids(tmp_path):
     task = prompt_task(tmp_path, model_dir(tmp_path / "model", generation=[IM_END, EOS], config=EOS))
     assert task.stop_ids == (EOS, IM_END)
     assert task.pad_id == task.tokenizer.pad_token_id == 2
-    # what the trainer builds from them: sampling stops on both, and grading sees both as the end
-    assert SamplingParams(stop_token_ids=task.stop_ids).stop_token_ids == (EOS, IM_END)
+    # grading sees both as the end
     answer = task.tokenizer("\\boxed{2}", add_special_tokens=False)["input_ids"]
     responses = [answer + [IM_END, task.pad_id], answer + [EOS, task.pad_id], answer + [task.pad_id] * 2]
     scores = score_responses(responses, ["2"] * 3, decode=task.decode, eos_id=task.stop_ids,

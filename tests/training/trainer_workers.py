@@ -311,6 +311,8 @@ def sequence_parallel(ctx):
     """TP=2 with Megatron's sequence parallelism switched on in the toy student (its CPU layers
     accept it once built; TransformerEngine's are what a GPU run uses): decoding and the training
     forward must work and agree with the same model without it."""
+    import dataclasses
+
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
     from scope_megatron.rollout import SamplingParams
@@ -329,9 +331,7 @@ def sequence_parallel(ctx):
         correct[::2] = True
         scope = ScopeConfig(teacher_path="off")
         kw = dict(scope=scope, vocab_size=world.tokenizer.vocab_size)
-        # one more token than the longest row: an odd width either way, padded to 2 or not
         inputs = build_inputs(ref, correct, world.tokenizer.pad_id)
-        odd = inputs.tokens.shape[1] % 2 == 1
         loss_ref = evaluate_loss([chunk], micro_batches(inputs, 8), **kw)
 
         set_model_to_sequence_parallel(chunk, True)  # as built with --sequence-parallel true
@@ -343,9 +343,13 @@ def sequence_parallel(ctx):
         padded = build_inputs(ref, correct, world.tokenizer.pad_id, seq_multiple=2)
         out["padded_width"] = [int(inputs.tokens.shape[1]), int(padded.tokens.shape[1])]
         out["loss"] = [loss_ref, evaluate_loss([chunk], micro_batches(padded, 8), **kw)]
-        try:  # unpadded rows of odd width cannot be split over 2 TP ranks
-            evaluate_loss([chunk], micro_batches(inputs, 8), **kw)
-            out["odd_width_error"] = None if odd else "even width"
+        # unpadded rows of odd width cannot be split over 2 TP ranks: one more pad column when the
+        # sampled width is even, so the case is checked whatever the samples
+        odd = inputs if inputs.tokens.shape[1] % 2 else dataclasses.replace(
+            inputs, tokens=torch.nn.functional.pad(inputs.tokens, (0, 1), value=world.tokenizer.pad_id))
+        try:
+            evaluate_loss([chunk], micro_batches(odd, 8), **kw)
+            out["odd_width_error"] = f"no error at width {odd.tokens.shape[1]}"
         except AssertionError as exc:
             out["odd_width_error"] = str(exc)
     finally:
@@ -356,9 +360,12 @@ def sequence_parallel(ctx):
 def teacher_waves(ctx):
     """One step of the full KL with the whole step's teacher logits at once, against the same step
     with the teacher scoring one micro-batch at a time (training.teacher_logits_gib tiny), at
-    TP=2, PP=2 and DP=2: the updated student must be the same. And the top-k estimator: the
-    colocated teacher keeps [b, L, k] values per token, whose loss equals the one from its logits."""
+    TP=2, PP=2 and DP=2: the updated student must be the same, on every rank ({layout: [rank 0's
+    entry, rank 1's]}: at PP=2 only rank 1, the last stage, has the loss). And the top-k estimator:
+    the colocated teacher keeps [b, L, k] values per token, whose loss equals the one from its logits."""
     import dataclasses
+
+    from megatron.core import parallel_state
 
     from scope_megatron.scope import RolloutBatch, compute_loss
     from scope_megatron.training import models
@@ -381,13 +388,17 @@ def teacher_waves(ctx):
                 metrics.append(trainer.step(0))
                 params.append([p.detach().clone() for c in trainer.student for p in c.parameters()])
                 leftover = sorted({k for mb in batches for k in mb.extra if k.startswith("teacher")})
+                last_stage = parallel_state.is_pipeline_last_stage()
             finally:
                 trainer.close()
-        out[name] = {
-            "micro_batches": len(batches), "waves": waves, "scored_in_prepare": scored, "leftover": leftover,
-            "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(*params)),
+        entry = {
+            "last_stage": last_stage, "micro_batches": len(batches), "waves": waves, "scored_in_prepare": scored,
+            "leftover": leftover, "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(*params)),
             "max_param_change": max(float((a - b).abs().max()) for a, b in zip(initial, params[0])),
             "loss": [m.get("loss") for m in metrics], "grad_norm": [m.get("grad_norm") for m in metrics]}
+        # run_workers hands the test rank 0's result only: every rank's entry reaches it
+        out[name] = [None] * dist.get_world_size()
+        dist.all_gather_object(out[name], entry)
 
     # top-k: stored values against the logits, on the last stage (TP=2)
     cfg = load_config(SHORT + ["--tensor-model-parallel-size", "2", "--scope-kl-estimator", "topk",
