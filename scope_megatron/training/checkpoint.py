@@ -37,7 +37,7 @@ import torch.distributed as dist
 from scope_megatron.utils.files import fsync_path as _fsync_path
 from scope_megatron.utils.files import fsync_tree as _fsync_tree
 
-from . import platform
+from . import models, platform
 
 logger = logging.getLogger(__name__)
 
@@ -123,20 +123,11 @@ def _on_rank0(what: str, fn: Callable[[], Any]) -> Any:
 # ---- what a checkpoint records about the model ---------------------------------------------
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model inside Megatron's DDP (whose state dict keys carry a `module.` prefix)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    while isinstance(chunk, DistributedDataParallel):
-        chunk = chunk.module
-    return chunk
-
-
 def _chunks(model_chunks) -> List[torch.nn.Module]:
     """The unwrapped chunks of a list of chunks or of a single model."""
     if isinstance(model_chunks, torch.nn.Module):
         model_chunks = [model_chunks]
-    return [_unwrap(chunk) for chunk in model_chunks]
+    return [models.unwrap(chunk) for chunk in model_chunks]
 
 
 def _architecture(chunk: torch.nn.Module) -> Dict[str, Any]:

@@ -334,6 +334,16 @@ def build_model_chunks(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.fl
                             **transformer_overrides) for stage in stages]
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside Megatron's DistributedDataParallel (parallel.wrap_ddp; its state dict
+    keys carry a `module.` prefix); a bare model as it is."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    while isinstance(chunk, DistributedDataParallel):
+        chunk = chunk.module
+    return chunk
+
+
 # ---- the frozen teacher -----------------------------------------------------------------------
 
 

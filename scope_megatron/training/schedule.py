@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .models import unwrap
+
 
 @dataclass
 class MicroBatch:
@@ -33,8 +35,7 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: List[MicroBatch],
-                     output_fn: Callable, *, forward_only: bool, model_kwargs: Optional[Dict] = None,
-                     counts: Optional[List[torch.Tensor]] = None) -> List:
+                     output_fn: Callable, *, forward_only: bool, model_kwargs: Optional[Dict] = None) -> List:
     """Runs the chunks over the micro-batches with Megatron's schedule for this layout.
 
     output_fn(micro_batch, output_tensor) runs on the last pipeline stage with the model's output
@@ -45,8 +46,7 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         micro-batches and data-parallel ranks (the model's config must set
         calculate_per_token_loss=True). The metrics of every micro-batch come back.
     Other stages get []. Gradients accumulate in the chunks' DDP buffers. model_kwargs are passed
-    to every model call (e.g. an inference context). counts: a list that receives each
-    micro-batch's count tensor (forward_only=False, last stage), read without a host sync.
+    to every model call (e.g. an inference context).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -66,13 +66,7 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], micro_batches: Lis
         output = model(mb.tokens, mb.position_ids, None, **(model_kwargs or {}))
         if forward_only:
             return output, lambda out, non_loss_data=True: output_fn(mb, out)
-
-        def loss(out):
-            result = output_fn(mb, out)
-            if counts is not None:
-                counts.append(result[1])
-            return result
-        return output, loss
+        return output, lambda out: output_fn(mb, out)
 
     chunks = list(model_chunks)
     # one iterator per model chunk: with virtual pipeline stages every chunk reads every batch
@@ -118,13 +112,19 @@ class AccumulatedStep:
             raise RuntimeError("AccumulatedStep: the step's last call has run; start a new step")
         config = self.config
         finalize = config.finalize_model_grads_func
-        counts: List[torch.Tensor] = []
+        counts: List[torch.Tensor] = []  # each micro-batch's count tensor, read without a host sync
+
+        def counted(mb, out):
+            result = output_fn(mb, out)
+            counts.append(result[1])
+            return result
+
         try:
             if not last:
                 config.finalize_model_grads_func = None
             elif finalize is not None and self._earlier is not None:
                 config.finalize_model_grads_func = _counting_earlier(finalize, self._earlier)
-            out = run_microbatches(self.chunks, micro_batches, output_fn, forward_only=False, counts=counts)
+            out = run_microbatches(self.chunks, micro_batches, counted, forward_only=False)
         finally:
             config.finalize_model_grads_func = finalize
         if last:
@@ -223,9 +223,7 @@ class MegatronDecoder:
         if on and not self._sp_disabled:
             return
         for chunk in self.model_chunks:
-            model = chunk
-            while hasattr(model, "module") and not hasattr(model, "position_embedding_type"):
-                model = model.module  # Megatron DDP (and Float16Module) around the GPTModel
+            model = unwrap(chunk)  # set_model_to_sequence_parallel reads the GPTModel's position_embedding_type
             if not on and not model.config.sequence_parallel:
                 return
             set_model_to_sequence_parallel(model, on)

@@ -97,18 +97,24 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         longest = torch.zeros(int(groups.max()) + 1, dtype=row_lengths.dtype, device=row_lengths.device)
         longest = longest.scatter_reduce(0, groups, row_lengths, reduce="amax")
         order = order[torch.sort(groups, stable=True).indices]  # rows of a group together
+        # by the groups' longest rows; stable, so a group's rows stay together (ties keep the
+        # group order of the sort above)
         order = order[torch.sort(longest[groups[order]], descending=True, stable=True).indices]
+        # one host sync per step: the micro-batches' widths below are Python maxima
+        group_list, lengths, responses = torch.stack(
+            [groups, row_lengths.to(torch.int64), response_lengths.to(torch.int64)])[:, order].tolist()
     if max_tokens:
-        chunks = _pack_groups(order, groups[order].tolist(), row_lengths[order].tolist(), max_tokens, seq_multiple)
+        chunks = _pack_groups(order, group_list, lengths, max_tokens, seq_multiple)
     else:
         chunks = [order[start:start + micro_batch_size] for start in range(0, n, micro_batch_size)]
-    out = []
-    for rows in chunks:
+    out, end = [], 0
+    for rows in chunks:  # consecutive slices of `order`
+        start, end = end, end + rows.shape[0]
         tokens, response_index = inputs.tokens[rows], inputs.response_index[rows]
         length = inputs.response_ids.shape[1]
         if trim:
-            width = min(_round_up(int(row_lengths[rows].max()), seq_multiple), tokens.shape[1])
-            length = max(1, int(response_lengths[rows].max()))
+            width = min(_round_up(max(lengths[start:end]), seq_multiple), tokens.shape[1])
+            length = max(1, max(responses[start:end]))
             tokens = tokens[:, :width].contiguous()
             response_index = response_index[:, :length]
         mask = inputs.response_mask[rows, :length]
@@ -117,7 +123,7 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
             "response_ids": frame(inputs.response_ids[rows, :length], 0),
             "response_mask": frame(mask, False),
             "old_logprobs": frame(inputs.old_logprobs[rows, :length], 0.0),
-            "group_ids": torch.unique(inputs.group_ids[rows], return_inverse=True)[1],
+            "group_ids": _renumber_groups(inputs.group_ids[rows]),
             "correct": inputs.correct[rows],
             **{key: frame(value[rows, :length], 0) for key, value in inputs.teacher.items()},
         }
@@ -129,19 +135,33 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _renumber_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Group ids 0.. in order of appearance, for rows where each group's rows are consecutive
+    (a micro-batch's: the rollouts come group by group, and trim's order keeps them together).
+    torch.unique would sync with the host; for ascending ids (trim=False) this is its numbering."""
+    out = torch.zeros(groups.shape, dtype=torch.int64, device=groups.device)
+    out[1:] = (groups[1:] != groups[:-1]).cumsum(0)
+    return out
+
+
 class _Frame:
     """Places per-response-token values [b, L(, k)] at their logits' positions of a [b, width]
-    frame (response token t of row i at prompt_len_i - 1 + t); `fill` elsewhere."""
+    frame (response token t of row i at prompt_len_i - 1 + t); `fill` elsewhere.
+
+    A scatter of every token, without boolean indexing (which syncs with the host): a counted
+    token's position is at most width - 2 (its row, prompt + response, fits the width), so the
+    uncounted ones, clamped to width - 1 or on positions of no counted token, carry `fill`."""
 
     def __init__(self, response_index: torch.Tensor, mask: torch.Tensor, width: int):
-        self.rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-        self.cols = response_index[mask]
+        self.index = response_index.clamp(max=width - 1)
         self.mask, self.width = mask, width
 
     def __call__(self, values: torch.Tensor, fill) -> torch.Tensor:
+        trailing = (1,) * (values.dim() - 2)
+        mask = self.mask.view(*self.mask.shape, *trailing)
+        index = self.index.view(*self.index.shape, *trailing).expand_as(values)
         out = values.new_full((values.shape[0], self.width, *values.shape[2:]), fill)
-        out[self.rows, self.cols] = values[self.mask]
-        return out
+        return out.scatter_(1, index, values.masked_fill(~mask, fill))
 
 
 def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max_tokens: int,
@@ -198,9 +218,13 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
 COUNT_KEYS = ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
               "groups/total", "groups/all_correct", "groups/all_wrong")
 
-def is_maximum(key: str) -> bool:
-    """Metrics that are maxima (logprob_diff/max, */weight_max): combined by max, not averaged."""
-    return key.endswith("max")
+
+def metric_kind(key: str) -> str:
+    """How a metric of the loss combines over micro-batches and data-parallel replicas: "count"
+    (COUNT_KEYS) summed, "max" (logprob_diff/max, */weight_max) maximized, "mean" averaged."""
+    if key in COUNT_KEYS:
+        return "count"
+    return "max" if key.endswith("max") else "mean"
 
 
 TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs")
@@ -299,14 +323,13 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     metrics = {}
     for key in keys:
         present = [(r["metrics"][key], r["groups"]) for r in reduced if key in r["metrics"]]
-        if is_maximum(key):
+        kind = metric_kind(key)
+        if kind == "count":
+            metrics[key] = sum(v for v, _ in present)
+        elif kind == "max":
             metrics[key] = max(v for v, _ in present)
-        else:
+        else:  # weighted by the micro-batches' groups
             metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
-    # counts are sums over micro-batches, not averages
-    for key in COUNT_KEYS:
-        if key in keys:
-            metrics[key] = sum(r["metrics"].get(key, 0.0) for r in reduced)
     metrics["loss"] = sum(r["metrics"]["loss"] * r["groups"] for r in reduced) / total
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = optimizer.param_groups[0]["lr"]

@@ -33,8 +33,7 @@ from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, Progress
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import (COUNT_KEYS, build_inputs, is_maximum, micro_batches, score_with_teacher,
-                   teacher_logits_bytes, train_step)
+from .step import build_inputs, metric_kind, micro_batches, score_with_teacher, teacher_logits_bytes, train_step
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -212,8 +211,13 @@ class Trainer:
                               stop_token_ids=self.task.stop_ids, seed=self.cfg.training.seed)
 
     def prepare(self, step: int):
-        """Rollouts of `step` for this replica, rewarded, as micro-batches scored by the teacher.
+        """Rollouts of `step` for this replica, rewarded, as micro-batches scored by the teacher
+        (a colocated teacher's in waves during the training step: see teacher_wave_size).
         Returns (micro-batches, rollouts, scores)."""
+        return self._prepare(step)[:3]
+
+    def _prepare(self, step: int):
+        """prepare's (micro-batches, rollouts, scores) and the step's teacher_wave_size."""
         cfg = self.cfg
         items = _replica_slice(self.task.train_items(step, cfg.training.prompts_per_step, cfg.training.seed),
                                self.dp_rank, self.layout.dp)
@@ -226,17 +230,22 @@ class Trainer:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
         batches = micro_batches(inputs, cfg.training.micro_batch_size, trim=self.layout.pp == 1,
                                 seq_multiple=multiple, max_tokens=cfg.training.max_tokens_per_micro_batch)
-        if self.teacher is not None and self.teacher_wave_size(batches) is None:
-            self._score_teacher(batches, offload=True)
-        return batches, rollouts, scores
+        waves = self.teacher_wave_size(batches)
+        if self.teacher is not None and waves is None:
+            self._teacher_on_device(True)
+            self._score_teacher(batches)
+            self._teacher_on_device(False)
+        return batches, rollouts, scores, waves
 
-    def _score_teacher(self, batches, *, offload: bool) -> None:
-        for chunk in self.teacher:
-            models.load_to_device(chunk)
+    def _score_teacher(self, batches) -> None:
         score_with_teacher(self.teacher, batches, scope=self.cfg.scope, vocab_size=self.cfg.student.vocab_size)
-        if offload:
-            for chunk in self.teacher:
-                models.offload_to_cpu(chunk)
+
+    def _teacher_on_device(self, on: bool) -> None:
+        """The colocated teacher to the device (for scoring), or back to host memory (the device
+        memory goes to the student's pass and optimizer step)."""
+        move = models.load_to_device if on else models.offload_to_cpu
+        for chunk in self.teacher:
+            move(chunk)
 
     def teacher_wave_size(self, batches) -> Optional[int]:
         """Micro-batches per teacher wave when the colocated teacher's logit shards for the whole
@@ -244,8 +253,8 @@ class Trainer:
         scores them all; the other estimators keep k or 1 values per token)."""
         if self.teacher is None or self.cfg.scope.kl_estimator != "full" or not batches:
             return None
-        rows = _output_rows(self.teacher[0]) // self.layout.tp
-        per_batch = teacher_logits_bytes(batches, rows, params_dtype(self.cfg))
+        local_vocab = self.cfg.teacher.padded_vocab_size(self.layout.tp) // self.layout.tp  # a logit shard's
+        per_batch = teacher_logits_bytes(batches, local_vocab, params_dtype(self.cfg))
         budget = int(self.cfg.training.teacher_logits_gib * 2**30)
         if per_batch * len(batches) <= budget:
             return None
@@ -257,32 +266,32 @@ class Trainer:
                   f"scoring in waves of {size} micro-batch(es), each followed by the student's pass", flush=True)
         return size
 
-    def _train_step(self, batches) -> Dict[str, float]:
+    def _train_step(self, batches, waves: Optional[int]) -> Dict[str, float]:
+        """The training step over the prepared micro-batches; waves: teacher_wave_size(batches)."""
         cfg = self.cfg
-        size = self.teacher_wave_size(batches)
         common = dict(scope=cfg.scope, vocab_size=cfg.student.vocab_size,
                       engine_temperature=self.train_sampling().logprob_temperature)
-        if size is None:
+        if waves is None:
             return train_step(self.student, self.optimizer, self.scheduler, batches, **common)
-        waves_left = [-(-len(batches) // size)]
 
-        def score(wave):  # the teacher goes back to host memory after scoring the last wave
-            waves_left[0] -= 1
-            self._score_teacher(wave, offload=waves_left[0] == 0)
+        def score(wave):
+            self._score_teacher(wave)
+            if wave[-1] is batches[-1]:  # scored the last wave: off the device before the optimizer step
+                self._teacher_on_device(False)
 
+        self._teacher_on_device(True)
         try:
             return train_step(self.student, self.optimizer, self.scheduler, batches, **common,
-                              score_teacher=score, micro_batches_per_wave=size)
-        finally:
-            for chunk in self.teacher:
-                models.offload_to_cpu(chunk)
+                              score_teacher=score, micro_batches_per_wave=waves)
+        finally:  # also when the step fails before its last wave (a no-op otherwise)
+            self._teacher_on_device(False)
 
     def step(self, step: int) -> Dict[str, float]:
         """One training step; returns this replica's metrics (where it reports them) else {}."""
         started = time.perf_counter()
-        batches, rollouts, scores = self.prepare(step)
+        batches, rollouts, scores, waves = self._prepare(step)
         prepared = time.perf_counter()
-        metrics = self._train_step(batches)
+        metrics = self._train_step(batches, waves)
         if self.sglang_rollouts is not None:
             synced = time.perf_counter()
             self.engine.update_weights(step + 1)  # the next step samples from the updated student
@@ -462,23 +471,17 @@ def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
 
 
 def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:
-    """One step's metrics from every data-parallel replica's: counts, tokens and throughput
-    summed, maxima (is_maximum) maximized, everything else averaged (each replica has the same
+    """One step's metrics from every data-parallel replica's: counts (step.metric_kind), tokens
+    and throughput summed, maxima maximized, everything else averaged (each replica has the same
     number of prompts)."""
     out = {}
     for key in set().union(*reported):
         values = [r[key] for r in reported if key in r]
-        if key in COUNT_KEYS or key in ("tokens", "throughput/tokens_per_s"):
+        kind = "count" if key in ("tokens", "throughput/tokens_per_s") else metric_kind(key)
+        if kind == "count":
             out[key] = sum(values)
-        elif is_maximum(key):
+        elif kind == "max":
             out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)
     return out
-
-
-def _output_rows(model: torch.nn.Module) -> int:
-    """The padded vocabulary of a Megatron GPTModel (under any wrappers): its output layer's rows."""
-    while not hasattr(model, "vocab_size") and hasattr(model, "module"):
-        model = model.module
-    return int(model.vocab_size)

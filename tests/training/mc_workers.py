@@ -185,7 +185,7 @@ def build_student(cfg=STUDENT, *, distributed_optimizer=False, overlap=False, **
 
 def _params(chunks) -> dict:
     return {f"{i}.{name}": p.detach().clone() for i, c in enumerate(chunks)
-            for name, p in checkpoint._unwrap(c).named_parameters()}
+            for name, p in models.unwrap(c).named_parameters()}
 
 
 def _param_digest(chunks) -> list:
