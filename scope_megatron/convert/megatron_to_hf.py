@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from scope_megatron.training import checkpoint
-from scope_megatron.training.models import ModelConfig
+from scope_megatron.training.models import ModelConfig, unwrap_chunks
 
 from scope_megatron.utils.collectives import result_from_source
 
@@ -147,25 +147,12 @@ def _on_rank0(fn):
     return result_from_source(fn, is_source=dist.get_rank() == 0, error_cls=ConversionError, what="export")
 
 
-def _chunks(model_chunks) -> List[torch.nn.Module]:
-    from megatron.core.distributed import DistributedDataParallel
-
-    if isinstance(model_chunks, torch.nn.Module):
-        model_chunks = [model_chunks]
-    out = []
-    for chunk in model_chunks:
-        while isinstance(chunk, DistributedDataParallel):
-            chunk = chunk.module
-        out.append(chunk)
-    return out
-
-
 def _export_chunks(model_chunks: Sequence[torch.nn.Module], template_dir, out_dir, **kw) -> ExportedModel:
     from megatron.core import dist_checkpointing
 
     from scope_megatron.training import platform
 
-    chunks = _chunks(model_chunks)
+    chunks = unwrap_chunks(model_chunks)
     cfg = getattr(chunks[0], "scope_model_config", None)
     if cfg is None:
         raise ConversionError("the model chunks carry no scope_model_config; build them with "
@@ -205,7 +192,7 @@ def hf_named_tensors(model_chunks, template_dir, *, dtype=None, group=None, devi
 
     from .megatron_io import GroupModelReader
 
-    chunks = _chunks(model_chunks)
+    chunks = unwrap_chunks(model_chunks)
     cfg = getattr(chunks[0], "scope_model_config", None)
     if cfg is None:
         raise ConversionError("the model chunks carry no scope_model_config; build them with "

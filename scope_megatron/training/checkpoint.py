@@ -123,13 +123,6 @@ def _on_rank0(what: str, fn: Callable[[], Any]) -> Any:
 # ---- what a checkpoint records about the model ---------------------------------------------
 
 
-def _chunks(model_chunks) -> List[torch.nn.Module]:
-    """The unwrapped chunks of a list of chunks or of a single model."""
-    if isinstance(model_chunks, torch.nn.Module):
-        model_chunks = [model_chunks]
-    return [models.unwrap(chunk) for chunk in model_chunks]
-
-
 def _architecture(chunk: torch.nn.Module) -> Dict[str, Any]:
     config = chunk.config
     arch = {name: getattr(config, name, None) for name in _ARCH_FIELDS}
@@ -201,7 +194,7 @@ def save_checkpoint(root, step: int, model_chunks: Sequence[torch.nn.Module], op
                          f"from step = {step}; drop it from extra_state (load returns the step)")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"save_checkpoint: keep_last must be None or a positive int, got {keep_last!r}")
-    chunks = _chunks(model_chunks)
+    chunks = models.unwrap_chunks(model_chunks)
     final, tmp = root / iter_name(step), root / f"{_TMP_PREFIX}{iter_name(step)}"
 
     _on_rank0("preparing the checkpoint directory", lambda: _prepare(root, final, tmp))
@@ -453,7 +446,7 @@ def load_checkpoint(path, model_chunks: Sequence[torch.nn.Module], optimizer=Non
 
     meta = checkpoint_info(path)
     ckpt = Path(meta["path"])
-    chunks = _chunks(model_chunks)
+    chunks = models.unwrap_chunks(model_chunks)
     _check_model(meta, chunks, ckpt)
     if optimizer is not None:
         _check_optimizer(meta, optimizer, ckpt)

@@ -344,6 +344,13 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+def unwrap_chunks(model_chunks) -> List[torch.nn.Module]:
+    """The unwrapped chunks (unwrap) of a list of chunks or of a single model."""
+    if isinstance(model_chunks, torch.nn.Module):
+        model_chunks = [model_chunks]
+    return [unwrap(chunk) for chunk in model_chunks]
+
+
 # ---- the frozen teacher -----------------------------------------------------------------------
 
 
