@@ -26,7 +26,11 @@ What it reproduces of SGLang, because our client depends on it:
   for the NCCL broadcast), /destroy_weights_update_group, /get_model_info, /model_info,
   /get_weight_version, /server_info, /get_server_info, /flush_cache, /health, /health_generate,
   /abort_request {"abort_all": true} (ends the slow and hanging faults in progress; an aborted
-  slow /generate answers finish_reason {"type": "abort"}, as SGLang does).
+  slow /generate answers finish_reason {"type": "abort"}, as SGLang does) or {"rid": r} (ends
+  those of the /generate whose rid, or one of whose batch rids, is r; an unknown rid is ignored,
+  as sglang's tokenizer manager does). /generate's rid: a string (a batch: rid_0, rid_1, ...) or
+  one per batch item; a rid of a request still running is refused with 400 "Duplicate request
+  ID detected"; with n > 1 SGLang gives the samples fresh rids, so the given ones are ignored.
 - errors: HTTP 400 {"error": {"message"}} for bad /generate input; {"success": false, "message"}
   with 400 for failed weight operations.
 
@@ -139,6 +143,8 @@ class FakeSGLangServer:
         self._updating = False
         self._stop = threading.Event()
         self._abort_epoch = 0  # POST /abort_request {"abort_all": true} ends the slow / hanging waits begun before it
+        self._live_rids: set = set()  # rids of the /generate requests running now
+        self._aborted_rids: set = set()  # those of them an /abort_request {"rid"} named
         self._thread: Optional[threading.Thread] = None
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -181,11 +187,12 @@ class FakeSGLangServer:
         self._thread.start()
         return self
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleeps up to `seconds` (a fault's delay); True when an /abort_request ended it early."""
+    def _wait(self, seconds: float, rids=()) -> bool:
+        """Sleeps up to `seconds` (a fault's delay); True when an /abort_request ended it early
+        (abort_all, or one of the request's `rids`)."""
         epoch, until = self._abort_epoch, time.monotonic() + seconds
         while not self._stop.wait(0.02):
-            if self._abort_epoch != epoch:
+            if self._abort_epoch != epoch or any(r in self._aborted_rids for r in rids):
                 return True
             if time.monotonic() >= until:
                 return False
@@ -225,6 +232,25 @@ class FakeSGLangServer:
                     f["count"] -= 1
                     return dict(f)
         return None
+
+    @staticmethod
+    def request_rids(req) -> List[str]:
+        """The rids of a /generate body as SGLang's GenerateReqInput normalizes them ([] without a
+        rid, or with n > 1: SGLang then gives every sample a fresh rid)."""
+        rid = req.get("rid") if isinstance(req, dict) else None
+        if rid is None:
+            return []
+        sps = req.get("sampling_params") or {}
+        if any((sp or {}).get("n", 1) != 1 for sp in (sps if isinstance(sps, list) else [sps])):
+            return []
+        ids = req.get("input_ids") or []
+        if not (len(ids) > 0 and isinstance(ids[0], list)):
+            return [str(rid)]
+        if isinstance(rid, str):
+            return [f"{rid}_{i}" for i in range(len(ids))]
+        if not isinstance(rid, list) or len(rid) != len(ids):
+            raise _BadRequest("The specified rids length mismatch with the batch_size for batch processing.")
+        return [str(r) for r in rid]
 
     def calls_to(self, path: str) -> list:
         return [payload for p, payload in self.calls if p == path]
@@ -544,6 +570,11 @@ class FakeSGLangServer:
         if path == "/abort_request" and method == "POST":  # SGLang: AbortReq(rid="", abort_all=False)
             if (body or {}).get("abort_all"):
                 self._abort_epoch += 1
+            else:
+                rid = (body or {}).get("rid") or ""
+                with self._lock:
+                    if rid in self._live_rids:  # sglang's tokenizer manager ignores unknown rids
+                        self._aborted_rids.add(rid)
             return 200, ""
         if path in ("/health", "/health_generate"):
             return 200, ""
@@ -611,26 +642,40 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": {"message": "the body is not JSON"}})
         if path not in ("/fault", "/calls", "/health"):
             owner.calls.append((path, body))
+        rids: List[str] = []
+        if path == "/generate" and method in ("POST", "PUT"):
+            try:
+                rids = owner.request_rids(body)
+            except _BadRequest as exc:
+                return self._send(400, {"error": {"message": str(exc)}})
+            with owner._lock:
+                taken = [r for r in rids if r in owner._live_rids]
+                if taken:
+                    return self._send(400, {"error": {"message": f"Duplicate request ID detected: {taken[0]}"}})
+                owner._live_rids.update(rids)
         with owner._count_lock:
             owner.active += 1
             owner.max_active = max(owner.max_active, owner.active)
         try:
-            return self._serve(owner, method, path, body)
+            return self._serve(owner, method, path, body, rids)
         finally:
             with owner._count_lock:
                 owner.active -= 1
+            with owner._lock:
+                owner._live_rids.difference_update(rids)
+                owner._aborted_rids.difference_update(rids)
 
-    def _serve(self, owner, method, path, body):
+    def _serve(self, owner, method, path, body, rids=()):
         fault = owner._take_fault(path)
         if fault is not None:
             kind = fault["kind"]
             if kind == "status":
                 return self._send(fault["status"], {"error": {"message": f"injected HTTP {fault['status']}"}})
             if kind == "hang":
-                owner._wait(fault["delay"])
+                owner._wait(fault["delay"], rids)
                 self.close_connection = True
                 return None
-            if kind == "slow" and owner._wait(fault["delay"]):
+            if kind == "slow" and owner._wait(fault["delay"], rids):
                 return self._send(200, {"text": "", "output_ids": [], "meta_info": {
                     "id": "aborted", "finish_reason": {"type": "abort", "message": "Abort in waiting queue"}}})
             if kind == "close":

@@ -161,7 +161,59 @@ def test_a_failed_map_aborts_the_requests_still_running(server):
         with pytest.raises(SGLangError, match="rejected"):
             c.map("/generate", [BODY, BODY, BODY], validate=reject)
     assert time.monotonic() - t0 < 15, "close waited for the aborted requests' generation"
-    assert [p for p, _ in server.calls].count("/abort_request") == 1
-    assert len(server.calls_to("/generate")) == 3  # the aborted requests were not retried
+    # each running request aborted by its own rid (not abort_all: the server's other requests are
+    # not this map's), once
+    aborts = server.calls_to("/abort_request")
+    rids = [b["rid"] for b in server.calls_to("/generate")]
+    assert len(aborts) == 2 and all(set(b) == {"rid"} for b in aborts)
+    assert len({b["rid"] for b in aborts}) == 2 and {b["rid"] for b in aborts} < set(rids)
+    assert len(rids) == len(set(rids)) == 3  # the aborted requests were not retried
     with _client([server.url]) as c:  # the server (and a client) serve again afterwards
         assert len(c.post("/generate", BODY)["output_ids"]) == 2
+
+
+def test_a_failed_map_leaves_other_requests_alone(server):
+    """The abort of a failed map names its own requests only: another client's request running on
+    the same server at the time answers normally."""
+    import threading
+
+    server.inject_fault("slow", count=1, delay=3)
+    other = {}
+
+    def other_client():
+        with _client([server.url]) as c:
+            other["answer"] = c.post("/generate", BODY)
+
+    thread = threading.Thread(target=other_client)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.calls_to("/generate") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.inject_fault("slow", count=2, delay=60)
+
+    def reject(i, answer):
+        raise SGLangError(f"answer {i} rejected")
+
+    with _client([server.url], max_in_flight=4) as c:
+        with pytest.raises(SGLangError, match="rejected"):
+            c.map("/generate", [BODY, BODY, BODY], validate=reject)
+    thread.join(timeout=30)
+    assert other["answer"]["meta_info"]["finish_reason"]["type"] != "abort"
+    assert len(other["answer"]["output_ids"]) == 2
+
+
+def test_map_requests_carry_a_fresh_rid_per_attempt(server):
+    """A retry after a timeout must not reuse the rid of the attempt the server may still be
+    running (SGLang refuses it: "Duplicate request ID detected"); a batch gets one rid per item."""
+    server.inject_fault("hang", count=1, delay=3)
+    with _client([server.url], retries=2) as c:
+        out = c.map("/generate", [BODY, BODY], timeout=1)
+        assert [len(o["output_ids"]) for o in out] == [2, 2]
+        rids = [b["rid"] for b in server.calls_to("/generate")]
+        assert len(rids) == 3 and len(set(rids)) == 3 and all(isinstance(r, str) for r in rids)  # one retried
+        server.calls.clear()
+        batch = {**BODY, "input_ids": [BODY["input_ids"]] * 2, "sampling_params": [BODY["sampling_params"]] * 2}
+        assert len(c.map("/generate", [batch])[0]) == 2
+        (body,) = server.calls_to("/generate")
+        assert len(body["rid"]) == 2 and len(set(body["rid"]) | set(rids)) == 5
+    assert server.calls_to("/abort_request") == []  # nothing failed, nothing aborted

@@ -84,3 +84,35 @@ def test_errors_and_small_endpoints(server):
     w = requests.post(server.url + "/get_weights_by_name",
                       json={"name": "model.layers.0.mlp.up_proj.weight", "truncate_size": 2}, timeout=5).json()
     assert len(w) == 2 and len(w[0]) == 64  # the first rows, as SGLang's Llama answers
+
+
+def test_rids_abort_and_duplicates(server):
+    """As sglang's tokenizer manager: a rid of a running request is refused, /abort_request
+    {"rid"} ends that request only (a batch's rids are rid_0, rid_1, ...), an unknown rid is
+    ignored."""
+    import threading
+
+    sp = {"max_new_tokens": 2, "temperature": 0.0}
+    server.inject_fault("slow", count=2, delay=30)
+    answers = {}
+
+    def send(name, body):
+        answers[name] = _post(server, body)
+
+    threads = [threading.Thread(target=send, args=("a", {"input_ids": P, "sampling_params": sp, "rid": "a"})),
+               threading.Thread(target=send, args=("b", {"input_ids": [P, P], "sampling_params": sp, "rid": "b"}))]
+    for t in threads:
+        t.start()
+    while {"a", "b_0", "b_1"} - server._live_rids:
+        threading.Event().wait(0.01)
+    r = _post(server, {"input_ids": P, "sampling_params": sp, "rid": "b_1"})
+    assert r.status_code == 400 and "Duplicate request ID detected: b_1" in r.text
+    assert _post(server, {"rid": "nope"}, "/abort_request").status_code == 200
+    assert _post(server, {"rid": "b_1"}, "/abort_request").status_code == 200
+    threads[1].join(timeout=10)
+    assert answers["b"].json()["meta_info"]["finish_reason"]["type"] == "abort" and threads[0].is_alive()
+    _post(server, {"rid": "a"}, "/abort_request")
+    threads[0].join(timeout=10)
+    assert answers["a"].json()["meta_info"]["finish_reason"]["type"] == "abort" and not server._live_rids
+    bad = _post(server, {"input_ids": [P, P], "sampling_params": sp, "rid": ["x"]})
+    assert bad.status_code == 400 and "rids length mismatch" in bad.text

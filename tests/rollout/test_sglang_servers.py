@@ -159,14 +159,22 @@ def _dead(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+@pytest.mark.parametrize("via", ["setpriv", "preexec_fn"])
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_launched_servers_do_not_outlive_the_launching_process(tmp_path, sig):
+def test_launched_servers_do_not_outlive_the_launching_process(tmp_path, sig, via):
     """torchrun stops the surviving ranks with SIGTERM, then SIGKILL, when one rank fails (and on
     Ctrl-C): global rank 0 then dies without running atexit or finally blocks. Its servers run in
     their own session, so nothing else stops them: they must die with it, not stay behind holding
-    the GPUs and the ports of the next run."""
+    the GPUs and the ports of the next run. Armed by setpriv where it is on PATH, else by the
+    preexec_fn fallback (PATH without setpriv)."""
+    import shutil
     import signal
     import subprocess
+
+    from scope_megatron.rollout.sglang.servers import _setpriv
+
+    if via == "setpriv" and _setpriv() is None:
+        pytest.skip("no setpriv with --pdeathsig on PATH")
 
     base = _free_ports(1)
     launcher = (
@@ -178,6 +186,13 @@ def test_launched_servers_do_not_outlive_the_launching_process(tmp_path, sig):
         "time.sleep(600)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if via == "preexec_fn":
+        env["PATH"] = str(tmp_path / "empty")  # no setpriv to be found
+    else:
+        launcher = launcher.replace("print(s.processes[0].pid, flush=True)",
+                                    "assert s.processes[0].args[1:3] == ['--pdeathsig', 'KILL']\n"
+                                    "print(s.processes[0].pid, flush=True)")
+    assert via == "setpriv" or shutil.which("setpriv", path=env["PATH"]) is None
     trainer = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, cwd=REPO, env=env)
     server_pid = None
     try:

@@ -247,14 +247,38 @@ def test_a_server_without_token_texts_is_warned_about_not_refused(teacher_dir):
         teacher.client.close()
 
 
+def test_a_server_labeling_every_probe_token_0_is_refused(teacher_server, monkeypatch):
+    """A server that labels every probe token id 0 (and so gives id 0's text for each) compares no
+    student id under its own: the check must fail, not pass on id 0 alone."""
+    from scope_megatron.rollout.sglang import teacher as teacher_module
+
+    char, _ = _toy_tokenizers()
+    zero_text = teacher_module.student_token_texts(char, [0])[0][0]
+    real = teacher_module.parse_probe
+    monkeypatch.setattr(teacher_module, "parse_probe",
+                        lambda answer, chunks: [(sent, 0, zero_text) for sent, _, _ in real(answer, chunks)])
+    teacher = SGLangTeacher(SGLangClient([teacher_server.url], timeout=60))
+    with pytest.raises(SGLangError, match=rf"teacher server {teacher_server.url} .*: 17 of 18 tokenizer probe "
+                                          "tokens came back labeled id 0"):  # all but id 0
+        teacher.check_tokenizer(char)
+    teacher.client.close()
+
+
 def test_compare_probe_rules():
     from scope_megatron.rollout.sglang.teacher import compare_probe
 
     expected = {0: ("<pad>",), 3: ("0",), 4: ("1",)}
     assert compare_probe([(3, 3, None), (4, 4, None)], expected) is None  # no texts: unverifiable
     assert compare_probe([(3, 3, "0"), (4, 4, "1"), (3, 3, "0")], expected) == []
-    # sglang 0.5.21's id-0 label: the text is id 0's, compared as such
+    # sglang 0.5.21's id-0 label: the text is id 0's, compared as such (a few of them)
     assert compare_probe([(3, 0, "<pad>"), (4, 4, "1")], expected) == []
+    assert compare_probe([(3, 3, "0")] * 14 + [(4, 0, "<pad>")] * 2, expected) == []  # 16 // 8
+    # more than the quirk explains: their texts are id 0's, the ids sent would never be compared
+    with pytest.raises(SGLangError, match="2 of 2 tokenizer probe tokens came back labeled id 0"):
+        compare_probe([(3, 0, "<pad>"), (4, 0, "<pad>")], expected)
+    with pytest.raises(SGLangError, match="3 of 16 tokenizer probe tokens"):
+        compare_probe([(3, 3, "0")] * 13 + [(4, 0, "<pad>")] * 3, expected)
+    assert compare_probe([(0, 0, "<pad>"), (4, 4, "1")], expected) == []  # id 0 under its own label
     assert compare_probe([(3, 3, "1"), (4, 4, "1")], expected) == [(3, ("0",), "1")]
     assert compare_probe([(3, 4, "1")], expected) == [(3, ("0",), "1")]  # another label: not aligned
     assert compare_probe([(3, 3, "0"), (4, 4, None)], expected) == [(4, ("1",), "<none>")]

@@ -5,11 +5,12 @@ rule, and the rank protocol (rank 0's outcome on every rank; the weight-update g
 under real gloo groups."""
 import os
 import socket
+import warnings
 
 import pytest
 import requests
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from scope_megatron.rollout import SamplingParams
 from scope_megatron.rollout.sglang import (DiskWeightSync, DistributedWeightSync, SGLangBadRequest, SGLangClient,
@@ -60,7 +61,7 @@ def test_disk_sync_changes_weights_and_version(servers, tmp_path):
         body = s.calls_to("/update_weights_from_disk")[-1]
         assert body == {"model_path": str(step3), "weight_version": "step-3", "flush_cache": True,
                         "abort_all_requests": False}
-        assert len(s.calls_to("/get_weights_by_name")) == 21  # every parameter checked
+        assert len(s.calls_to("/get_weights_by_name")) == 1 + 21  # can it report? then every parameter
         held = _server_weights(s)
         for name, w in new.items():
             torch.testing.assert_close(held[name], w, rtol=0, atol=0)
@@ -115,16 +116,49 @@ def test_disk_sync_to_a_model_without_get_weights_by_name(tmp_path, architecture
         with pytest.warns(RuntimeWarning, match="cannot report parameter .* verified by weight_version only"):
             engine.update_weights(step=1)
         assert engine.weight_version == "step-1" and a.weight_version == b.weight_version == "step-1"
-        assert len(a.calls_to("/get_weights_by_name")) == 1 + 3  # the probe above, then num_verify
+        assert len(a.calls_to("/get_weights_by_name")) == 1 + 1  # the request above, then the sync's probe
         new = load_file(str(tmp_path / "sync" / "step-1" / "model.safetensors"))
         held = _server_weights(a)
         for name, w in new.items():
             torch.testing.assert_close(held[name], w, rtol=0, atol=0)
-        engine.update_weights(step=2)  # warned once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.update_weights(step=2)
+        assert not [w for w in caught if "cannot report" in str(w.message)]  # warned once
+        # the servers are known not to report: nothing more is asked of them
+        assert len(a.calls_to("/get_weights_by_name")) == 1 + 1 and len(b.calls_to("/get_weights_by_name")) == 1
         b.inject_fault("keep_version", path="/update_weights_from_disk")  # the version check still holds
         with pytest.raises(SGLangError, match="serves weight_version 'step-2' after the update; expected 'step-3'"):
             engine.update_weights(step=3)
         engine.close()
+
+
+def test_a_wrong_parameter_name_fails_on_a_server_that_reports_parameters(tmp_path):
+    # a Llama server has get_weights_by_name: a lookup that fails there means the name we exported
+    # is not one of the served model's (an exporter bug), not a server that cannot report
+    def export(path):
+        perturbed_copy(toy_hf_dir(), path)
+        weights = load_file(str(path / "model.safetensors"))
+        weights["model.layers.0.mlp.gate.weight"] = torch.ones(4)  # no such parameter in a Llama
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    with FakeSGLangServer(toy_hf_dir(), weights_by_name=True) as server:
+        engine = _engine((server,), DiskWeightSync(export, tmp_path, num_verify=100))  # every parameter
+        with warnings.catch_warnings(record=True) as caught, \
+                pytest.raises(SGLangError, match=r"model\.layers\.0\.mlp\.gate\.weight is not one of its "
+                                                 r"parameter names") as err:
+            warnings.simplefilter("always")
+            engine.update_weights(step=1)
+        assert not [w for w in caught if "cannot report" in str(w.message)]  # not a server that cannot report
+        assert not isinstance(err.value, SGLangBadRequest) and "Get parameter by name failed" in str(err.value)
+        engine.close()
+
+
+def test_no_value_checks_ask_nothing(servers, tmp_path):
+    engine = _engine(servers, DiskWeightSync(lambda p: perturbed_copy(toy_hf_dir(), p), tmp_path, num_verify=0))
+    engine.update_weights(step=1)
+    assert all(s.calls_to("/get_weights_by_name") == [] for s in servers)
+    engine.close()
 
 
 def test_tensor_sync_to_a_model_without_get_weights_by_name(tmp_path):

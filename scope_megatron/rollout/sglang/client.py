@@ -12,10 +12,12 @@ retried with exponential backoff, preferring another server on the retry:
 
 After the last attempt an SGLangError names the server, the endpoint, the request index and the
 last error (and every attempt). `map` runs many requests with bounded concurrency (a thread pool of
-`max_in_flight` workers, one requests.Session per thread) and returns the answers in order. When
-one of them fails for good (or the caller is interrupted), the queued ones are cancelled and the
-running ones aborted on the servers (POST /abort_request {"abort_all": true}) and not retried, so
-that the error surfaces in seconds rather than after the longest generation.
+`max_in_flight` workers, one requests.Session per thread) and returns the answers in order. Each
+attempt of a map request carries its own `rid` (one per batch item; a retry gets a new one: SGLang
+refuses the rid of a request it still runs). When one of them fails for good (or the caller is
+interrupted), the queued ones are cancelled and the running ones aborted on their servers by rid
+(POST /abort_request {"rid"}: other requests on the servers, other clients' included, go on) and
+not retried, so that the error surfaces in seconds rather than after the longest generation.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import random
 import threading
 import time
+import uuid
 import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -64,6 +67,62 @@ class _Transient(Exception):
     pass
 
 
+class _MapRun:
+    """One map call's requests on the servers: the rids of the attempts running now, so that a
+    failed map aborts exactly those, and whether it failed (its requests are then not retried)."""
+
+    def __init__(self):
+        self.prefix = uuid.uuid4().hex
+        self.failed = False
+        self._lock = threading.Lock()
+        self._running: Dict[str, tuple] = {}  # attempt key -> (url, rids)
+        self._count = 0
+
+    def start(self, payload: Any, url: str) -> tuple:
+        """(the payload with this attempt's rid(s), attempt key). Raises SGLangError once the map
+        has failed (no new attempt then). A payload that is not a /generate body, or names its own
+        rid, or asks for n > 1 samples (SGLang gives those fresh rids), is sent as it is and cannot
+        be aborted."""
+        with self._lock:
+            if self.failed:
+                raise SGLangError("abandoned after another request of the map failed")
+            self._count += 1
+            key = f"{self.prefix}-{self._count}"
+            payload, rids = _with_rid(payload, key)
+            if rids:
+                self._running[key] = (url, rids)
+            return payload, key
+
+    def done(self, key: str) -> None:
+        with self._lock:
+            self._running.pop(key, None)
+
+    def fail(self) -> Dict[str, List[str]]:
+        """Marks the map failed; {url: rids} of its attempts running now."""
+        with self._lock:
+            self.failed = True
+            out: Dict[str, List[str]] = {}
+            for url, rids in self._running.values():
+                out.setdefault(url, []).extend(rids)
+            return out
+
+
+def _with_rid(payload: Any, key: str) -> tuple:
+    """(payload with rid(s) from `key`, those rids): a rid per batch item; ([], payload as it is)
+    for what cannot carry ours (see _MapRun.start)."""
+    if not isinstance(payload, dict) or "rid" in payload:
+        return payload, []
+    inputs = payload.get("input_ids", payload.get("text"))
+    sps = payload.get("sampling_params") or {}
+    if inputs is None or any(isinstance(sp, dict) and sp.get("n", 1) != 1
+                             for sp in (sps if isinstance(sps, list) else [sps])):
+        return payload, []
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], (list, str)):  # a batch
+        rids = [f"{key}-{i}" for i in range(len(inputs))]
+        return dict(payload, rid=rids), rids
+    return dict(payload, rid=key), [key]
+
+
 class SGLangClient:
     """Requests to a set of SGLang servers.
 
@@ -100,7 +159,6 @@ class SGLangClient:
         self._local = threading.local()
         self._sessions: List[requests.Session] = []
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._aborting = threading.Event()  # a failed map's running requests: no more retries
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -173,12 +231,13 @@ class SGLangClient:
     def request(self, method: str, path: str, payload: Any = None, *, url: Optional[str] = None,
                 index: Optional[int] = None, timeout: Optional[float] = None,
                 validate: Optional[Callable[[Any], None]] = None, parse_json: bool = True,
-                retries: Optional[int] = None) -> Any:
+                retries: Optional[int] = None, _run: Optional[_MapRun] = None) -> Any:
         """One request with retries. url: a fixed server (default: chosen per attempt).
         index: the request's index, for error messages. validate(answer) may raise
         ResponseInvalid to have the request retried, or SGLangError to fail at once (an answer
         that contradicts the request). parse_json=False returns the body text. retries: this
-        request's retry count (default: the client's; 0 for requests that must not repeat)."""
+        request's retry count (default: the client's; 0 for requests that must not repeat).
+        _run: the map call this request belongs to (rids, abort, no retry once it failed)."""
         timeout = self.timeout if timeout is None else float(timeout)
         retries = self.retries if retries is None else int(retries)
         attempts: List[str] = []
@@ -188,7 +247,12 @@ class SGLangClient:
             server = url or self._acquire(tried)
             try:
                 try:
-                    resp = self._once(method, server, path, payload, timeout)
+                    body, key = (payload, None) if _run is None else _run.start(payload, server)
+                    try:
+                        resp = self._once(method, server, path, body, timeout)
+                    finally:
+                        if key is not None:
+                            _run.done(key)
                 finally:
                     if url is None:
                         self._release(server)
@@ -212,9 +276,9 @@ class SGLangClient:
             except _Transient as exc:
                 attempts.append(f"{server}: {exc}")
                 tried.append(server)
-                if self._aborting.is_set():
+                if _run is not None and _run.failed:
                     raise SGLangError(f"SGLang server {server}, {method} {path} ({where}): abandoned after "
-                                      f"another request failed ({exc})") from None
+                                      f"another request of the map failed ({exc})") from None
                 if attempt == retries:
                     raise SGLangError(
                         f"SGLang server {server} failed {method} {path} ({where}) after "
@@ -235,15 +299,16 @@ class SGLangClient:
         """POSTs every payload (concurrently, at most max_in_flight at a time, spread over the
         servers) and returns the answers in order. validate(i, answer) checks answer i. The first
         request that fails for good raises its SGLangError; the requests still queued are
-        cancelled."""
+        cancelled and those running aborted (see the module docstring)."""
         payloads = list(payloads)
         if not payloads:
             return []
         pool = self._executor()
+        map_run = _MapRun()
 
         def run(i):
             check = None if validate is None else (lambda answer: validate(i, answer))
-            return self.post(path, payloads[i], index=i, validate=check, timeout=timeout)
+            return self.post(path, payloads[i], index=i, validate=check, timeout=timeout, _run=map_run)
 
         futures = [pool.submit(run, i) for i in range(len(payloads))]
         index = {fut: i for i, fut in enumerate(futures)}
@@ -264,46 +329,48 @@ class SGLangClient:
         except BaseException:
             for fut in futures:
                 fut.cancel()
-            self._abort_running([f for f in futures if not f.done()])
+            self._abort_running(map_run, [f for f in futures if not f.done()])
             raise
         finally:
             if bar is not None:
                 bar.close()
         return results
 
-    def _abort_running(self, running: list, wait: float = 30.0) -> None:
-        """After a failed map: asks every server to abort its requests (best effort, once, no
-        retries) so that the requests still running answer now, and waits up to `wait` seconds
-        for them to come back (each then fails without a retry)."""
+    def _abort_running(self, map_run: _MapRun, running: list, wait: float = 30.0) -> None:
+        """After a failed map: marks it failed (no more attempts or retries), asks the servers to
+        abort its attempts running now by rid (best effort, once each), and waits up to `wait`
+        seconds for them to come back (each then fails without a retry)."""
+        live = map_run.fail()
         if not running:
             return
-        self._aborting.set()
-        try:
-            for url in self.urls:
+        for url, rids in live.items():
+            for rid in rids:
                 try:
-                    self._session().post(f"{url}/abort_request", json={"abort_all": True},
+                    self._session().post(f"{url}/abort_request", json={"rid": rid},
                                          timeout=(min(5.0, self.connect_timeout), 5.0))
                 except requests.RequestException:
-                    pass  # the server may be the one that failed
-            concurrent.futures.wait(running, timeout=wait)
-        finally:
-            self._aborting.clear()
+                    break  # the server may be the one that failed: its other rids would wait too
+        concurrent.futures.wait(running, timeout=wait)
 
     def broadcast(self, method: str, path: str, payload: Any = None, *,
                   validate: Optional[Callable[[str, Any], None]] = None,
-                  timeout: Optional[float] = None, retries: Optional[int] = None) -> Dict[str, Any]:
-        """The same request to every server (concurrently): {url: answer}. validate(url, answer)
-        checks each answer. Raises the first server's SGLangError."""
-        pool = self._executor() if len(self.urls) > 1 else None
+                  timeout: Optional[float] = None, retries: Optional[int] = None,
+                  urls: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """The same request to every server (concurrently), or to `urls` (some of them): {url:
+        answer}. validate(url, answer) checks each answer. Raises the first server's SGLangError."""
+        urls = list(self.urls if urls is None else urls)
+        if not urls:
+            return {}
 
         def run(u):
             check = None if validate is None else (lambda answer: validate(u, answer))
             return self.request(method, path, payload, url=u, validate=check, timeout=timeout,
                                 retries=retries)
 
-        if pool is None:
-            return {self.urls[0]: run(self.urls[0])}
-        futures = {u: pool.submit(run, u) for u in self.urls}
+        if len(urls) == 1:
+            return {urls[0]: run(urls[0])}
+        pool = self._executor()
+        futures = {u: pool.submit(run, u) for u in urls}
         return {u: f.result() for u, f in futures.items()}
 
     def submit(self, fn: Callable, *args):

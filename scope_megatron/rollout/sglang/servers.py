@@ -20,12 +20,16 @@ detokenizer processes are in the group). On Linux each server also gets SIGKILL 
 when the launching process dies without running shutdown (PR_SET_PDEATHSIG: torchrun stops
 surviving ranks with SIGTERM / SIGKILL when one fails, or on Ctrl-C; SGLang's own subprocesses
 die with their server), so no server outlives the trainer. That signal is tied to the launching
-thread: it is set only when launching from the main thread.
+thread: it is set only when launching from the main thread. It is armed by `setpriv --pdeathsig
+KILL` (util-linux) in front of the command where setpriv has that option, else by a preexec_fn
+(Python code between fork and exec: unsafe in a threaded process, so only the fallback).
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,11 +80,37 @@ def server_environment() -> Dict[str, str]:
     return env
 
 
-def _die_with_parent():
-    """A preexec_fn for Popen (or None where unavailable): the child gets SIGKILL when this
-    process's main thread exits, however it exits. ctypes is resolved here, before the fork."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+@functools.lru_cache(maxsize=None)
+def _setpriv() -> Optional[str]:
+    """The path of a setpriv that has --pdeathsig (util-linux >= 2.33), or None."""
+    path = shutil.which("setpriv")
+    if path is None:
         return None
+    try:
+        usage = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in usage else None
+
+
+def _die_with_parent(args: List[str]) -> tuple:
+    """(args, preexec_fn) for Popen so that the child gets SIGKILL when this process's main
+    thread exits, however it exits: args run under setpriv --pdeathsig where available (no Python
+    in the forked child), else a preexec_fn; (args, None) where neither applies."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return args, None
+    setpriv = _setpriv()
+    if setpriv is not None:
+        # the shell checks that the parent did not die before the signal was armed, then execs
+        # the server (same pid throughout)
+        guard = f'[ "$PPID" = {os.getpid()} ] || exit 1; exec "$@"'
+        return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", guard, "sh"] + list(args), None
+    return args, _preexec_die_with_parent()
+
+
+def _preexec_die_with_parent():
+    """The preexec_fn fallback of _die_with_parent (or None where unavailable). ctypes is resolved
+    here, before the fork."""
     try:
         import ctypes
 
@@ -168,9 +198,9 @@ class SGLangServers:
                     files.append(out)
                     out.write(f"$ {' '.join(args)}\n".encode())
                     out.flush()
-                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env,
-                                        start_new_session=True, cwd=os.getcwd(),
-                                        preexec_fn=_die_with_parent())
+                run_args, preexec = _die_with_parent(args)
+                proc = subprocess.Popen(run_args, stdout=out, stderr=subprocess.STDOUT, env=child_env,
+                                        start_new_session=True, cwd=os.getcwd(), preexec_fn=preexec)
                 processes.append(proc)
                 logs.append(log)
                 urls.append(f"http://{host}:{port}")

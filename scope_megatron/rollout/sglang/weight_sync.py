@@ -6,10 +6,12 @@ export or gather it starts may be collective); only rank 0 of `group` talks HTTP
 instead of hanging in the next collective. Each update sets the servers' weight_version to
 f"step-{step}" and is verified: every server must report that version (meta_info.weight_version
 of a 1-token /generate) and, for a sample of parameters, /get_weights_by_name must match the
-values sent (within rtol * max|w| + atol: the server may hold bf16 copies of fp32 weights). A
-parameter a server cannot report (sglang 0.5.21's Qwen2 / Qwen3 model classes have no
-get_weights_by_name: HTTP 400 for every name) is not compared; a warning says so once and the
-update rests on the weight_version check.
+values sent (within rtol * max|w| + atol: the server may hold bf16 copies of fp32 weights).
+Whether a server can report parameters at all is asked once (/get_weights_by_name of
+"lm_head.weight", which every sglang model class with the lookup answers): one that cannot
+(sglang 0.5.21's Qwen2 / Qwen3 model classes have no get_weights_by_name: HTTP 400 for every
+name) is warned about once and from then on verified by weight_version only; on one that can, a
+failed lookup of a parameter we sent is an error (its name is not one of the server's).
 
   DiskWeightSync         export an HF directory (export_fn), POST /update_weights_from_disk.
                          Works for any placement; verified here against the protocol-faithful
@@ -103,6 +105,12 @@ def compare_weights(values, expected: torch.Tensor, truncate_size: int, *, rtol:
     return diff <= tol, diff, f"max |diff| {diff:.3g} (tolerance {tol:.3g})"
 
 
+# a parameter every sglang model class with get_weights_by_name answers for (Llama, Granite,
+# Exaone4, OPT: lm_head.weight, or the embedding when it is tied): the probe of whether a server
+# can report parameters at all
+_PROBE_PARAMETER = "lm_head.weight"
+
+
 class _Verifier:
     """Checks that every server reports `version` and holds the expected parameter values."""
 
@@ -113,7 +121,7 @@ class _Verifier:
         self.rtol, self.atol = float(rtol), float(atol)
         self.probe_ids = [int(t) for t in probe_ids]
         self.timeout = float(timeout)
-        self._warned_unreported = False
+        self._reports: Dict[str, bool] = {}  # url -> whether it can report parameters (asked once)
 
     def version(self, client: SGLangClient, version: str) -> None:
         payload = {"input_ids": self.probe_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
@@ -126,49 +134,63 @@ class _Verifier:
 
         client.broadcast("POST", "/generate", payload, validate=check, timeout=self.timeout)
 
-    def weights(self, client: SGLangClient, expected: Dict[str, torch.Tensor]) -> List[Tuple[str, str, str]]:
-        """Compares each expected parameter with every server's /get_weights_by_name; raises
-        SGLangError for a value that differs. A parameter a server cannot report (HTTP 400 "Get
-        parameter by name failed", or null: sglang 0.5.21's Qwen2 / Qwen3 model classes have no
-        get_weights_by_name at all, only Llama's has) is not compared: a warning names it (once per
-        verifier) and the update rests on the weight_version check. Returns those (url, name, why)."""
-        unreported: List[Tuple[str, str, str]] = []
+    def reporting(self, client: SGLangClient) -> List[str]:
+        """The servers whose parameters can be compared: those that answer /get_weights_by_name
+        (asked once per server; none with num_verify=0). The first time some cannot, a warning
+        names them: their updates are verified by weight_version only."""
+        if self.num_verify <= 0:
+            return []
+        unknown = [u for u in client.urls if u not in self._reports]
+        if unknown:
+            why: Dict[str, str] = {}
+            for url in unknown:
+                try:
+                    answer = client.request("POST", "/get_weights_by_name",
+                                            {"name": _PROBE_PARAMETER, "truncate_size": 1}, url=url,
+                                            timeout=self.timeout)
+                    self._reports[url] = answer is not None
+                    if answer is None:
+                        why[url] = "answered null"
+                except SGLangBadRequest as exc:  # the model class has no lookup: 400 for every name
+                    self._reports[url] = False
+                    why[url] = str(exc)
+            if why:
+                url, reason = next(iter(why.items()))
+                warnings.warn(f"SGLang server(s) {', '.join(why)} cannot report parameter values ({url}: {reason}); "
+                              "sglang's model classes other than Llama's have no get_weights_by_name, so weight "
+                              "updates to them are verified by weight_version only (num_verify=0 skips the value "
+                              "checks); shown once", RuntimeWarning, stacklevel=3)
+        return [u for u in client.urls if self._reports[u]]
+
+    def sample_size(self, client: SGLangClient) -> int:
+        """How many parameters to sample for weights(): num_verify, or 0 when no server can
+        report them (then nothing is exported for the check or asked)."""
+        return self.num_verify if self.reporting(client) else 0
+
+    def weights(self, client: SGLangClient, expected: Dict[str, torch.Tensor]) -> None:
+        """Compares each expected parameter with the /get_weights_by_name answer of every server
+        that can report parameters (see reporting()); raises SGLangError for a value that
+        differs, and for a lookup that fails on such a server (the name is not the server's)."""
+        urls = self.reporting(client) if expected else []
+        if not urls:
+            return
         for name, tensor in expected.items():
-            def check(answer, name=name, tensor=tensor):
+            def check(url, answer, name=name, tensor=tensor):
                 if answer is None:
-                    raise _Unreported("answered null")
+                    raise SGLangError(f"cannot look up parameter {name} (answered null)")
                 ok, diff, detail = compare_weights(answer, tensor, self.truncate_size, rtol=self.rtol, atol=self.atol)
                 if not ok:
                     raise SGLangError(f"parameter {name} differs from the trainer's after the weight update: "
                                       f"{detail}")
 
-            def ask(url, check=check, name=name):
-                try:
-                    client.request("POST", "/get_weights_by_name", {"name": name, "truncate_size": self.truncate_size},
-                                   url=url, validate=check, timeout=self.timeout)
-                except _Unreported as exc:
-                    unreported.append((url, name, str(exc)))
-                except SGLangBadRequest as exc:  # the server could not look the parameter up
-                    unreported.append((url, name, str(exc)))
-
-            if len(client.urls) == 1:
-                ask(client.urls[0])
-            else:
-                for future in [client.submit(ask, u) for u in client.urls]:
-                    future.result()
-        if unreported and not self._warned_unreported:
-            self._warned_unreported = True
-            url, name, why = unreported[0]
-            warnings.warn(f"{len(unreported)} of {len(expected) * len(client.urls)} weight checks could not be made: "
-                          f"SGLang server {url} cannot report parameter {name} ({why}); sglang's model classes "
-                          "other than Llama's have no get_weights_by_name, so this weight update is verified by "
-                          "weight_version only (num_verify=0 skips the value checks); shown once",
-                          RuntimeWarning, stacklevel=2)
-        return unreported
-
-
-class _Unreported(Exception):
-    """A server answered /get_weights_by_name without the parameter's values."""
+            try:
+                client.broadcast("POST", "/get_weights_by_name", {"name": name, "truncate_size": self.truncate_size},
+                                 urls=urls, validate=check, timeout=self.timeout)
+            except SGLangBadRequest as exc:
+                # the server answered the probe parameter, so it has the lookup: the name is wrong
+                raise SGLangError(f"{exc}; this server reports parameters ({_PROBE_PARAMETER} answered), so "
+                                  f"{name} is not one of its parameter names: the exported names do not match "
+                                  "the served model's") from None
 
 
 def _check_success(url, answer) -> None:
@@ -288,7 +310,7 @@ class DiskWeightSync(WeightSync):
                              timeout=self.update_timeout)
             self.verifier.version(client, version)
             names = sorted(files)
-            picked = random.Random(int(step)).sample(names, min(self.verifier.num_verify, len(names)))
+            picked = random.Random(int(step)).sample(names, min(self.verifier.sample_size(client), len(names)))
             self.verifier.weights(client, _read_rows(files, picked, self.verifier.truncate_size))
             if path not in self._made:
                 self._made.append(path)
@@ -396,9 +418,14 @@ class TensorWeightSync(WeightSync):
         named = iter(self.named_tensors_fn())
 
         def push() -> str:
-            serializer = self.serializer or sglang_serializer()
-            sample = _Reservoir(self.verifier.num_verify, int(step), self.verifier.truncate_size)
-            client.broadcast("POST", "/begin_weight_update", {}, timeout=self.update_timeout)
+            try:
+                serializer = self.serializer or sglang_serializer()
+                # asked before the update session opens: inside it sglang holds the weights for loading
+                sample = _Reservoir(self.verifier.sample_size(client), int(step), self.verifier.truncate_size)
+                client.broadcast("POST", "/begin_weight_update", {}, timeout=self.update_timeout)
+            except BaseException:
+                _drain(named)  # the other ranks' share of the stream runs its collectives
+                raise
             try:
                 for bucket, last in _buckets(named, self.bucket_bytes):
                     if self.serializer is None and any(not t.is_cuda for _, t in bucket):
@@ -520,13 +547,13 @@ class DistributedWeightSync(WeightSync):
         named = iter(self.named_tensors_fn())
 
         def push() -> str:
-            if self._group is None:
-                try:
+            try:
+                if self._group is None:
                     self.connect(client)
-                except BaseException:
-                    _drain(named)
-                    raise
-            sample = _Reservoir(self.verifier.num_verify, int(step), self.verifier.truncate_size)
+                sample = _Reservoir(self.verifier.sample_size(client), int(step), self.verifier.truncate_size)
+            except BaseException:
+                _drain(named)  # the other ranks' share of the stream runs its collectives
+                raise
             seen = 0
             for bucket, last in _buckets(named, self.bucket_bytes):
                 payload = {"names": [n for n, _ in bucket],
