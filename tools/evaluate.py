@@ -98,9 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--megatron-dir needs --tokenizer (the Hugging Face tokenizer of the model)")
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
-    for flag, value in (("--toy-problems", args.toy_problems), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            p.error(f"{flag} must be at least 1, got {value}")
+    if args.toy_problems < 1:  # (--limit is load_benchmark's to check: a ValueError, exit status 2)
+        p.error(f"--toy-problems must be at least 1, got {args.toy_problems}")
     return args
 
 
@@ -141,7 +140,6 @@ def main(argv=None) -> int:
     platform.init_distributed()
     if not platform.cuda_available():
         platform.apply_cpu_shims()
-    import torch
     import torch.distributed as dist
 
     rank0 = dist.get_rank() == 0
@@ -185,8 +183,8 @@ def run(args, settings, say) -> int:
 
         benchmarks = load_benchmarks(args.benchmarks, limit=args.limit)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.hf_dir)
-        encoder = ev.PromptEncoder(tokenizer, settings, model_dir=args.tokenizer or args.hf_dir)
-        say(f"stop ids {list(encoder.stop_ids)}")  # read now: a bad generation_config.json fails here
+        encoder = ev.PromptEncoder(tokenizer, settings)  # stop ids from the tokenizer's directory
+        say(f"stop ids {list(encoder.stop_ids)}")  # read now: a bad generation_config.json fails before the model loads
     if args.sglang_urls:
         engine = sglang_engine(args, encoder, dist)
     else:

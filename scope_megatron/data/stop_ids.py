@@ -7,7 +7,7 @@ response ending on any of them is finished; so every one must be a stop id (the 
 refuses a response stopped on an id outside its stop ids).
 
 Only local directories are read (plain JSON, no network): a tokenizer named by a hub id, or
-loaded from memory, contributes its own eos only.
+loaded from memory, contributes its own eos only; an explicit model_dir must be a directory.
 """
 from __future__ import annotations
 
@@ -50,13 +50,17 @@ def stop_token_ids(tokenizer, model_dir: Optional[Union[str, Path]] = None) -> T
     of `model_dir`'s generation_config.json and config.json, in that order, each id once. The
     first is the one callers use as the pad id when the tokenizer has none.
 
-    model_dir: the model's Hugging Face directory (default: the tokenizer's name_or_path, the
-    directory from_pretrained loaded it from); not a local directory: the tokenizer's eos only.
-    Raises ValueError when there is no stop id at all, or when a file names an id outside the
-    tokenizer's vocabulary (naming the file)."""
+    model_dir: the model's Hugging Face directory, or None for the tokenizer's name_or_path (the
+    directory from_pretrained loaded it from; when that is not a local directory, e.g. a hub name,
+    the tokenizer's eos only). Raises ValueError when an explicit model_dir is not a local
+    directory (its stop ids would be silently missing), when there is no stop id at all, or when a
+    file names an id outside the tokenizer's vocabulary (naming the file)."""
     ids = _as_ids(getattr(tokenizer, "eos_token_id", None), "the tokenizer")
     if model_dir is None:
         model_dir = getattr(tokenizer, "name_or_path", None) or None
+    elif not Path(model_dir).is_dir():
+        raise ValueError(f"model directory {model_dir} is not a local directory: its generation_config.json / "
+                         "config.json stop ids cannot be read (pass None to use the tokenizer's own directory)")
     local = model_dir is not None and Path(model_dir).is_dir()
     if local:
         size = len(tokenizer)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 PathLike = Union[str, os.PathLike]
 RESERVED_KEYS = ("step", "wall_time")
+TENSORBOARD_DIR = "tensorboard"  # MetricsLogger's TensorBoard events: <log_dir>/tensorboard/
 
 
 def _format_value(value: Union[int, float]) -> str:
@@ -130,16 +131,21 @@ def read_metrics(jsonl_path: PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def _event_files(log_dir: Path) -> list[Path]:
+    return sorted((log_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+
+def _held(jsonl: Path, events: Sequence[Path]) -> Optional[str]:
+    if jsonl.exists() and jsonl.stat().st_size > 0:
+        return jsonl.name
+    return "TensorBoard events" if events else None
+
+
 def logged_metrics(log_dir: PathLike, filename: str = "metrics.jsonl") -> Optional[str]:
     """What in log_dir holds a run's metrics (a non-empty metrics file, else TensorBoard events),
     or None: what MetricsLogger refuses to start a new run over."""
     log_dir = Path(log_dir)
-    jsonl = log_dir / filename
-    if jsonl.exists() and jsonl.stat().st_size > 0:
-        return jsonl.name
-    if any((log_dir / "tensorboard").glob("events.out.tfevents.*")):
-        return "TensorBoard events"
-    return None
+    return _held(log_dir / filename, _event_files(log_dir))
 
 
 class MetricsLogger:
@@ -165,7 +171,7 @@ class MetricsLogger:
         self.is_rank0 = is_rank0
         self.log_dir = Path(log_dir)
         self.jsonl_path = self.log_dir / filename
-        self.tensorboard_dir = self.log_dir / "tensorboard"
+        self.tensorboard_dir = self.log_dir / TENSORBOARD_DIR
         self._file = None
         self._writer = None
         self._min_step = 0 if resume_step is None else resume_step + 1
@@ -176,9 +182,9 @@ class MetricsLogger:
             raise ValueError(f"MetricsLogger: resume_step must be a step >= 0, got {resume_step!r}")
         summary_writer = _summary_writer_class() if tensorboard else None
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        events = sorted(self.tensorboard_dir.glob("events.out.tfevents.*"))
+        events = _event_files(self.log_dir)
         if resume_step is None:
-            held = logged_metrics(self.log_dir, filename)
+            held = _held(self.jsonl_path, events)
             if held and not overwrite:
                 raise FileExistsError(
                     f"MetricsLogger: {self.log_dir} already holds the metrics of a run "

@@ -64,8 +64,18 @@ def test_missing_files_or_keys_contribute_nothing(tmp_path):
 def test_not_a_local_directory_gives_the_tokenizers_eos_only(tmp_path):
     d = model_dir(tmp_path, generation=[IM_END, EOS])
     tok = load(d)
-    assert stop_token_ids(tok, "Qwen/Qwen3-1.7B") == (EOS,)  # a hub name: nothing is fetched
+    tok.name_or_path = "Qwen/Qwen3-1.7B"  # loaded by hub name: nothing is fetched
+    assert stop_token_ids(tok) == (EOS,)
     assert stop_token_ids(byte_tokenizer()) == (EOS,)  # built in memory: no directory
+
+
+def test_an_explicit_model_dir_must_be_a_directory(tmp_path):
+    # asked for a directory's stop ids, silently using the tokenizer's eos alone would drop the
+    # ones its generation_config.json names (Qwen3's <|im_end|>): responses would not end there
+    tok = load(model_dir(tmp_path, generation=[IM_END, EOS]))
+    for given in ("Qwen/Qwen3-1.7B", tmp_path / "missing", tmp_path / "tokenizer_config.json"):
+        with pytest.raises(ValueError, match=f"model directory {given} is not a local directory"):
+            stop_token_ids(tok, given)
 
 
 def test_ids_outside_the_vocabulary_are_refused_naming_the_file(tmp_path):

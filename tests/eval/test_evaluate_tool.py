@@ -186,7 +186,7 @@ def test_sglang_servers_sample_the_evaluation(tmp_path, teacher_hf):
      "has no attribute 'nosuch'"),
     (["--megatron-dir", TEACHER, "--toy", "--toy-problems", "0"], "--toy-problems must be at least 1"),
     (["--megatron-dir", TEACHER, "--tokenizer", REPO, "--benchmarks", "b.jsonl", "--limit", "0"],
-     "--limit must be at least 1"),
+     "limit must be an integer >= 1"),
 ])
 def test_bad_input_is_refused_with_exit_status_2(tmp_path, args, message):
     r = _run(*args, "--out", tmp_path / "x")

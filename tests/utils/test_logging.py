@@ -166,3 +166,18 @@ def test_plot_of_an_empty_log_is_an_error(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 1, "wall_time": 0.0}\n')
     with pytest.raises(ValueError, match="no metrics"):
         plot_curves(tmp_path / "m.jsonl", tmp_path / "m.png")
+
+
+def test_tensorboard_events_alone_are_a_run(tmp_path):
+    from scope_megatron.utils.logging import TENSORBOARD_DIR, logged_metrics
+
+    assert logged_metrics(tmp_path) is None
+    (tmp_path / TENSORBOARD_DIR).mkdir()
+    (tmp_path / TENSORBOARD_DIR / "events.out.tfevents.1.host").write_bytes(b"x")
+    (tmp_path / "metrics.jsonl").write_text("")  # empty: not a run
+    assert logged_metrics(tmp_path) == "TensorBoard events"
+    with pytest.raises(FileExistsError, match="TensorBoard events"):
+        MetricsLogger(tmp_path, is_rank0=True, tensorboard=False)
+    with MetricsLogger(tmp_path, is_rank0=True, overwrite=True, tensorboard=False):
+        pass
+    assert logged_metrics(tmp_path) is None  # overwrite removed the events
