@@ -31,7 +31,7 @@ def test_bench_ops_cpu_rows_for_every_provider(tmp_path):
     res = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_ops.py"), "--sizes", "64x1000", "--dtypes", "bf16",
          "--providers", "scope,deferred,fused,fused_deferred,eager", "--repeats", "2", "--warmup", "1",
-         "--out", str(out)],
+         "--in-step-sizes", "64x1000", "--hidden", "32", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
@@ -42,8 +42,39 @@ def test_bench_ops_cpu_rows_for_every_provider(tmp_path):
     for r in rows:
         assert "error" not in r or not r["error"], r
         assert float(r["p50_ms"]) > 0 and float(r["peak_extra_gib"]) >= 0
+        # in the last-layer step: our providers, not the plain-PyTorch reference
+        if r["provider"] == "eager":
+            assert not r["in_step_marginal_ms"], r
+        else:
+            step, base = float(r["in_step_p50_ms"]), float(r["in_step_base_p50_ms"])
+            assert step > 0 and base > 0 and float(r["in_step_marginal_ms"]) == pytest.approx(step - base, abs=2e-3)
     markdown = out.with_suffix(".md").read_text()
     assert "| kl | 64 x 1000 | bf16 | fused |" in markdown
+    assert "| kl | 64 x 1000 | fused_deferred |" in markdown.split("In a last-layer step")[1]
+
+
+def test_in_step_calls_backpropagate_through_both_matmuls():
+    """bench_ops.in_step_calls: the op step and the base step both leave gradients on h and W
+    (and drop them after), and the op step's equal the chain rule through the op."""
+    bench_ops = _load("bench_ops")
+    from scope_megatron.ops import vocab_parallel_kl
+
+    teacher = torch.randn(6, 40, dtype=torch.float64)
+    weights = torch.rand(6, dtype=torch.float64)
+    student = torch.empty(6, 40, dtype=torch.float64)
+    seen = {}
+
+    def fn(logits):
+        logits.register_hook(lambda g: seen.__setitem__("grad_logits", g.clone()))
+        seen["logits"] = logits.detach().clone()
+        return vocab_parallel_kl(logits, teacher)
+
+    op_step, base_step = bench_ops.in_step_calls(fn, student, weights, hidden=8)
+    op_step()
+    logits = seen["logits"].requires_grad_()
+    (vocab_parallel_kl(logits, teacher) * weights).sum().backward()
+    torch.testing.assert_close(seen["grad_logits"], logits.grad)
+    base_step()  # runs without the op
 
 
 def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
@@ -225,3 +256,21 @@ def test_targets_from_the_committed_h100_run():
     got = {t.name: t for t in targets.evaluate(older, {**tune, "fused_clusters": {}})}
     assert status("KL fwd+bwd through autograd (deferred)") == "not measured"
     assert status("fused KL on clusters") == "not measured"
+
+
+def test_bench_host_cpu(tmp_path):
+    """tools/bench_host.py: a row per provider with step = trivial + raw + overhead, all > 0."""
+    out = tmp_path / "host.md"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_host.py"), "--calls", "20", "--rounds", "2",
+                          "--shape", "3x2x50", "--markdown", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| kl |")
+            or line.startswith("| logprob |")]
+    assert [(op.strip(), p.strip()) for op, p, *_ in rows] == [
+        ("kl", "scope"), ("kl", "deferred"), ("kl", "fused"), ("kl", "fused_deferred"),
+        ("logprob", "scope"), ("logprob", "deferred")]
+    for _, _, step, trivial, raw, overhead in rows:
+        step, trivial, raw, overhead = map(float, (step, trivial, raw, overhead))
+        assert step > 0 and trivial > 0 and raw > 0
+        assert overhead == pytest.approx(step - trivial - raw, abs=0.15)

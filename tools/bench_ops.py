@@ -140,6 +140,31 @@ def loss_step(fn, student, weights):
     return step
 
 
+def in_step_calls(fn, student, weights, hidden: int, seed: int = 1):
+    """(op step, base step) in a step shaped like training's last layer, for `fn` on logits of
+    student's shape: logits = h @ W.T from bf16 h [T, hidden] and W [V, hidden] (both requiring
+    grad), then `(fn(logits) * weights).sum().backward()`; the base step backpropagates a fixed
+    logits gradient instead (the same matmul work, no op)."""
+    import torch
+
+    rows, vocab = student.shape
+    g = torch.Generator(device=student.device).manual_seed(seed)
+    make = lambda *shape: torch.empty(shape, dtype=student.dtype, device=student.device).normal_(generator=g)
+    h = (make(rows, hidden) / hidden**0.5).requires_grad_()
+    w = make(vocab, hidden).requires_grad_()
+    grad_logits = make(rows, vocab) * 1e-3
+
+    def op_step():
+        (fn(h @ w.T) * weights).sum().backward()
+        h.grad = w.grad = None
+
+    def base_step():
+        (h @ w.T).backward(grad_logits)
+        h.grad = w.grad = None
+
+    return op_step, base_step
+
+
 def _run_case(case: dict) -> dict:
     """Times case["providers"] on one set of inputs: {provider: result or {"error": ...}}."""
     import torch
@@ -155,13 +180,14 @@ def _run_case(case: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def run(fn):
-        step = loss_step(fn, student, weights)
+    def run(step, peak_memory=True):
         for _ in range(case["warmup"]):
             step()
         sync()
-        with PeakMemory(device) as peak:
-            step()
+        peak = None
+        if peak_memory:
+            with PeakMemory(device) as peak:
+                step()
         times = []
         for _ in range(case["repeats"]):
             sync()
@@ -169,13 +195,20 @@ def _run_case(case: dict) -> dict:
             step()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes}
+        return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes if peak else None}
 
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
     for provider in case["providers"]:
         try:
-            result = run(provider_fn(case["op"], provider, teacher, target, weights) if provider != "compile"
-                         else torch.compile(provider_fn(case["op"], "eager", teacher, target, weights)))
+            fn = (provider_fn(case["op"], provider, teacher, target, weights) if provider != "compile"
+                  else torch.compile(provider_fn(case["op"], "eager", teacher, target, weights)))
+            result = run(loss_step(fn, student, weights))
+            if case.get("in_step") and provider not in ("eager", "compile"):
+                op_step, base_step = in_step_calls(provider_fn(case["op"], provider, teacher, target, weights),
+                                                   student.detach(), weights, case["hidden"])
+                result["in_step_ms"] = run(op_step, peak_memory=False)["times_ms"]
+                result["in_step_base_ms"] = run(base_step, peak_memory=False)["times_ms"]
+                del op_step, base_step
             if device.type == "cuda" and provider in ("scope", "fused"):
                 raw = case["op"] + ("_fused" if provider == "fused" else "")
                 try:
@@ -219,6 +252,11 @@ def _percentile(values, q):
     pos = (len(values) - 1) * q
     lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def _in_step_marginal(res: dict) -> float:
+    """What the op adds to the last-layer step: p50 with the op minus p50 without (ms)."""
+    return _percentile(res["in_step_ms"], 0.5) - _percentile(res["in_step_base_ms"], 0.5)
 
 
 def _spawn(case: dict, timeout: float) -> dict:
@@ -281,6 +319,11 @@ def main(argv=None) -> int:
                              "on CUDA, without the deferred ones on the CPU, where nothing runs ahead)")
     parser.add_argument("--baseline-sizes", default=None,
                         help="comma-separated TxV: run eager and compile only at these sizes")
+    parser.add_argument("--in-step-sizes", default=None,
+                        help="comma-separated TxV: also time our providers inside a last-layer step "
+                             "(logits = h @ W.T, the op, backward) against the same step without the op")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="hidden size of that step (default 4096 on CUDA, 256 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
@@ -301,6 +344,7 @@ def main(argv=None) -> int:
     wanted = (args.providers or ",".join(p for p in PROVIDERS if not (cpu and "deferred" in p))).split(",")
     sizes = args.sizes or ("2048x32000,4096x151936:bf16" if cpu else "4096x151936,16384x151936")
     baseline_sizes = set(args.baseline_sizes.lower().split(",")) if args.baseline_sizes else None
+    in_step_sizes = set(args.in_step_sizes.lower().split(",")) if args.in_step_sizes else set()
     dtypes = args.dtypes or ("fp32,bf16" if cpu else "bf16")
     repeats = args.repeats or (5 if cpu else 20)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
@@ -327,13 +371,16 @@ def main(argv=None) -> int:
                 groups = [[p] for p in providers] if cpu else [providers]
                 for group in groups:
                     case = dict(op=op, rows=t, vocab=v, dtype=dtype, providers=group, device=args.device,
-                                repeats=repeats, warmup=args.warmup)
+                                repeats=repeats, warmup=args.warmup, in_step=size.lower() in in_step_sizes,
+                                hidden=args.hidden or (256 if cpu else 4096))
                     print(f"[bench] {op} {t}x{v} {dtype} {','.join(group)} ...", flush=True)
                     results.update(_spawn(case, args.timeout))
                 for provider in providers:
                     res = results[provider]
                     kernels = (f", kernels alone p50 {_percentile(res['kernels_ms'], 0.5):.2f} ms"
                                if "kernels_ms" in res else "")
+                    if "in_step_ms" in res:
+                        kernels += f", in step +{_in_step_marginal(res):.2f} ms"
                     print(f"[bench]   {provider}: " + (res["error"] if "error" in res else
                           f"p50 {_percentile(res['times_ms'], 0.5):.2f} ms, "
                           f"+{res['peak_extra_bytes'] / 2**30:.2f} GiB{kernels}"), flush=True)
@@ -357,6 +404,13 @@ def main(argv=None) -> int:
                                    speedup_vs_compile=round(compile_p50 / p50, 2) if compile_p50 else "")
                         for k, floor in floors.items():
                             row[f"ratio_to_{k}_floor"] = round(p50 / floor, 2)
+                        if "in_step_ms" in res:
+                            marginal = _in_step_marginal(res)
+                            row["in_step_p50_ms"] = round(_percentile(res["in_step_ms"], 0.5), 3)
+                            row["in_step_base_p50_ms"] = round(_percentile(res["in_step_base_ms"], 0.5), 3)
+                            row["in_step_marginal_ms"] = round(marginal, 3)
+                            for k, floor in floors.items():
+                                row[f"in_step_ratio_to_{k}_floor"] = round(marginal / floor, 2)
                         if "kernels_ms" in res:
                             kp50 = _percentile(res["kernels_ms"], 0.5)
                             row["kernels_p50_ms"] = round(kp50, 3)
@@ -423,6 +477,24 @@ def _markdown(rows, meta, args, bandwidth) -> str:
                 else:
                     line += " | | |"
         lines.append(line)
+    in_step = [r for r in rows if "in_step_marginal_ms" in r]
+    if in_step:
+        lines += ["", f"In a last-layer step (`logits = h @ W.T`, hidden {args.hidden or ('256' if args.device == 'cpu' else '4096')}, "
+                  "the op, backward through both matmuls): p50 of that step, p50 of the same step with a fixed "
+                  "logits gradient in place of the op, and the difference, what the op adds to the step "
+                  "(the host time before its first kernel overlaps the matmul there).", ""]
+        header = "| op | T x V | provider | step ms | without the op ms | op adds ms |"
+        sep = "|---|---|---|---|---|---|"
+        if bandwidth:
+            header += " × two-pass floor | × one-pass floor |"
+            sep += "---|---|"
+        lines += [header, sep]
+        for r in in_step:
+            line = (f"| {r['op']} | {r['tokens']} x {r['vocab']} | {r['provider']} | {r['in_step_p50_ms']:.2f} | "
+                    f"{r['in_step_base_p50_ms']:.2f} | {r['in_step_marginal_ms']:.2f} |")
+            if bandwidth:
+                line += f" {r['in_step_ratio_to_two_pass_floor']} | {r['in_step_ratio_to_one_pass_floor']} |"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 

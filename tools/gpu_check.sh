@@ -3,9 +3,11 @@
 # CUDA kernels, run the fused-KL and core CUDA tests, benchmark the ops against torch eager /
 # torch.compile and the bandwidth floors, take a profiler timeline of the benchmark's step, run
 # the rest of the CUDA tests, and print the results and the performance targets
-# (tools/targets.py) last. Logs and results go to $OUT (default build/gpu_check; exactly 8
-# files, the most the device tool brings back: gpu.txt, build.log, tests.log, tune.json,
-# ops_cuda.csv, ops_cuda.md, bench.log, trace.md).
+# (tools/targets.py) last. The benchmark also times the ops inside a last-layer step (what each
+# adds to a training step), and the timeline is followed by the host time per op call
+# (tools/bench_host.py, appended to trace.md). Logs and results go to $OUT (default
+# build/gpu_check; exactly 8 files, the most the device tool brings back: gpu.txt, build.log,
+# tests.log, tune.json, ops_cuda.csv, ops_cuda.md, bench.log, trace.md).
 #
 #   tools/gpu_check.sh                 # H100: TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16 by default
 #
@@ -81,7 +83,8 @@ echo "benchmark and remaining tests with SCOPE_CUDA_PACKS_PER_WARP=${SCOPE_CUDA_
 skip bench || { stamp "== benchmark"
 timeout 330 "$PY" tools/bench_ops.py --device cuda --ops kl,logprob --dtypes bf16 \
   --sizes 4096x151936,16384x151936,16384x75968,16384x37984,16384x18992 \
-  --baseline-sizes 4096x151936,16384x151936 --repeats ${BENCH_REPEATS:-10} --timeout 150 \
+  --baseline-sizes 4096x151936,16384x151936 --in-step-sizes 16384x151936,16384x37984,16384x18992 \
+  --repeats ${BENCH_REPEATS:-10} --timeout 150 \
   --out "$OUT/ops_cuda.csv" --markdown "$OUT/ops_cuda.md" >"$OUT/bench.log" 2>&1 || status=1
 grep -E "^\[bench\]   " "$OUT/bench.log" | tail -40; }
 
@@ -90,7 +93,11 @@ timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x1
   --ops kl:scope,kl:deferred,kl:fused,kl:fused_deferred,logprob:scope,logprob:deferred \
   --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
-grep -E "^## |^\| (step|raw|raw \+ sync|step − raw) \|" "$OUT/trace.md" 2>/dev/null; }
+grep -E "^## |^\| (step|raw|raw \+ sync|step − raw) \|" "$OUT/trace.md" 2>/dev/null
+# Host time per call at a tiny size (tools/bench_host.py), appended to trace.md (8 files at most)
+timeout 60 "$PY" tools/bench_host.py --device cuda --markdown /tmp/scope_gpu_check/host.md \
+  >/tmp/scope_gpu_check/host.log 2>&1 && { echo; sed 's/^# /## /' /tmp/scope_gpu_check/host.md; } >>"$OUT/trace.md" \
+  && grep -E "^\| (kl|logprob) \|" /tmp/scope_gpu_check/host.md || { tail -5 /tmp/scope_gpu_check/host.log; status=1; }; }
 
 kill "$sampler" 2>/dev/null
 "$PY" - /tmp/scope_gpu_check/clocks.csv <<'PYEOF' | tee -a "$OUT/gpu.txt"

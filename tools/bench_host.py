@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Host time per call of the ops' Python and autograd path, at a size where the kernels cost
+next to nothing: what each call of an op costs the host in a training step (on a GPU: the time
+before the first kernel and after the last that tools/bench_ops.py's step, which waits for the
+device, counts in full; tools/trace_step.py shows it as "lead" and "tail").
+
+For each provider of tools/bench_ops.py (scope, deferred, fused, fused_deferred), on [S, B, V]
+logits shaped as Megatron's ([sequence, batch, vocabulary]):
+  step     `(op(s) * w).sum().backward()`, exactly the step tools/bench_ops.py times
+  trivial  the same step with `s.sum(-1)` in place of the op: the step's own autograd (the
+           multiply, the sum, the engine), which no op can avoid
+  raw      the op's raw kernels alone, without autograd or checks (bench_ops.raw_op_call)
+  overhead step - trivial - raw: what the op's wrapper adds per call (input checks, the
+           autograd.Function, view nodes, error-flag and mismatch bookkeeping)
+Each figure is the best over --rounds of the mean over --calls calls; on CUDA the device is
+synchronized after each round only, so the host runs ahead where the op lets it.
+
+  python tools/bench_host.py                          # CPU, writes benchmarks/results/host_cpu.md
+  python tools/bench_host.py --device cuda --markdown /tmp/host_cuda.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import bench_ops  # noqa: E402  (tools/ is not a package)
+
+PROVIDERS = {"kl": ("scope", "deferred", "fused", "fused_deferred"), "logprob": ("scope", "deferred")}
+RAW = {("kl", "fused"): "kl_fused", ("kl", "fused_deferred"): "kl_fused"}
+
+
+def _per_call_us(call, sync, calls: int, rounds: int) -> float:
+    """Best over rounds of the mean microseconds per call (warm: one round first, untimed)."""
+    for _ in range(max(calls // 4, 1)):
+        call()
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) -> list:
+    """Rows {op, provider, step_us, trivial_us, raw_us, overhead_us} at logits of `shape`."""
+    import torch
+
+    from scope_megatron.ops._library import ops as raw_ops
+
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator(device=dev).manual_seed(0)
+    *lead, vocab = shape
+    student = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g).requires_grad_()
+    teacher = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g)
+    target = torch.randint(0, vocab, lead, device=dev, generator=g)
+    weights = torch.rand(lead, device=dev, generator=g)
+    flat = dict(student=student.detach().reshape(-1, vocab), teacher=teacher.reshape(-1, vocab),
+                target=target.reshape(-1), weights=weights.reshape(-1))
+    trivial = _per_call_us(bench_ops.loss_step(lambda s: s.sum(-1), student, weights), sync, calls, rounds)
+    rows = []
+    for op in ops:
+        for provider in PROVIDERS[op]:
+            fn = bench_ops.provider_fn(op, provider, teacher, target, weights)
+            step = _per_call_us(bench_ops.loss_step(fn, student, weights), sync, calls, rounds)
+            raw_call = bench_ops.raw_op_call(RAW.get((op, provider), op), **flat)
+            if RAW.get((op, provider)) == "kl_fused":  # the backward's fix-up launch too
+                stats = torch.zeros(flat["weights"].numel(), 5, device=dev)
+
+                def raw_call(fused=raw_call, w=flat["weights"]):
+                    grad = fused()[3]
+                    raw_ops.kl_backward_fixup(grad, w, w, flat["student"], flat["teacher"], stats, 0,
+                                              vocab, 1.0, 1.0, True)
+            raw = _per_call_us(raw_call, sync, calls, rounds)
+            rows.append(dict(op=op, provider=provider, step_us=step, trivial_us=trivial, raw_us=raw,
+                             overhead_us=step - trivial - raw))
+            student.grad = None
+    return rows
+
+
+def markdown(rows, meta: dict, command: str) -> str:
+    lines = [
+        f"# Host time per op call ({meta['device_kind']})",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}.",
+        f"Command: `{command}`. Logits {meta['shape']} bf16; µs per call, best of {meta['rounds']} rounds "
+        f"of {meta['calls']} calls. step: `(op(s) * w).sum().backward()`; trivial: the same with "
+        "`s.sum(-1)` for the op; raw: the op's kernels alone; overhead = step − trivial − raw "
+        "(the op's checks, autograd.Function and bookkeeping).",
+        "",
+        "| op | provider | step µs | trivial µs | raw µs | overhead µs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['provider']} | {r['step_us']:.1f} | {r['trivial_us']:.1f} | "
+                     f"{r['raw_us']:.1f} | {r['overhead_us']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="16x2x128", help="SxBxV logits (default 16x2x128)")
+    parser.add_argument("--ops", default="kl,logprob")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--markdown", default=None,
+                        help="output (default: benchmarks/results/host_<device>.md)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the kernels are tiny: threads would only add their wake-ups
+    shape = tuple(int(x) for x in args.shape.lower().split("x"))
+    rows = measure(args.device, shape, args.calls, args.rounds, args.ops.split(","))
+    for r in rows:
+        print(f"[host] {r['op']} {r['provider']}: step {r['step_us']:.1f} µs, overhead "
+              f"{r['overhead_us']:.1f} µs", flush=True)
+    meta = dict(device_kind=args.device, device=bench_ops._device_name(args.device),
+                torch=torch.__version__, date=datetime.date.today().isoformat(),
+                commit=bench_ops._git_commit(), shape="×".join(map(str, shape)), calls=args.calls,
+                rounds=args.rounds)
+    out = Path(args.markdown or REPO / "benchmarks" / "results" / f"host_{args.device}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(rows, meta, "python tools/bench_host.py " + " ".join(sys.argv[1:])))
+    print(f"[host] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
