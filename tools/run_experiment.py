@@ -194,7 +194,7 @@ def write_report(agg: dict, args, seconds: float, command: str, out: Path) -> No
         "when a's hundreds digit is odd).", "",
         f"Start (step 0, same for every method): Avg@{k} {_fmt(agg['start']['Avg'])}, blind-spot "
         f"family {_fmt(agg['start']['Avg_family'])}, rest {_fmt(agg['start']['Avg_rest'])}.", "",
-        f"## Final held-out accuracy (%, mean ± sd over seeds)", "",
+        "## Final held-out accuracy (%, mean ± sd over seeds)", "",
         f"| method | Avg@{k} | Pass@{k} | Avg@{k} on {FAMILY} | Avg@{k} elsewhere |", "|---|---|---|---|---|"]
     for method, s in agg["summary"].items():
         lines.append(f"| {method} | {_fmt(s['Avg'])} | {_fmt(s['Pass'])} | {_fmt(s['Avg_family'])} | "

@@ -10,9 +10,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "scope_kernels/cuda_ops.h"
@@ -273,6 +277,45 @@ __device__ __forceinline__ S block_allreduce(S v, const Merge& merge, S* scratch
 inline unsigned int grid_size(int64_t items) {
   constexpr int64_t kMaxGrid = 0x7fffffff;
   return static_cast<unsigned int>(items < kMaxGrid ? items : kMaxGrid);
+}
+
+// The current device's multiprocessor count, asked of the driver once per device (0 if the
+// query fails: callers then fall back to a grid of one block per item).
+inline int64_t multiprocessors() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (device >= 0 && device < kDevices) {
+    const int cached = known[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (device >= 0 && device < kDevices) known[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+// A launch shape's residency (blocks or clusters resident at once on the device), computed by
+// compute(int64_t* out) -> cudaError_t at the first call for (device, kernel, threads, smem) and
+// cached after it succeeded: the driver's occupancy queries cost microseconds of host time per
+// launch otherwise. Thread-safe; compute runs under the lock (first launches only).
+template <typename Compute>
+cudaError_t cached_residency(int device, const void* kernel, int threads, size_t smem,
+                             int64_t* resident, const Compute& compute) {
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int64_t> known;
+  const Key key{device, kernel, threads, smem};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) {
+    *resident = found->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = compute(resident);
+  if (err == cudaSuccess) known.emplace(key, *resident);
+  return err;
 }
 
 // Packs of a row per warp of a one-block-per-row kernel. Fewer threads per row means fewer

@@ -126,28 +126,31 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
 }
 
 // kFixup (kl_backward_fixup): grad already holds the gradient for the upstream gradient
-// `expected`; rows where grad_out equals it are skipped, the others rewritten as below.
+// `expected`; rows where grad_out equals it are skipped, the others rewritten as below, and
+// their number added to *mismatches (when not null). Its row scan needs a few more registers:
+// one block fewer per SM (only the rare rewritten rows run at that occupancy), and no spills.
 template <typename T, int N, bool kReverse, bool kFixup>
-__global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPerSM<acc_t<T>>)
+__global__ void __launch_bounds__(detail::kMaxBlockThreads,
+                                  detail::kMinBlocksPerSM<acc_t<T>> - (kFixup ? 1 : 0))
     kl_backward_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ grad_out,
                        const acc_t<T>* __restrict__ row_stats, const MutRows<T> grad,
-                       const acc_t<T>* __restrict__ expected) {
+                       const acc_t<T>* __restrict__ expected,
+                       unsigned long long* __restrict__ mismatches) {
   using Acc = acc_t<T>;
   using R = KLRowLayout;
+  const int64_t rows = args.student.rows;
   const int64_t cols = args.student.cols;
   const int64_t packs = cols / N;
   const int64_t valid = valid_columns(args.vocab_start, args.vocab_size, cols);
   const Acc inv_s = args.inv_temperature_student;
   const Acc inv_t = args.inv_temperature_teacher;
-  for (int64_t r = blockIdx.x; r < args.student.rows; r += gridDim.x) {
-    if constexpr (kFixup) {
-      if (grad_out[r] == expected[r]) continue;  // this row's gradient is already right
-    }
+  // The gradient of row r, written by the whole block (no barrier inside).
+  const auto backward_row = [&](const int64_t r) {
     T* __restrict__ out = grad.data + r * grad.row_stride;
     const Acc g = grad_out[r] * inv_s;
     if (g == Acc(0)) {  // masked tokens: nothing to compute
       detail::zero_row<N>(out, cols);
-      continue;
+      return;
     }
     const T* __restrict__ s = args.student.data + r * args.student.row_stride;
     const T* __restrict__ t = args.teacher.data + r * args.teacher.row_stride;
@@ -180,6 +183,28 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
     for (int64_t j = packs * N + threadIdx.x; j < cols; j += blockDim.x) {
       out[j] = detail::from_acc<T>(fn(detail::to_acc(s[j]), detail::to_acc(t[j]), j));
     }
+  };
+  if constexpr (!kFixup) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) backward_row(r);
+  } else {
+    // The block's rows (r = blockIdx.x + i * gridDim.x, as above) are compared blockDim.x at a
+    // time, one row per thread: the usual case (every row already right) costs one parallel
+    // read per block, not one block per row.
+    const int64_t stride = gridDim.x;
+    for (int64_t i0 = 0; blockIdx.x + i0 * stride < rows; i0 += blockDim.x) {
+      const int64_t mine = blockIdx.x + (i0 + threadIdx.x) * stride;
+      const bool differs = mine < rows && !(grad_out[mine] == expected[mine]);
+      const int count = __syncthreads_count(differs);
+      if (count == 0) continue;
+      if (threadIdx.x == 0 && mismatches != nullptr) {
+        atomicAdd(mismatches, static_cast<unsigned long long>(count));
+      }
+      for (int64_t i = i0; i < i0 + blockDim.x; ++i) {
+        const int64_t r = blockIdx.x + i * stride;
+        if (r >= rows) break;
+        if (!(grad_out[r] == expected[r])) backward_row(r);  // the same test in every thread
+      }
+    }
   }
 }
 
@@ -200,19 +225,26 @@ void launch_kl_partial(const KLArgs<T>& args, acc_t<T>* stats, cudaStream_t s) {
 template <typename T, bool kReverse, bool kFixup>
 void launch_kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out,
                         const acc_t<T>* row_stats, MutRows<T> grad, const acc_t<T>* expected,
-                        cudaStream_t s) {
-  const unsigned int blocks = detail::grid_size(args.student.rows);
+                        unsigned long long* mismatches, cudaStream_t s) {
+  unsigned int blocks = detail::grid_size(args.student.rows);
+  if constexpr (kFixup) {
+    // A few blocks per SM, each scanning its rows in one parallel read (one block per row made
+    // this launch 18 us at 16384 rows, all of it block scheduling); the rows a block rewrites
+    // stay spread over the whole grid.
+    const int64_t cap = 4 * detail::multiprocessors();
+    if (cap > 0 && cap < blocks) blocks = static_cast<unsigned int>(cap);
+  }
   const int64_t cols = args.student.cols;
   if (pair_aligned(args) &&
       detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride)) {
     constexpr int N = detail::kPackWidth<T>;
     kl_backward_kernel<T, N, kReverse, kFixup>
         <<<blocks, detail::row_block_threads(cols / N), 0, s>>>(args, grad_out, row_stats, grad,
-                                                                 expected);
+                                                                 expected, mismatches);
   } else {
     kl_backward_kernel<T, 1, kReverse, kFixup>
         <<<blocks, detail::row_block_threads(cols), 0, s>>>(args, grad_out, row_stats, grad,
-                                                             expected);
+                                                             expected, mismatches);
   }
 }
 
@@ -236,22 +268,23 @@ int kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>*
   if (args.student.rows == 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   if (args.reverse) {
-    launch_kl_backward<T, true, false>(args, grad_out, row_stats, grad, nullptr, s);
+    launch_kl_backward<T, true, false>(args, grad_out, row_stats, grad, nullptr, nullptr, s);
   } else {
-    launch_kl_backward<T, false, false>(args, grad_out, row_stats, grad, nullptr, s);
+    launch_kl_backward<T, false, false>(args, grad_out, row_stats, grad, nullptr, nullptr, s);
   }
   return detail::launch_status();
 }
 
 template <typename T>
 int kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
-                      const acc_t<T>* row_stats, MutRows<T> grad, void* stream) {
+                      const acc_t<T>* row_stats, MutRows<T> grad, unsigned long long* mismatches,
+                      void* stream) {
   if (args.student.rows == 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   if (args.reverse) {
-    launch_kl_backward<T, true, true>(args, grad_out, row_stats, grad, expected, s);
+    launch_kl_backward<T, true, true>(args, grad_out, row_stats, grad, expected, mismatches, s);
   } else {
-    launch_kl_backward<T, false, true>(args, grad_out, row_stats, grad, expected, s);
+    launch_kl_backward<T, false, true>(args, grad_out, row_stats, grad, expected, mismatches, s);
   }
   return detail::launch_status();
 }
@@ -261,7 +294,7 @@ int kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc
   template int kl_backward<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*, MutRows<T>, \
                               void*);                                                         \
   template int kl_backward_fixup<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*,        \
-                                    const acc_t<T>*, MutRows<T>, void*);
+                                    const acc_t<T>*, MutRows<T>, unsigned long long*, void*);
 
 SCOPE_CUDA_INSTANTIATE_KL(float)
 SCOPE_CUDA_INSTANTIATE_KL(double)

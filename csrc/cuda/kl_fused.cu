@@ -457,13 +457,8 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
                     acc_t<T>* row_stats, int32_t* flags, MutRows<T> grad, const FusedShape& shape,
                     cudaStream_t stream) {
   auto kernel = kl_fused_kernel<T, kReverse, kCluster>;
-  int device = 0, sms = 0;
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(shape.smem));
-  }
   if (err != cudaSuccess) return static_cast<int>(err);
   const int64_t rows = args.student.rows;
   cudaLaunchConfig_t config = {};
@@ -477,17 +472,33 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  int64_t resident = 0;  // clusters (single blocks when kCluster == 1) resident at once
-  if constexpr (kCluster == 1) {
-    int per_sm = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads, shape.smem);
-    resident = static_cast<int64_t>(per_sm) * sms;
-  } else {
-    int clusters = 0;
-    config.gridDim = dim3(kCluster);
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-    resident = clusters;
-  }
+  // Clusters (single blocks when kCluster == 1) resident at once: asked of the driver at the
+  // first launch of this kernel and shape on this device, with the kernel's shared-memory limit
+  // raised then (it stays raised); later launches skip those calls (host time before the kernel).
+  int64_t resident = 0;
+  err = detail::cached_residency(
+      device, reinterpret_cast<const void*>(kernel), shape.threads, shape.smem, &resident,
+      [&](int64_t* out) {
+        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(shape.smem));
+        if (e != cudaSuccess) return e;
+        if constexpr (kCluster == 1) {
+          int per_sm = 0, sms = 0;
+          e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+          if (e == cudaSuccess) {
+            e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads,
+                                                              shape.smem);
+          }
+          *out = static_cast<int64_t>(per_sm) * sms;
+        } else {
+          int clusters = 0;
+          cudaLaunchConfig_t query = config;
+          query.gridDim = dim3(kCluster);
+          e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &query);
+          *out = clusters;
+        }
+        return e;
+      });
   if (err != cudaSuccess) return static_cast<int>(err);
   if (resident < 1) return static_cast<int>(cudaErrorLaunchOutOfResources);
   const auto blocks = static_cast<unsigned int>((rows < resident ? rows : resident) * kCluster);

@@ -86,8 +86,12 @@ struct CudaBackend {
   template <typename T>
   static void kl_backward_fixup(const k::KLArgs<T>& args, const k::acc_t<T>* grad_out,
                                 const k::acc_t<T>* expected, const k::acc_t<T>* row_stats,
-                                k::MutRows<T> grad, const at::Device& device, const char* op) {
+                                k::MutRows<T> grad, int64_t* mismatches, const at::Device& device,
+                                const char* op) {
+    // int64 and unsigned long long share a size: the counter only ever grows from zero.
+    static_assert(sizeof(int64_t) == sizeof(unsigned long long), "counter width");
     check_launch(k::cuda::kl_backward_fixup<T>(args, grad_out, expected, row_stats, grad,
+                                               reinterpret_cast<unsigned long long*>(mismatches),
                                                current_stream(device)),
                  op);
   }

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "common.h"
@@ -215,7 +216,7 @@ void kl_backward_fixup(at::Tensor& grad, const at::Tensor& grad_out, const at::T
                        const at::Tensor& student, const at::Tensor& teacher,
                        const at::Tensor& row_stats, int64_t vocab_start, int64_t vocab_size,
                        double inv_temperature_student, double inv_temperature_teacher,
-                       bool reverse) {
+                       bool reverse, const std::optional<at::Tensor>& mismatches) {
   constexpr const char* op = "scope_megatron::kl_backward_fixup";
   check_kl_backward_inputs<B>(grad_out, student, teacher, row_stats, vocab_start, vocab_size, op);
   check_vector(expected, student.size(0), acc_dtype(student.scalar_type()), op, "expected",
@@ -224,6 +225,15 @@ void kl_backward_fixup(at::Tensor& grad, const at::Tensor& grad_out, const at::T
                   grad.device() == student.device() && grad.is_contiguous(),
               op, ": grad must be a contiguous tensor of the student logits' shape, dtype and "
               "device (kl_fused's gradient), got ", grad.sizes(), " ", grad.scalar_type());
+  int64_t* counter = nullptr;
+  if (mismatches.has_value() && mismatches->defined()) {
+    TORCH_CHECK(mismatches->numel() == 1 && mismatches->scalar_type() == at::kLong &&
+                    mismatches->device() == student.device() && mismatches->is_contiguous(),
+                op, ": mismatches must be a one-element int64 tensor on the logits' device (a "
+                "running count), got ", mismatches->sizes(), " ", mismatches->scalar_type(), " on ",
+                mismatches->device());
+    counter = mismatches->data_ptr<int64_t>();
+  }
   const typename B::Guard guard(student.device());
   dispatch_logits_dtype(student.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -232,7 +242,7 @@ void kl_backward_fixup(at::Tensor& grad, const at::Tensor& grad_out, const at::T
                                                 inv_temperature_student, inv_temperature_teacher,
                                                 reverse),
                                      cptr<Acc>(grad_out), cptr<Acc>(expected), cptr<Acc>(row_stats),
-                                     mut_rows<T>(grad), student.device(), op);
+                                     mut_rows<T>(grad), counter, student.device(), op);
   });
 }
 

@@ -37,11 +37,13 @@ TORCH_LIBRARY(scope_megatron, m) {
       "float inv_temperature_student, float inv_temperature_teacher, bool reverse) -> "
       "(Tensor kl, Tensor row_stats, Tensor flags, Tensor grad)");
   // Its backward for the upstream gradient received: rewrites, in place, the rows of kl_fused's
-  // gradient where grad_out differs from the weight it was computed for.
+  // gradient where grad_out differs from the weight it was computed for, and adds their number
+  // to the int64 scalar `mismatches` when given (a running count: no host sync, no extra launch).
   m.def(
       "kl_backward_fixup(Tensor(a!) grad, Tensor grad_out, Tensor expected, Tensor student, "
       "Tensor teacher, Tensor row_stats, int vocab_start, int vocab_size, "
-      "float inv_temperature_student, float inv_temperature_teacher, bool reverse) -> ()");
+      "float inv_temperature_student, float inv_temperature_teacher, bool reverse, "
+      "Tensor(b!)? mismatches=None) -> ()");
   // Per-sequence mean negative log-likelihood (log perplexity).
   m.def("sequence_logppl(Tensor values, Tensor? mask, Tensor offsets) -> (Tensor log_ppl, Tensor count)");
   m.def(

@@ -132,7 +132,7 @@ class HostScalar:
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(value.device))  # the stream of the copy
         else:
-            self.host = value
+            self.host = int(value)  # read now: the tensor may change later (a running count)
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()

@@ -75,7 +75,7 @@ def _kl_fused_fake(student, teacher, weight, vocab_size, inv_ts, inv_tt, reverse
 
 @torch.library.register_fake("scope_megatron::kl_backward_fixup")
 def _kl_backward_fixup_fake(grad, grad_out, expected, student, teacher, row_stats, vocab_start,
-                            vocab_size, inv_ts, inv_tt, reverse):
+                            vocab_size, inv_ts, inv_tt, reverse, mismatches=None):
     return None
 
 

@@ -21,102 +21,125 @@ _FLAG_NAMES = {FLAG_NONFINITE_FIRST: "student logits", FLAG_NONFINITE_SECOND: "t
 
 
 class _VocabParallelKL(torch.autograd.Function):
+    """Two passes: the forward's row statistics (all-gathered over the group), then the gradient
+    in backward. Takes and returns the caller's shapes ([..., V_local] -> [...]) and flattens
+    inside, so the graph holds this one node (no view nodes around it: each costs the host a
+    node's worth of autograd time per call)."""
+
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, shard: ShardInfo,
                 vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool,
                 deferred: bool) -> torch.Tensor:
-        stats = ops.kl_partial(student, teacher, shard.vocab_start, vocab_size, inv_ts, inv_tt,
-                               reverse)
+        s, t = flatten_rows(student), flatten_rows(teacher)
+        stats = ops.kl_partial(s, t, shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
         kl, row_stats, flags = ops.kl_combine(gather_stats(stats, shard), reverse, inv_ts, inv_tt)
         ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
-        ctx.save_for_backward(student, teacher, row_stats)
+        ctx.save_for_backward(s, t, row_stats)
         ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
-        return kl
+        ctx.shape = student.shape
+        return kl.view(student.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl: torch.Tensor):
-        student, teacher, row_stats = ctx.saved_tensors
+        s, t, row_stats = ctx.saved_tensors
         # Exact gradient of the replicated KL w.r.t. this rank's student shard; no collective.
-        grad = _exact_grad(grad_kl, student, teacher, row_stats, ctx.args)
+        grad = _exact_grad(_rows_of(grad_kl, row_stats.dtype), s, t, row_stats, ctx.args)
         if ctx.check is not None:  # after the launch: the kernel runs while the host waits
             ctx.check.check()
-        return (grad, *(None,) * 7)
+        return (grad.view(ctx.shape), *(None,) * 7)
 
 
-def _exact_grad(grad_kl, student, teacher, row_stats, args):
-    """The gradient of grad_kl-weighted KL w.r.t. the student shard from the combined row
-    statistics (args: vocab_start, vocab_size, inv_ts, inv_tt, reverse)."""
-    return ops.kl_backward(grad_kl.to(row_stats.dtype).contiguous(), student, teacher, row_stats, *args)
+def _rows_of(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The upstream gradient [...] as the contiguous [rows] of `dtype` the kernels take."""
+    return grad_out.to(dtype).reshape(-1).contiguous()
+
+
+def _exact_grad(grad_rows, s, t, row_stats, args):
+    """The [rows, V] gradient of grad_rows-weighted KL w.r.t. the student shard from the
+    combined row statistics (args: vocab_start, vocab_size, inv_ts, inv_tt, reverse)."""
+    return ops.kl_backward(grad_rows, s, t, row_stats, *args)
 
 
 class _FusedKL(torch.autograd.Function):
     """KL and gradient in one pass (ops.kl_fused) for logits holding the whole vocabulary, with
-    the gradient backward is expected to receive given up front."""
+    the gradient backward is expected to receive given up front. Shapes as _VocabParallelKL."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, expected: torch.Tensor,
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, expected_grad: torch.Tensor,
                 vocab_size: int, inv_ts: float, inv_tt: float, reverse: bool,
                 deferred: bool) -> torch.Tensor:
-        kl, row_stats, flags, grad = ops.kl_fused(student, teacher, expected, vocab_size, inv_ts,
-                                                  inv_tt, reverse)
+        s, t = flatten_rows(student), flatten_rows(teacher)
+        # Not checked for NaN here (a host sync): a non-finite expected_grad can only fail to
+        # match in backward, which then recomputes the gradient from the one it receives.
+        expected = _rows_of(expected_grad, torch.float64 if s.dtype == torch.float64 else torch.float32)
+        kl, row_stats, flags, grad = ops.kl_fused(s, t, expected, vocab_size, inv_ts, inv_tt, reverse)
         ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
-        ctx.save_for_backward(student, teacher, row_stats, expected)
+        ctx.save_for_backward(s, t, row_stats, expected)
         ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
         ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)
-        return kl
+        ctx.shape = student.shape
+        return kl.view(student.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl: torch.Tensor):
-        student, teacher, row_stats, expected = ctx.saved_tensors
+        s, t, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        got = grad_kl.to(expected.dtype).contiguous()
+        got = _rows_of(grad_kl, expected.dtype)
         if grad is None:
-            grad = _exact_grad(got, student, teacher, row_stats, ctx.args)
+            grad = _exact_grad(got, s, t, row_stats, ctx.args)
         else:
             # The rows where the received gradient differs from expected_grad are rewritten on
             # the device (the KL gradient is linear in each row's upstream gradient): no host
             # decision, no sync; where they are equal (the usual case) nothing moves.
-            ops.kl_backward_fixup(grad, got, expected, student, teacher, row_stats, *ctx.args)
-            _MISMATCHES.watch(got, expected)
+            counter = _MISMATCHES.counter(got.device)
+            ops.kl_backward_fixup(grad, got, expected, s, t, row_stats, *ctx.args, counter)
+            _MISMATCHES.watch(counter, got.numel())
         if ctx.check is not None:  # after the launches: the kernels run while the host waits
             ctx.check.check()
-        return (grad, *(None,) * 7)
+        return (grad.view(ctx.shape), *(None,) * 7)
 
 
 class _MismatchWatch:
     """Reports, with a RuntimeWarning, fused backwards whose received gradient differed from
-    expected_grad (a cost, not an error: those rows were recomputed). Without a sync: the count
-    of differing tokens travels to the host (HostScalar) and is read once it has arrived, at once
-    on the CPU, at a later call of vocab_parallel_kl with expected_grad on CUDA."""
+    expected_grad (a cost, not an error: those rows were recomputed). Without a sync or a launch
+    of its own: kl_backward_fixup adds the number of differing tokens to a running count on the
+    device; after each backward that count travels to the host (HostScalar) and is read once it
+    has arrived: at once on the CPU, at a later call of vocab_parallel_kl with expected_grad on
+    CUDA. A backward's differing tokens are the count's growth since the previous read."""
 
     def __init__(self):
-        self.pending = []  # (HostScalar count, tokens)
+        self.counters = {}  # device -> 0-d int64 running count
+        self.seen = {}  # device -> the count last read
+        self.pending = []  # (device, HostScalar of the count after a backward, its tokens)
 
-    def watch(self, got: torch.Tensor, expected: torch.Tensor) -> None:
-        self.pending.append((HostScalar((got != expected).sum()), got.numel()))
+    def counter(self, device: torch.device) -> torch.Tensor:
+        if device not in self.counters:
+            self.counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return self.counters[device]
+
+    def watch(self, counter: torch.Tensor, tokens: int) -> None:
+        self.pending.append((counter.device, HostScalar(counter), tokens))
         self.poll()
 
     def poll(self) -> None:
-        """Reports the watched backwards whose count has arrived; never waits."""
-        waiting = []
-        for count, tokens in self.pending:
-            if count.ready():
-                self._report(count.value(), tokens)
-            else:
-                waiting.append((count, tokens))
-        self.pending = waiting
+        """Reports the watched backwards whose count has arrived, in order; never waits."""
+        while self.pending and self.pending[0][1].ready():
+            device, count, tokens = self.pending.pop(0)
+            value = count.value()
+            differing, self.seen[device] = value - self.seen.get(device, 0), value
+            if differing:
+                self._report(differing, tokens)
 
     @staticmethod
     def _report(differing: int, tokens: int) -> None:
-        if differing:
-            warnings.warn(
-                f"{_OP}: the gradient backward received differed from expected_grad on "
-                f"{differing} of {tokens} tokens; those rows of the gradient were recomputed (two "
-                "more reads of their logits). Pass the gradient the loss actually backpropagates "
-                "into the KL (loss scale and averaging included) as expected_grad.",
-                RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{_OP}: the gradient backward received differed from expected_grad on "
+            f"{differing} of {tokens} tokens; those rows of the gradient were recomputed (two "
+            "more reads of their logits). Pass the gradient the loss actually backpropagates "
+            "into the KL (loss scale and averaging included) as expected_grad.",
+            RuntimeWarning, stacklevel=3)
 
 
 _MISMATCHES = _MismatchWatch()
@@ -205,30 +228,25 @@ def vocab_parallel_kl(
     local_vocab = student_logits.shape[-1]
     shard = shard_info(tp_group, local_vocab, _OP)
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
-    student_rows, teacher_rows = flatten_rows(student_logits), flatten_rows(teacher_logits.detach())
+    # The teacher is frozen: detached, so that no graph edge leads to it.
+    teacher = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
     reverse = direction == "reverse"
     if expected_grad is not None and shard.world_size == 1 and differentiated:
         _MISMATCHES.poll()
-        expected = _check_expected_grad(expected_grad, student_logits)
-        out = _FusedKL.apply(student_rows, teacher_rows, expected, vocab_size, inv_ts, inv_tt, reverse,
-                             deferred)
-    else:
-        out = _VocabParallelKL.apply(student_rows, teacher_rows, shard, vocab_size, inv_ts, inv_tt, reverse,
-                                     deferred)
-    return out.reshape(student_logits.shape[:-1])
+        _check_expected_grad(expected_grad, student_logits)
+        return _FusedKL.apply(student_logits, teacher, expected_grad.detach(), vocab_size, inv_ts, inv_tt,
+                              reverse, deferred)
+    return _VocabParallelKL.apply(student_logits, teacher, shard, vocab_size, inv_ts, inv_tt, reverse,
+                                  deferred)
 
 
-def _check_expected_grad(expected_grad: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """expected_grad as a contiguous [rows] tensor of the result's dtype (float32, or float64)."""
-    shape = tuple(student_logits.shape[:-1])
-    if not isinstance(expected_grad, torch.Tensor) or tuple(expected_grad.shape) != shape:
-        raise ValueError(f"{_OP}: expected_grad must be a tensor of shape {shape} (one value per "
+def _check_expected_grad(expected_grad: torch.Tensor, student_logits: torch.Tensor) -> None:
+    """expected_grad must be a tensor of the result's shape [...], on the logits' device."""
+    shape = student_logits.shape[:-1]
+    if not isinstance(expected_grad, torch.Tensor) or expected_grad.shape != shape:
+        raise ValueError(f"{_OP}: expected_grad must be a tensor of shape {tuple(shape)} (one value per "
                          f"token, like the result), got "
                          f"{tuple(getattr(expected_grad, 'shape', ())) or type(expected_grad).__name__}")
     if expected_grad.device != student_logits.device:
         raise ValueError(f"{_OP}: expected_grad is on {expected_grad.device}, the logits on "
                          f"{student_logits.device}")
-    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    # Not checked for NaN here (a host sync): a non-finite expected_grad can only fail to match
-    # in backward, which then recomputes the gradient from the one it receives.
-    return expected_grad.detach().to(acc).reshape(-1).contiguous()

@@ -18,29 +18,34 @@ _OP = "vocab_parallel_logprob"
 
 
 class _VocabParallelLogprob(torch.autograd.Function):
+    """Takes and returns the caller's shapes ([..., V_local], [...] -> [...]) and flattens inside,
+    so the graph holds this one node (no view nodes around it)."""
+
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, shard: ShardInfo,
                 vocab_size: int, inv_temperature: float, deferred: bool) -> torch.Tensor:
-        stats = ops.logprob_partial(logits, target, shard.vocab_start, vocab_size, inv_temperature)
+        rows = flatten_rows(logits)
+        target = target.reshape(-1).to(torch.int64).contiguous()
+        stats = ops.logprob_partial(rows, target, shard.vocab_start, vocab_size, inv_temperature)
         logprob, row_stats, flags = ops.logprob_combine(gather_stats(stats, shard), inv_temperature)
         ctx.check = check_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, deferred=deferred,
                                 target=target, vocab_size=vocab_size)
-        ctx.save_for_backward(logits, target, row_stats)
-        ctx.shard, ctx.vocab_size, ctx.inv_temperature = shard, vocab_size, inv_temperature
-        return logprob
+        ctx.save_for_backward(rows, target, row_stats)
+        ctx.args = (shard.vocab_start, vocab_size, inv_temperature)
+        ctx.shape = logits.shape
+        return logprob.view(logits.shape[:-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprob: torch.Tensor):
-        logits, target, row_stats = ctx.saved_tensors
+        rows, target, row_stats = ctx.saved_tensors
         # The result is replicated over the TP group and each rank differentiates it w.r.t. its
         # own shard only: no collective here, and no factor of the TP size.
-        grad = ops.logprob_backward(grad_logprob.to(row_stats.dtype).contiguous(), logits, target,
-                                    row_stats,
-                                    ctx.shard.vocab_start, ctx.vocab_size, ctx.inv_temperature)
+        grad = ops.logprob_backward(grad_logprob.to(row_stats.dtype).reshape(-1).contiguous(), rows,
+                                    target, row_stats, *ctx.args)
         if ctx.check is not None:  # after the launch: the kernel runs while the host waits
             ctx.check.check()
-        return grad, None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None
 
 
 def vocab_parallel_logprob(
@@ -98,7 +103,4 @@ def vocab_parallel_logprob(
     local_vocab = logits.shape[-1]
     shard = shard_info(tp_group, local_vocab, _OP)
     vocab_size = resolve_vocab_size(_OP, vocab_size, shard.padded_vocab, local_vocab, shard.world_size)
-    rows = flatten_rows(logits)
-    out = _VocabParallelLogprob.apply(rows, target.reshape(-1).to(torch.int64).contiguous(), shard,
-                                      vocab_size, inv_temperature, deferred)
-    return out.reshape(logits.shape[:-1])
+    return _VocabParallelLogprob.apply(logits, target, shard, vocab_size, inv_temperature, deferred)

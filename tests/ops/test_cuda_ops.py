@@ -662,11 +662,12 @@ def test_kl_fused_matches_reference_and_cpu(reverse, dtype, rows, vocab, gen):
 
 @pytest.mark.parametrize("reverse", [True, False], ids=["reverse", "forward"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,vocab", [(9, 1000), (37, 18992), (5, 1001)])
+@pytest.mark.parametrize("rows,vocab", [(9, 1000), (37, 18992), (5, 1001), (200003, 72)])
 def test_kl_fused_backward_fixup_matches_cpu(reverse, dtype, rows, vocab, gen):
     """kl_backward_fixup on the device: the rows whose received gradient differs from the
     weight kl_fused used are rewritten (as the CPU kernel and kl_backward write them), the
-    others are not written at all; a NaN upstream gradient makes its row NaN."""
+    others are not written at all; a NaN upstream gradient makes its row NaN; the running count
+    grows by the rewritten rows (200003 rows: each block scans its rows in several rounds)."""
     student = random_logits((rows, vocab), dtype, gen)
     teacher = random_logits((rows, vocab), dtype, gen)
     vocab_size = vocab - 37
@@ -684,7 +685,9 @@ def test_kl_fused_backward_fixup_matches_cpu(reverse, dtype, rows, vocab, gen):
         _, row_stats, _, fused = _fused(s, t, w, vocab_size, reverse)
         grad = fused.clone()
         grad[same.to(device)] = 7  # a sentinel on the rows that must not be written
-        ops.kl_backward_fixup(grad, g, w, s, t, row_stats, 0, *args)
+        count = torch.tensor([5], device=device)
+        ops.kl_backward_fixup(grad, g, w, s, t, row_stats, 0, *args, count)
+        assert int(count) == 5 + len(changed), device
         exact = ops.kl_backward(g, s, t, row_stats, 0, *args)
         results[device] = tuple(x.cpu() for x in (fused, grad, exact))
     fused, grad, exact = results[CUDA]

@@ -121,12 +121,46 @@ def test_only_the_rows_that_differ_are_recomputed(gen):
     got[[1, 4]] = torch.tensor([3.0, 0.0])  # rescaled, and masked after the fact
     got[6] = float("nan")
     grad = fused.clone()
-    ops.kl_backward_fixup(grad, got, expected, student, teacher, row_stats, 0, 300, 0.9, 1.1, True)
+    count = torch.tensor([5])  # a running count: the rewritten rows are added to it
+    ops.kl_backward_fixup(grad, got, expected, student, teacher, row_stats, 0, 300, 0.9, 1.1, True, count)
     exact = ops.kl_backward(got, student, teacher, row_stats, 0, 300, 0.9, 1.1, True)
     same = [0, 2, 3, 5]
     assert torch.equal(grad[same], fused[same])
     assert torch.equal(grad[[1, 4]], exact[[1, 4]]) and bool((grad[4] == 0).all())
     assert bool(torch.isnan(grad[6]).all())
+    assert int(count) == 5 + 3
+    ops.kl_backward_fixup(grad, expected, expected, student, teacher, row_stats, 0, 300, 0.9, 1.1, True, count)
+    assert int(count) == 8  # nothing differs: nothing added
+
+
+@pytest.mark.parametrize("bad,match", [(torch.tensor([1.0]), "int64"), (torch.zeros(2, dtype=torch.int64), "one-element")])
+def test_fixup_count_must_be_one_int64(bad, match, gen):
+    ops = torch.ops.scope_megatron
+    student = random_logits((3, 40), torch.float32, gen)
+    expected = torch.ones(3)
+    _, row_stats, _, grad = ops.kl_fused(student, student, expected, 40, 1.0, 1.0, True)
+    with pytest.raises(RuntimeError, match=match):
+        ops.kl_backward_fixup(grad, expected, expected, student, student, row_stats, 0, 40, 1.0, 1.0, True, bad)
+
+
+def test_mismatch_reports_are_per_backward(gen):
+    """The warning counts each backward's own differing tokens (the running count's growth),
+    not the total so far; a backward without differences says nothing."""
+    student = random_logits((4, 64), torch.float32, gen)
+    teacher = random_logits((4, 64), torch.float32, gen)
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    for differing in (2, 0, 1):
+        leaf = student.clone().requires_grad_()
+        received = weights.clone()
+        received[:differing] += 1
+        out = vocab_parallel_kl(leaf, teacher, expected_grad=weights)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (out * received).sum().backward()
+        reports = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(reports) == (1 if differing else 0), reports
+        if differing:
+            assert f"on {differing} of 4 tokens" in reports[0]
 
 
 def test_unexpected_gradient_is_recomputed_with_a_warning(gen):

@@ -50,9 +50,11 @@ int kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t<
 
 // ops.h's kl_backward_fixup (the backward of kl_fused for the gradient received) on the device:
 // the rows where grad_out equals expected are skipped, the others rewritten; no host decision.
+// mismatches (may be null): a device counter the number of rewritten rows is added to.
 template <typename T>
 int kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
-                      const acc_t<T>* row_stats, MutRows<T> grad, void* stream);
+                      const acc_t<T>* row_stats, MutRows<T> grad, unsigned long long* mismatches,
+                      void* stream);
 
 // offsets: [num_seqs + 1] (validated by the caller); mask may be null.
 template <typename T>
