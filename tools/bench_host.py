@@ -12,8 +12,9 @@ logits shaped as Megatron's ([sequence, batch, vocabulary]):
   raw      the op's raw kernels alone, without autograd or checks (bench_ops.raw_op_call)
   overhead step - trivial - raw: what the op's wrapper adds per call (input checks, the
            autograd.Function, view nodes, error-flag and mismatch bookkeeping)
-Each figure is the best over --rounds of the mean over --calls calls; on CUDA the device is
-synchronized after each round only, so the host runs ahead where the op lets it.
+Each figure is the best over --rounds of the mean over --calls calls, the three measured in turn
+in each round; on CUDA the device is synchronized after each batch of calls only, so the host
+runs ahead where the op lets it.
 
   python tools/bench_host.py                          # CPU, writes benchmarks/results/host_cpu.md
   python tools/bench_host.py --device cuda --markdown /tmp/host_cuda.md
@@ -35,18 +36,22 @@ PROVIDERS = {"kl": ("scope", "deferred", "fused", "fused_deferred"), "logprob": 
 RAW = {("kl", "fused"): "kl_fused", ("kl", "fused_deferred"): "kl_fused"}
 
 
-def _per_call_us(call, sync, calls: int, rounds: int) -> float:
-    """Best over rounds of the mean microseconds per call (warm: one round first, untimed)."""
-    for _ in range(max(calls // 4, 1)):
-        call()
-    sync()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def _per_call_us(calls_by_name: dict, sync, calls: int, rounds: int) -> dict:
+    """{name: best over rounds of the mean microseconds per call} for no-argument calls timed in
+    turn within each round (a slow spell of a shared machine then hits all of them alike); one
+    untimed warm-up round first."""
+    for call in calls_by_name.values():
+        for _ in range(max(calls // 4, 1)):
             call()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    sync()
+    best = dict.fromkeys(calls_by_name, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls_by_name.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
     return best
 
 
@@ -66,12 +71,11 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
     weights = torch.rand(lead, device=dev, generator=g)
     flat = dict(student=student.detach().reshape(-1, vocab), teacher=teacher.reshape(-1, vocab),
                 target=target.reshape(-1), weights=weights.reshape(-1))
-    trivial = _per_call_us(bench_ops.loss_step(lambda s: s.sum(-1), student, weights), sync, calls, rounds)
+    trivial = bench_ops.loss_step(lambda s: s.sum(-1), student, weights)
     rows = []
     for op in ops:
         for provider in PROVIDERS[op]:
             fn = bench_ops.provider_fn(op, provider, teacher, target, weights)
-            step = _per_call_us(bench_ops.loss_step(fn, student, weights), sync, calls, rounds)
             raw_call = bench_ops.raw_op_call(RAW.get((op, provider), op), **flat)
             if RAW.get((op, provider)) == "kl_fused":  # the backward's fix-up launch too
                 stats = torch.zeros(flat["weights"].numel(), 5, device=dev)
@@ -80,9 +84,10 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
                     grad = fused()[3]
                     raw_ops.kl_backward_fixup(grad, w, w, flat["student"], flat["teacher"], stats, 0,
                                               vocab, 1.0, 1.0, True)
-            raw = _per_call_us(raw_call, sync, calls, rounds)
-            rows.append(dict(op=op, provider=provider, step_us=step, trivial_us=trivial, raw_us=raw,
-                             overhead_us=step - trivial - raw))
+            us = _per_call_us({"step": bench_ops.loss_step(fn, student, weights), "trivial": trivial,
+                               "raw": raw_call}, sync, calls, rounds)
+            rows.append(dict(op=op, provider=provider, step_us=us["step"], trivial_us=us["trivial"],
+                             raw_us=us["raw"], overhead_us=us["step"] - us["trivial"] - us["raw"]))
             student.grad = None
     return rows
 
@@ -111,8 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default="16x2x128", help="SxBxV logits (default 16x2x128)")
     parser.add_argument("--ops", default="kl,logprob")
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--markdown", default=None,
                         help="output (default: benchmarks/results/host_<device>.md)")
     args = parser.parse_args(argv)
