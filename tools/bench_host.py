@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 rounds=args.rounds)
     out = Path(args.markdown or REPO / "benchmarks" / "results" / f"host_{args.device}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows, meta, "python tools/bench_host.py " + " ".join(sys.argv[1:])))
+    out.write_text(markdown(rows, meta, ("python tools/bench_host.py " + " ".join(sys.argv[1:])).strip()))
     print(f"[host] wrote {out}")
     return 0
 
