@@ -17,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 #include "scope_kernels/cuda_ops.h"
@@ -285,15 +286,37 @@ inline int64_t multiprocessors() {
   constexpr int kDevices = 64;
   static std::atomic<int> known[kDevices] = {};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
   if (device >= 0 && device < kDevices) {
     const int cached = known[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the next launch check must not report this query's error
+    return 0;
+  }
   if (device >= 0 && device < kDevices) known[device].store(sms, std::memory_order_relaxed);
   return sms;
+}
+
+// The dynamic shared memory a kernel may ask for on a device is one limit per function
+// (cudaFuncAttributeMaxDynamicSharedMemorySize), not one per launch shape: it is only ever
+// raised here, to the largest `smem` seen for (device, kernel), so that a shape cached earlier
+// still fits after a smaller one. Thread-safe.
+inline cudaError_t raise_dynamic_smem(int device, const void* kernel, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> limit;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = limit[{device, kernel}];
+  if (smem <= current) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess) current = smem;
+  return err;
 }
 
 // A launch shape's residency (blocks or clusters resident at once on the device), computed by

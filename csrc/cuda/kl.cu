@@ -226,25 +226,28 @@ template <typename T, bool kReverse, bool kFixup>
 void launch_kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out,
                         const acc_t<T>* row_stats, MutRows<T> grad, const acc_t<T>* expected,
                         unsigned long long* mismatches, cudaStream_t s) {
+  constexpr int N = detail::kPackWidth<T>;
+  const int64_t cols = args.student.cols;
+  const bool packed = pair_aligned(args) &&
+                      detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride);
+  const int threads = detail::row_block_threads(packed ? cols / N : cols);
   unsigned int blocks = detail::grid_size(args.student.rows);
   if constexpr (kFixup) {
-    // A few blocks per SM, each scanning its rows in one parallel read (one block per row made
-    // this launch 18 us at 16384 rows, all of it block scheduling); the rows a block rewrites
-    // stay spread over the whole grid.
-    const int64_t cap = 4 * detail::multiprocessors();
+    // The blocks resident at once (its launch bounds' count of 256-thread blocks per SM, more
+    // for smaller blocks), each scanning its rows in one parallel read: one block per row made
+    // this launch 18 us at 16384 rows, all of it block scheduling. The rows a block rewrites
+    // stay spread over the grid, which fills the device when every row differs.
+    constexpr int kBlocks = detail::kMinBlocksPerSM<acc_t<T>> - 1;
+    const int64_t per_sm = (kBlocks > 0 ? kBlocks : 1) * (detail::kMaxBlockThreads / threads);
+    const int64_t cap = per_sm * detail::multiprocessors();
     if (cap > 0 && cap < blocks) blocks = static_cast<unsigned int>(cap);
   }
-  const int64_t cols = args.student.cols;
-  if (pair_aligned(args) &&
-      detail::rows_aligned(static_cast<const T*>(grad.data), grad.rows, grad.row_stride)) {
-    constexpr int N = detail::kPackWidth<T>;
+  if (packed) {
     kl_backward_kernel<T, N, kReverse, kFixup>
-        <<<blocks, detail::row_block_threads(cols / N), 0, s>>>(args, grad_out, row_stats, grad,
-                                                                 expected, mismatches);
+        <<<blocks, threads, 0, s>>>(args, grad_out, row_stats, grad, expected, mismatches);
   } else {
     kl_backward_kernel<T, 1, kReverse, kFixup>
-        <<<blocks, detail::row_block_threads(cols), 0, s>>>(args, grad_out, row_stats, grad,
-                                                             expected, mismatches);
+        <<<blocks, threads, 0, s>>>(args, grad_out, row_stats, grad, expected, mismatches);
   }
 }
 

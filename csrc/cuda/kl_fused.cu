@@ -472,16 +472,16 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  // Clusters (single blocks when kCluster == 1) resident at once: asked of the driver at the
-  // first launch of this kernel and shape on this device, with the kernel's shared-memory limit
-  // raised then (it stays raised); later launches skip those calls (host time before the kernel).
+  // The kernel's shared-memory limit, raised to this shape's need if it is the largest yet;
+  // clusters (single blocks when kCluster == 1) resident at once, asked of the driver at the
+  // first launch of this kernel and shape on this device (host time before the kernel after).
+  const auto* key = reinterpret_cast<const void*>(kernel);
+  err = detail::raise_dynamic_smem(device, key, shape.smem);
+  if (err != cudaSuccess) return static_cast<int>(err);
   int64_t resident = 0;
   err = detail::cached_residency(
-      device, reinterpret_cast<const void*>(kernel), shape.threads, shape.smem, &resident,
-      [&](int64_t* out) {
-        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(shape.smem));
-        if (e != cudaSuccess) return e;
+      device, key, shape.threads, shape.smem, &resident, [&](int64_t* out) {
+        cudaError_t e = cudaSuccess;
         if constexpr (kCluster == 1) {
           int per_sm = 0, sms = 0;
           e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);

@@ -1,6 +1,7 @@
 """vocab_parallel_kl: full-vocabulary KL between student and teacher from sharded logits."""
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional
 
@@ -111,26 +112,36 @@ class _MismatchWatch:
 
     def __init__(self):
         self.counters = {}  # device -> 0-d int64 running count
-        self.seen = {}  # device -> the count last read
+        self.seen = {}  # device -> the largest count read
         self.pending = []  # (device, HostScalar of the count after a backward, its tokens)
+        # backward runs on autograd's device threads, vocab_parallel_kl on the caller's
+        self.lock = threading.Lock()
 
     def counter(self, device: torch.device) -> torch.Tensor:
-        if device not in self.counters:
-            self.counters[device] = torch.zeros((), dtype=torch.int64, device=device)
-        return self.counters[device]
+        with self.lock:
+            if device not in self.counters:
+                self.counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+            return self.counters[device]
 
     def watch(self, counter: torch.Tensor, tokens: int) -> None:
-        self.pending.append((counter.device, HostScalar(counter), tokens))
+        with self.lock:
+            self.pending.append((counter.device, HostScalar(counter), tokens))
         self.poll()
 
     def poll(self) -> None:
-        """Reports the watched backwards whose count has arrived, in order; never waits."""
-        while self.pending and self.pending[0][1].ready():
-            device, count, tokens = self.pending.pop(0)
-            value = count.value()
-            differing, self.seen[device] = value - self.seen.get(device, 0), value
-            if differing:
-                self._report(differing, tokens)
+        """Reports the watched backwards whose count has arrived, in order; never waits. The
+        count's growth is attributed to the backward read (exact when the backwards of a device
+        run on one stream, as autograd runs them)."""
+        reports = []
+        with self.lock:
+            while self.pending and self.pending[0][1].ready():
+                device, count, tokens = self.pending.pop(0)
+                value, seen = count.value(), self.seen.get(device, 0)
+                if value > seen:
+                    reports.append((value - seen, tokens))
+                    self.seen[device] = value
+        for differing, tokens in reports:  # outside the lock: a warning filter may raise
+            self._report(differing, tokens)
 
     @staticmethod
     def _report(differing: int, tokens: int) -> None:
