@@ -95,7 +95,7 @@ timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x1
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
 grep -E "^## |^\| (step|raw|raw \+ sync|step − raw) \|" "$OUT/trace.md" 2>/dev/null
 # Host time per call at a tiny size (tools/bench_host.py), appended to trace.md (8 files at most)
-timeout 60 "$PY" tools/bench_host.py --device cuda --markdown /tmp/scope_gpu_check/host.md \
+timeout 60 "$PY" tools/bench_host.py --device cuda --calls 300 --rounds 5 --markdown /tmp/scope_gpu_check/host.md \
   >/tmp/scope_gpu_check/host.log 2>&1 && { echo; sed 's/^# /## /' /tmp/scope_gpu_check/host.md; } >>"$OUT/trace.md" \
   && grep -E "^\| (kl|logprob) \|" /tmp/scope_gpu_check/host.md || { tail -5 /tmp/scope_gpu_check/host.log; status=1; }; }
 
