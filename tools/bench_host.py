@@ -59,6 +59,7 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
     """Rows {op, provider, step_us, trivial_us, raw_us, overhead_us} at logits of `shape`."""
     import torch
 
+    from scope_megatron.ops._library import KL_ROW_WIDTH
     from scope_megatron.ops._library import ops as raw_ops
 
     dev = torch.device(device)
@@ -78,7 +79,7 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
             fn = bench_ops.provider_fn(op, provider, teacher, target, weights)
             raw_call = bench_ops.raw_op_call(RAW.get((op, provider), op), **flat)
             if RAW.get((op, provider)) == "kl_fused":  # the backward's fix-up launch too
-                stats = torch.zeros(flat["weights"].numel(), 5, device=dev)
+                stats = torch.zeros(flat["weights"].numel(), KL_ROW_WIDTH, device=dev)
 
                 def raw_call(fused=raw_call, w=flat["weights"]):
                     grad = fused()[3]

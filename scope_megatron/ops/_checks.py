@@ -63,6 +63,12 @@ def flatten_rows(logits: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def flat_vector(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-token values [...] (an upstream gradient, expected_grad) as the contiguous [rows] of
+    `dtype` the kernels take (no copy when they already are)."""
+    return values.to(dtype).reshape(-1).contiguous()
+
+
 def raise_on_flags(op: str, flags: torch.Tensor, names: dict, *, target: Optional[torch.Tensor] = None,
                    vocab_size: Optional[int] = None) -> None:
     """Turns the kernels' per-row error flags into one clear exception. The flags are combined

@@ -12,9 +12,9 @@ from torch.autograd.function import once_differentiable
 from scope_megatron._extension import require_device_support
 
 from ._checks import (HostScalar, check_flags, check_logits, check_same_placement, check_temperature,
-                      defers_error_check, flatten_rows, resolve_vocab_size)
+                      defers_error_check, flat_vector, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
-from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, ops
+from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, acc_dtype, ops
 
 _OP = "vocab_parallel_kl"
 DIRECTIONS = ("reverse", "forward")
@@ -45,15 +45,10 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         s, t, row_stats = ctx.saved_tensors
         # Exact gradient of the replicated KL w.r.t. this rank's student shard; no collective.
-        grad = _exact_grad(_rows_of(grad_kl, row_stats.dtype), s, t, row_stats, ctx.args)
+        grad = _exact_grad(flat_vector(grad_kl, row_stats.dtype), s, t, row_stats, ctx.args)
         if ctx.check is not None:  # after the launch: the kernel runs while the host waits
             ctx.check.check()
         return (grad.view(ctx.shape), *(None,) * 7)
-
-
-def _rows_of(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The upstream gradient [...] as the contiguous [rows] of `dtype` the kernels take."""
-    return grad_out.to(dtype).reshape(-1).contiguous()
 
 
 def _exact_grad(grad_rows, s, t, row_stats, args):
@@ -73,7 +68,7 @@ class _FusedKL(torch.autograd.Function):
         s, t = flatten_rows(student), flatten_rows(teacher)
         # Not checked for NaN here (a host sync): a non-finite expected_grad can only fail to
         # match in backward, which then recomputes the gradient from the one it receives.
-        expected = _rows_of(expected_grad, torch.float64 if s.dtype == torch.float64 else torch.float32)
+        expected = flat_vector(expected_grad, acc_dtype(s.dtype))
         kl, row_stats, flags, grad = ops.kl_fused(s, t, expected, vocab_size, inv_ts, inv_tt, reverse)
         ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
         ctx.save_for_backward(s, t, row_stats, expected)
@@ -87,7 +82,7 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         s, t, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
-        got = _rows_of(grad_kl, expected.dtype)
+        got = flat_vector(grad_kl, expected.dtype)
         if grad is None:
             grad = _exact_grad(got, s, t, row_stats, ctx.args)
         else:

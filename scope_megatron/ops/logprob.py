@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (check_flags, check_logits, check_same_placement, check_temperature,
+from ._checks import (check_flags, check_logits, check_same_placement, check_temperature, flat_vector,
                       defers_error_check, flatten_rows, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, ops
@@ -41,7 +41,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
         rows, target, row_stats = ctx.saved_tensors
         # The result is replicated over the TP group and each rank differentiates it w.r.t. its
         # own shard only: no collective here, and no factor of the TP size.
-        grad = ops.logprob_backward(grad_logprob.to(row_stats.dtype).reshape(-1).contiguous(), rows,
+        grad = ops.logprob_backward(flat_vector(grad_logprob, row_stats.dtype), rows,
                                     target, row_stats, *ctx.args)
         if ctx.check is not None:  # after the launch: the kernel runs while the host waits
             ctx.check.check()
