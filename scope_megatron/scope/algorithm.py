@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from scope_megatron.ops import vocab_parallel_logprob
+from scope_megatron.ops._checks import check_temperature
 
 from ._tp import TensorParallel, resolve_tp
 from .batch import RolloutBatch
@@ -170,7 +171,10 @@ def _at_old_logprobs_temperature(config: ScopeConfig, batch: RolloutBatch, stude
     """The student's log-probs comparable with batch.old_logprobs (for logprob_diff/*): student_lp
     when both are at config.student_temperature, else a recomputation at the old log-probs'
     temperature, which then must not enter a PPO ratio."""
-    if temperature is None or temperature == config.student_temperature:
+    if temperature is None:
+        return student_lp
+    temperature = check_temperature("compute_loss", "old_logprobs_temperature", temperature)
+    if temperature == config.student_temperature:
         return student_lp
     if "old_logprobs" in config.effective_fields() and config.old_logprobs == "rollout":
         raise ValueError(

@@ -356,6 +356,9 @@ def test_old_logprobs_at_the_sampling_temperature_are_compared_at_that_temperatu
         run(ScopeConfig(student_temperature=1.0, kl_estimator="sampled"), p, old_logprobs_temperature=0.6)
     run(ScopeConfig(student_temperature=1.0, kl_estimator="sampled", old_logprobs="recomputed"), p,
         old_logprobs_temperature=0.6)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="compute_loss: old_logprobs_temperature must be a finite number > 0"):
+            run(ScopeConfig(student_temperature=1.0), p, old_logprobs_temperature=bad)
 
 
 def test_teacher_temperature_defaults_to_student_temperature(gen):
