@@ -53,9 +53,9 @@ def test_bench_ops_cpu_rows_for_every_provider(tmp_path):
     assert "| kl | 64 x 1000 | fused_deferred |" in markdown.split("In a last-layer step")[1]
 
 
-def test_in_step_calls_backpropagate_through_both_matmuls():
-    """bench_ops.in_step_calls: the op step and the base step both leave gradients on h and W
-    (and drop them after), and the op step's equal the chain rule through the op."""
+def test_in_step_steps_backpropagate_through_both_matmuls():
+    """bench_ops.in_step_steps: the op step backpropagates through the op the gradient the
+    chain rule gives, and the base step runs without it."""
     bench_ops = _load("bench_ops")
     from scope_megatron.ops import vocab_parallel_kl
 
@@ -69,8 +69,8 @@ def test_in_step_calls_backpropagate_through_both_matmuls():
         seen["logits"] = logits.detach().clone()
         return vocab_parallel_kl(logits, teacher)
 
-    op_step, base_step = bench_ops.in_step_calls(fn, student, weights, hidden=8)
-    op_step()
+    op_step, base_step = bench_ops.in_step_steps(student, weights, hidden=8)
+    op_step(fn)()
     logits = seen["logits"].requires_grad_()
     (vocab_parallel_kl(logits, teacher) * weights).sum().backward()
     torch.testing.assert_close(seen["grad_logits"], logits.grad)

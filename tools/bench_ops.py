@@ -140,11 +140,11 @@ def loss_step(fn, student, weights):
     return step
 
 
-def in_step_calls(fn, student, weights, hidden: int, seed: int = 1):
-    """(op step, base step) in a step shaped like training's last layer, for `fn` on logits of
-    student's shape: logits = h @ W.T from bf16 h [T, hidden] and W [V, hidden] (both requiring
-    grad), then `(fn(logits) * weights).sum().backward()`; the base step backpropagates a fixed
-    logits gradient instead (the same matmul work, no op)."""
+def in_step_steps(student, weights, hidden: int, seed: int = 1):
+    """(op_step, base_step) of a step shaped like training's last layer, on logits of student's
+    shape: logits = h @ W.T from h [T, hidden] and W [V, hidden] of student's dtype (both
+    requiring grad). op_step(fn) is the step `(fn(logits) * weights).sum().backward()`; base_step
+    backpropagates a fixed logits gradient instead (the same matmul work, no op)."""
     import torch
 
     rows, vocab = student.shape
@@ -154,9 +154,11 @@ def in_step_calls(fn, student, weights, hidden: int, seed: int = 1):
     w = make(vocab, hidden).requires_grad_()
     grad_logits = make(rows, vocab) * 1e-3
 
-    def op_step():
-        (fn(h @ w.T) * weights).sum().backward()
-        h.grad = w.grad = None
+    def op_step(fn):
+        def step():
+            (fn(h @ w.T) * weights).sum().backward()
+            h.grad = w.grad = None
+        return step
 
     def base_step():
         (h @ w.T).backward(grad_logits)
@@ -198,17 +200,21 @@ def _run_case(case: dict) -> dict:
         return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes if peak else None}
 
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
+    in_step = None  # (op_step, times of the step without the op), built at its first use
+    in_step_last = ([p for p in case["providers"] if p not in ("eager", "compile")] or [None])[-1]
     for provider in case["providers"]:
         try:
             fn = (provider_fn(case["op"], provider, teacher, target, weights) if provider != "compile"
                   else torch.compile(provider_fn(case["op"], "eager", teacher, target, weights)))
             result = run(loss_step(fn, student, weights))
             if case.get("in_step") and provider not in ("eager", "compile"):
-                op_step, base_step = in_step_calls(provider_fn(case["op"], provider, teacher, target, weights),
-                                                   student.detach(), weights, case["hidden"])
-                result["in_step_ms"] = run(op_step, peak_memory=False)["times_ms"]
-                result["in_step_base_ms"] = run(base_step, peak_memory=False)["times_ms"]
-                del op_step, base_step
+                if in_step is None:  # the inputs and the step without the op: once per case
+                    op_step, base_step = in_step_steps(student.detach(), weights, case["hidden"])
+                    in_step = (op_step, run(base_step, peak_memory=False)["times_ms"])
+                result["in_step_ms"] = run(in_step[0](fn), peak_memory=False)["times_ms"]
+                result["in_step_base_ms"] = in_step[1]
+                if provider == in_step_last:  # free h, W and the logits gradient before eager runs
+                    in_step = None
             if device.type == "cuda" and provider in ("scope", "fused"):
                 raw = case["op"] + ("_fused" if provider == "fused" else "")
                 try:
@@ -345,6 +351,7 @@ def main(argv=None) -> int:
     sizes = args.sizes or ("2048x32000,4096x151936:bf16" if cpu else "4096x151936,16384x151936")
     baseline_sizes = set(args.baseline_sizes.lower().split(",")) if args.baseline_sizes else None
     in_step_sizes = set(args.in_step_sizes.lower().split(",")) if args.in_step_sizes else set()
+    hidden = args.hidden = args.hidden or (256 if cpu else 4096)  # the markdown names it too
     dtypes = args.dtypes or ("fp32,bf16" if cpu else "bf16")
     repeats = args.repeats or (5 if cpu else 20)
     out = Path(args.out or REPO / "benchmarks" / "results" / f"ops_{args.device}.csv")
@@ -372,7 +379,7 @@ def main(argv=None) -> int:
                 for group in groups:
                     case = dict(op=op, rows=t, vocab=v, dtype=dtype, providers=group, device=args.device,
                                 repeats=repeats, warmup=args.warmup, in_step=size.lower() in in_step_sizes,
-                                hidden=args.hidden or (256 if cpu else 4096))
+                                hidden=hidden)
                     print(f"[bench] {op} {t}x{v} {dtype} {','.join(group)} ...", flush=True)
                     results.update(_spawn(case, args.timeout))
                 for provider in providers:
@@ -479,7 +486,7 @@ def _markdown(rows, meta, args, bandwidth) -> str:
         lines.append(line)
     in_step = [r for r in rows if "in_step_marginal_ms" in r]
     if in_step:
-        lines += ["", f"In a last-layer step (`logits = h @ W.T`, hidden {args.hidden or ('256' if args.device == 'cpu' else '4096')}, "
+        lines += ["", f"In a last-layer step (`logits = h @ W.T`, hidden {args.hidden}, "
                   "the op, backward through both matmuls): p50 of that step, p50 of the same step with a fixed "
                   "logits gradient in place of the op, and the difference, what the op adds to the step "
                   "(the host time before its first kernel overlaps the matmul there).", ""]
