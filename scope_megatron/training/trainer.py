@@ -233,8 +233,10 @@ class Trainer:
         waves = self.teacher_wave_size(batches)
         if self.teacher is not None and waves is None:
             self._teacher_on_device(True)
-            self._score_teacher(batches)
-            self._teacher_on_device(False)
+            try:
+                self._score_teacher(batches)
+            finally:  # back to host memory even if scoring raised (as the wave path does)
+                self._teacher_on_device(False)
         return batches, rollouts, scores, waves
 
     def _score_teacher(self, batches) -> None:
