@@ -235,3 +235,11 @@ def test_servers_launched_without_gpu_lists_take_distinct_gpus(tmp_path):
     logs = [(tmp_path / f"sglang-{base + i}.log").read_text() for i in range(2)] + \
         [(tmp_path / "one" / f"sglang-{base}.log").read_text()]
     assert not any("--base-gpu-id" in text for text in logs)
+    base = _free_ports(2)
+    with SGLangServers.launch("/no/model", num_servers=2, base_port=base, extra_args=("--base-gpu-id", "4"),
+                              log_dir=tmp_path / "user", command=(sys.executable, "-c", _HEALTH_ONLY),
+                              startup_timeout=60, kill_timeout=5):
+        pass
+    for i in range(2):
+        text = (tmp_path / "user" / f"sglang-{base + i}.log").read_text()
+        assert text.count("--base-gpu-id") == 1 and "--base-gpu-id 4" in text

@@ -204,7 +204,8 @@ def tokenizer_probe_ids(tokenizer, max_ids: int = PROBE_MAX_IDS) -> List[int]:
         if 0 <= i < n and i not in seen:
             seen.add(i)
             extra.append(i)
-    text = [int(i) for i in text if 0 <= int(i) < n]
+    # each id once: a repeated one would be sent again and compared once (compare_probe)
+    text = [i for i in dict.fromkeys(int(i) for i in text) if 0 <= i < n and i not in seen]
     ids = text[:max(0, max_ids - len(extra))] + extra
     return ids[:max_ids]
 
