@@ -183,7 +183,9 @@ def run(args, settings, say) -> int:
 
         benchmarks = load_benchmarks(args.benchmarks, limit=args.limit)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.hf_dir)
-        encoder = ev.PromptEncoder(tokenizer, settings)  # stop ids from the tokenizer's directory
+        # stop ids from that directory, named explicitly: a hub name is refused like in training
+        # (its generation_config.json stop ids, e.g. Qwen's <|im_end|>, would be silently missing)
+        encoder = ev.PromptEncoder(tokenizer, settings, model_dir=args.tokenizer or args.hf_dir)
         say(f"stop ids {list(encoder.stop_ids)}")  # read now: a bad generation_config.json fails before the model loads
     if args.sglang_urls:
         engine = sglang_engine(args, encoder, dist)

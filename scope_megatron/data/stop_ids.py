@@ -60,7 +60,8 @@ def stop_token_ids(tokenizer, model_dir: Optional[Union[str, Path]] = None) -> T
         model_dir = getattr(tokenizer, "name_or_path", None) or None
     elif not Path(model_dir).is_dir():
         raise ValueError(f"model directory {model_dir} is not a local directory: its generation_config.json / "
-                         "config.json stop ids cannot be read (pass None to use the tokenizer's own directory)")
+                         "config.json stop ids cannot be read. Download the model to a directory and name that "
+                         "(e.g. `huggingface-cli download NAME --local-dir DIR`)")
     local = model_dir is not None and Path(model_dir).is_dir()
     if local:
         size = len(tokenizer)
