@@ -100,7 +100,8 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         # by the groups' longest rows; stable, so a group's rows stay together (ties keep the
         # group order of the sort above)
         order = order[torch.sort(longest[groups[order]], descending=True, stable=True).indices]
-        # one host sync per step: the micro-batches' widths below are Python maxima
+        # the step's second and last host sync (after the group count above): the micro-batches'
+        # widths below are Python maxima
         group_list, lengths, responses = torch.stack(
             [groups, row_lengths.to(torch.int64), response_lengths.to(torch.int64)])[:, order].tolist()
     if max_tokens:
