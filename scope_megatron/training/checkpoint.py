@@ -6,6 +6,7 @@ Layout of a checkpoint root:
     <root>/iter_0000200/             one complete checkpoint
         metadata.json, common.pt, __*.distcp   dist_checkpointing (torch_dist): model, optimizer
         scope_checkpoint.json        step, architecture, parallel layout, versions, optimizer format
+                                     (with a distributed optimizer's gradient-bucket sizes)
         extra_state.pt               the caller's extra_state and the LR scheduler's state
         rng/rank_00000.pt ...        every rank's RNG states (python, numpy, torch, CUDA, Megatron's tracker)
     <root>/.tmp-iter_0000300/        a save in progress (never loaded; removed by the next save)
@@ -13,7 +14,8 @@ Layout of a checkpoint root:
 A save writes everything into the temporary directory, fsyncs it, renames it to iter_XXXXXXX and
 only then replaces `latest`. A process killed at any point leaves `latest` naming a complete
 checkpoint. Model weights (and a non-distributed optimizer's state) reshard across TP/PP/DP
-changes; a distributed optimizer's state reshards across DP changes ("dp_reshardable" format).
+changes; a distributed optimizer's state reshards across DP changes ("dp_reshardable" format),
+in the same gradient buckets (a load checks them against the saved ones before reading anything).
 
 All functions here are collective: every rank of the default process group calls them with its
 own model chunks, in the same order.
@@ -160,6 +162,36 @@ def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _bucket_layout(optimizer) -> List[Optional[dict]]:
+    """This rank's dp_reshardable bucket layout, per sub-optimizer: its DP group's index (the
+    rank in the TP x PP group, which keys its state in the checkpoint) and, per gradient buffer,
+    Megatron's per_bucket_numel_unpadded (the bucket sizes without the padding to a DP multiple,
+    which is what reshards across DP). None for a sub-optimizer that is not distributed. The
+    bucket boundaries follow the DDP bucket_size (set by overlap_grad_reduce, and by default
+    with it from the DP size), so they can differ between a save and a load in the same layout."""
+    out: List[Optional[dict]] = []
+    for opt in _sub_optimizers(optimizer):
+        numels = getattr(opt, "per_bucket_numel_unpadded", None)
+        if numels is None:
+            out.append(None)
+            continue
+        out.append({"dp_group": int(opt.data_parallel_group_idx),
+                    "buffers": [{str(dtypes): [int(n) for n in sizes] for dtypes, sizes in buf.items()}
+                                for buf in numels]})
+    return out
+
+
+def _gathered_bucket_layout(optimizer) -> List[Optional[dict]]:
+    """Every rank's _bucket_layout merged: per sub-optimizer {str(dp_group): buffers} (None if
+    not distributed). Collective over the world (the DP replicas of a group agree)."""
+    layouts: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, _bucket_layout(optimizer))
+    merged: List[Optional[dict]] = []
+    for sub in zip(*layouts):
+        merged.append(None if sub[0] is None else {str(entry["dp_group"]): entry["buffers"] for entry in sub})
+    return merged
+
+
 # ---- save ---------------------------------------------------------------------------------
 
 
@@ -203,6 +235,8 @@ def save_checkpoint(root, step: int, model_chunks: Sequence[torch.nn.Module], op
     if optimizer is not None:
         opt_format = _optimizer_format(optimizer, distrib_optim_sharding_type)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=opt_format["sharding_metadata"])
+        if opt_format["sharding_metadata"].get("distrib_optim_sharding_type") == "dp_reshardable":
+            opt_format["bucket_layout"] = _gathered_bucket_layout(optimizer)
     with _quiet_torch_dcp():
         dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy())
 
@@ -397,6 +431,52 @@ def _check_optimizer(meta: dict, optimizer, ckpt: Path) -> None:
                               f"across DP only (saved at TP={saved['tp']} PP={saved['pp']} "
                               f"VPP={saved.get('vpp')}, now TP={lay.tp} PP={lay.pp} VPP={lay.vpp}); "
                               "load with optimizer=None (fresh optimizer state) or at the saved TP/PP/VPP")
+    if sharding == "dp_reshardable" and meta["optimizer"].get("bucket_layout") is not None:
+        _check_bucket_layout(meta["optimizer"]["bucket_layout"], optimizer, ckpt)
+
+
+def _describe_buckets(now: list, saved: Optional[list]) -> str:
+    """The first difference between two buffers' bucket lists, briefly (a large model has
+    hundreds of buckets)."""
+    def sizes(values):
+        shown = ", ".join(map(str, values[:3]))
+        return f"{len(values)} bucket(s) of [{shown}{', ...' if len(values) > 3 else ''}] elements"
+
+    if saved is None or len(saved) != len(now):
+        return f"{len(now)} gradient buffer(s), checkpoint {'none' if saved is None else len(saved)}"
+    for b, (mine, theirs) in enumerate(zip(now, saved)):
+        if mine != theirs:
+            if mine.keys() != theirs.keys():
+                return f"gradient buffer {b} holds {sorted(mine)}, checkpoint {sorted(theirs)}"
+            key = next(k for k in mine if mine[k] != theirs[k])
+            return f"gradient buffer {b} {key}: {sizes(mine[key])}, checkpoint {sizes(theirs[key])}"
+    return "no difference"
+
+
+def _check_bucket_layout(saved: list, optimizer, ckpt: Path) -> None:
+    """Raises CheckpointError on every rank when any rank's gradient buckets differ from those
+    its DP group saved (dist_checkpointing would fail mid-load with a shape error on some ranks
+    and leave the others waiting). Collective over the world."""
+    problem = None
+    mine = _bucket_layout(optimizer)
+    if len(mine) != len(saved):
+        problem = f"{len(saved)} optimizer(s) saved, {len(mine)} passed"
+    for i, (now, then) in enumerate(zip(mine, saved)):
+        if problem is None and now is not None and then is not None:
+            want = then.get(str(now["dp_group"]))
+            if want != now["buffers"]:
+                problem = (f"rank {_rank()} (TP x PP group rank {now['dp_group']}, optimizer {i}): "
+                           f"{_describe_buckets(now['buffers'], want)}")
+    problems: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise CheckpointError(
+            f"{ckpt}: this distributed optimizer state (dp_reshardable) is laid out in the gradient "
+            f"buckets it was saved with, and this run's buckets differ ({found[0]}"
+            f"{f'; {len(found) - 1} more rank(s)' if len(found) > 1 else ''}). The buckets follow the DDP "
+            "bucket_size and overlap_grad_reduce (whose default bucket_size grows with the DP size): "
+            "resume with the saved settings, pass an explicit bucket_size, or load with optimizer=None")
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:

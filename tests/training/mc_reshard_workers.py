@@ -1,10 +1,12 @@
 """Checkpoint loads across virtual-pipeline and data-parallel changes (test_checkpoint_reshard.py),
 in real gloo groups (tests/distributed.py).
 
-  save_launch   2 ranks: PP=2 x VPP=2 checkpoints (regular and distributed optimizer) and a
-                DP=2 distributed-optimizer checkpoint with its optimizer state gathered.
-  load2_launch  2 fresh ranks: the VPP checkpoints loaded at PP=2 without VPP and at TP=2.
-  load1_launch  1 rank: the DP=2 distributed-optimizer checkpoint loaded at DP=1.
+  save_launch   2 ranks: PP=2 x VPP=2 checkpoints (regular and distributed optimizer) and DP=2
+                distributed-optimizer checkpoints (one gradient bucket, and BUCKET_SIZE buckets)
+                with their optimizer state gathered.
+  load2_launch  2 fresh ranks: the VPP checkpoints loaded at PP=2 without VPP and at TP=2; the
+                DP=2 ones refused in other gradient buckets.
+  load1_launch  1 rank: the DP=2 distributed-optimizer checkpoints loaded at DP=1.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from tests.training import mc_workers as w
 
 # 4 layers: PP=2 x VPP=2 chunks of one layer each.
 CFG = models.ModelConfig.preset("qwen3", **{**w.SIZES, "num_layers": 4})
+# elements per DDP bucket (with overlap_grad_reduce, which keeps it): several buckets in the toy
+BUCKET_SIZE = 4000
 
 
 def _result(checks: dict) -> dict:
@@ -61,15 +65,19 @@ def save_launch(ctx) -> dict:
 
     w._setup(1, 1, ctx.seed)
 
-    def save_dp2():
+    def save_dp2(name: str, bucket_size=None):
         platform.seed_everything(ctx.seed + 6)
-        ddp, optimizer, scheduler = w.build_student(distributed_optimizer=True)
+        ddp, optimizer, scheduler = w.build_student(distributed_optimizer=True, overlap=bucket_size is not None,
+                                                    bucket_size=bucket_size)
+        (sizes,) = checkpoint._sub_optimizers(optimizer)[0].per_bucket_numel_unpadded[0].values()
+        buckets = len(sizes)
+        assert (buckets > 2) == (bucket_size is not None), buckets
         w.train(ddp, optimizer, scheduler, range(2), ctx.seed)
-        checkpoint.save_checkpoint(w.shared_dir() / "ckpt_dp2_dist", 2, ddp, optimizer, scheduler)
-        w._save_json("ckpt_dp2_dist.json", {"eval_loss": w._eval_loss(ddp, ctx.seed),
-                                            "state": _dp_zero_state(optimizer)})
+        checkpoint.save_checkpoint(w.shared_dir() / name, 2, ddp, optimizer, scheduler)
+        w._save_json(f"{name}.json", {"eval_loss": w._eval_loss(ddp, ctx.seed), "state": _dp_zero_state(optimizer)})
 
-    more = _result({"save_dp2_distributed": save_dp2})
+    more = _result({"save_dp2_distributed": lambda: save_dp2("ckpt_dp2_dist"),
+                    "save_dp2_distributed_buckets": lambda: save_dp2("ckpt_dp2_dist_buckets", BUCKET_SIZE)})
     platform.destroy_parallel()
     results["checks"].update(more["checks"])
     return results
@@ -94,6 +102,22 @@ def _load_vpp_distributed_refused() -> None:
         raise AssertionError("a dp_reshardable optimizer state saved at VPP=2 loaded at VPP=None")
 
 
+def _load_other_buckets_refused(name: str, bucket_size) -> None:
+    """At the saved layout (DP=2) but in other gradient buckets: a CheckpointError on every rank
+    before anything is read, not dist_checkpointing's shape error mid-load."""
+    ddp, optimizer, _ = w.build_student(distributed_optimizer=True, overlap=bucket_size is not None,
+                                        bucket_size=bucket_size)
+    before = w._param_digest(ddp)
+    try:
+        checkpoint.load_checkpoint(w.shared_dir() / name, ddp, optimizer)
+    except checkpoint.CheckpointError as exc:
+        for text in ("gradient buckets it was saved with", "bucket(s) of", "bucket_size"):
+            assert text in str(exc), str(exc)
+    else:
+        raise AssertionError(f"{name} loaded into other gradient buckets (bucket_size={bucket_size})")
+    assert w._param_digest(ddp) == before, "the refused load changed the model"
+
+
 def load2_launch(ctx) -> dict:
     w._setup(1, 2, ctx.seed)
     results = _result({"reshard_pp2_vpp2_to_pp2": lambda: _load_vpp_regular(ctx.seed),
@@ -103,16 +127,25 @@ def load2_launch(ctx) -> dict:
     more = _result({"reshard_pp2_vpp2_to_tp2": lambda: _load_vpp_regular(ctx.seed)})
     platform.destroy_parallel()
     results["checks"].update(more["checks"])
+    w._setup(1, 1, ctx.seed)
+    more = _result({
+        "distributed_optimizer_more_buckets_refused":
+        lambda: _load_other_buckets_refused("ckpt_dp2_dist", BUCKET_SIZE),
+        "distributed_optimizer_fewer_buckets_refused":
+        lambda: _load_other_buckets_refused("ckpt_dp2_dist_buckets", None)})
+    platform.destroy_parallel()
+    results["checks"].update(more["checks"])
     return results
 
 
 def load1_launch(ctx) -> dict:
     w._setup(1, 1, ctx.seed)
 
-    def dp2_to_dp1():
-        saved = w._load_json("ckpt_dp2_dist.json")
-        ddp, optimizer, scheduler = w.build_student(distributed_optimizer=True)
-        checkpoint.load_checkpoint(w.shared_dir() / "ckpt_dp2_dist", ddp, optimizer, scheduler)
+    def dp2_to_dp1(name: str, bucket_size=None):
+        saved = w._load_json(f"{name}.json")
+        ddp, optimizer, scheduler = w.build_student(distributed_optimizer=True, overlap=bucket_size is not None,
+                                                    bucket_size=bucket_size)
+        checkpoint.load_checkpoint(w.shared_dir() / name, ddp, optimizer, scheduler)
         got = w._eval_loss(ddp, ctx.seed)
         assert abs(got - saved["eval_loss"]) < 1e-5, (got, saved["eval_loss"])
         state = _dp_zero_state(optimizer)
@@ -123,6 +156,8 @@ def load1_launch(ctx) -> dict:
                                        rtol=1e-9, atol=1e-9, msg=key)
         w.train(ddp, optimizer, scheduler, range(2, 3), ctx.seed)
 
-    results = _result({"reshard_distributed_optimizer_dp2_to_dp1": dp2_to_dp1})
+    results = _result({"reshard_distributed_optimizer_dp2_to_dp1": lambda: dp2_to_dp1("ckpt_dp2_dist"),
+                       "reshard_distributed_optimizer_buckets_dp2_to_dp1":
+                       lambda: dp2_to_dp1("ckpt_dp2_dist_buckets", BUCKET_SIZE)})
     platform.destroy_parallel()
     return results

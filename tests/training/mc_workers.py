@@ -174,10 +174,11 @@ def _scheduler(optimizer):
                                    start_wd=0.01, end_wd=0.01, wd_incr_steps=20, wd_incr_style="constant")
 
 
-def build_student(cfg=STUDENT, *, distributed_optimizer=False, overlap=False, **transformer_overrides):
+def build_student(cfg=STUDENT, *, distributed_optimizer=False, overlap=False, bucket_size=None,
+                  **transformer_overrides):
     chunks = models.build_model_chunks(cfg, **transformer_overrides)
     ddp = parallel.wrap_ddp(chunks, use_distributed_optimizer=distributed_optimizer,
-                            overlap_grad_reduce=overlap)
+                            overlap_grad_reduce=overlap, bucket_size=bucket_size)
     optimizer = parallel.build_optimizer(ddp, lr=LR, min_lr=LR / 10, weight_decay=0.01,
                                          use_distributed_optimizer=distributed_optimizer)
     return ddp, optimizer, _scheduler(optimizer)

@@ -1,8 +1,9 @@
 """Checkpoint loads across virtual-pipeline and data-parallel changes, in gloo groups
 (mc_reshard_workers.py): a PP=2 x VPP=2 checkpoint loads at PP=2 without VPP and at TP=2 (model
 and regular optimizer), a distributed optimizer's dp_reshardable state saved at VPP=2 is refused
-at another VPP with a CheckpointError (not a dist_checkpointing shape error mid-load), and one
-saved at DP=2 loads at DP=1 with the same gathered optimizer state."""
+at another VPP or in other gradient buckets with a CheckpointError (not a dist_checkpointing
+shape error mid-load), and ones saved at DP=2 (one bucket, several) load at DP=1 with the same
+gathered optimizer state."""
 import pytest
 import torch
 
@@ -34,10 +35,14 @@ def _launch(name: str):
     ("save", "save_pp2_vpp2_regular"),
     ("save", "save_pp2_vpp2_distributed"),
     ("save", "save_dp2_distributed"),
+    ("save", "save_dp2_distributed_buckets"),
     ("load2", "reshard_pp2_vpp2_to_pp2"),
     ("load2", "reshard_pp2_vpp2_to_tp2"),
     ("load2", "distributed_optimizer_across_vpp_refused"),
+    ("load2", "distributed_optimizer_more_buckets_refused"),
+    ("load2", "distributed_optimizer_fewer_buckets_refused"),
     ("load1", "reshard_distributed_optimizer_dp2_to_dp1"),
+    ("load1", "reshard_distributed_optimizer_buckets_dp2_to_dp1"),
 ])
 def test_reshard(launch, check):
     mc_launches.assert_check(launch, check, _launch(launch))
