@@ -49,11 +49,23 @@ class ParallelConfig:
         "Megatron sequence parallelism (GPU, TP > 1)"))
     use_distributed_optimizer: bool = option(False, flag="--use-distributed-optimizer", help=(
         "shard the optimizer state over data-parallel ranks"))
+    overlap_grad_reduce: bool = option(False, flag="--overlap-grad-reduce", help=(
+        "reduce the gradients over data-parallel ranks bucket by bucket during the step's last "
+        "backward pass instead of after it (Megatron DDP)"))
+    ddp_bucket_size: Optional[int] = option(None, flag="--ddp-bucket-size", help=(
+        "elements per gradient bucket with overlap_grad_reduce (None: Megatron's max(40M, 1M x "
+        "DP size)); a distributed optimizer's checkpoint resumes only in the buckets it was saved with"))
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.ddp_bucket_size is not None:
+            if not isinstance(self.ddp_bucket_size, int) or self.ddp_bucket_size < 1:
+                raise ValueError(f"ddp_bucket_size must be None or an integer >= 1, got {self.ddp_bucket_size!r}")
+            if not self.overlap_grad_reduce:
+                raise ValueError("ddp_bucket_size needs overlap_grad_reduce: without it Megatron reduces each "
+                                 "gradient buffer whole (pass --overlap-grad-reduce true, or drop the bucket size)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
 

@@ -9,6 +9,7 @@ each may have its own.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -89,6 +90,8 @@ class AccumulatedStep:
     of one call over all the micro-batches. Each call accumulates into the DDP buffers; only the
     last one finalizes (data-parallel reduction, then the division by the count summed over every
     call's micro-batches and data-parallel ranks, as calculate_per_token_loss does in one call).
+    With overlap_grad_reduce the buckets start reducing during the last call's last backward pass
+    (Megatron's schedule), never in an earlier call (whose gradients are partial).
 
         step = AccumulatedStep(chunks)
         for i, wave in enumerate(waves):
@@ -98,12 +101,8 @@ class AccumulatedStep:
     def __init__(self, model_chunks: Sequence[torch.nn.Module]):
         self.chunks = list(model_chunks)
         self.config = self.chunks[0].config
-        for chunk in self.chunks:
-            ddp = getattr(chunk, "ddp_config", None)
-            if ddp is not None and ddp.overlap_grad_reduce:
-                raise NotImplementedError(
-                    "AccumulatedStep: overlap_grad_reduce would reduce each call's partial gradients; "
-                    "wrap the chunks without it (parallel.wrap_ddp's default)")
+        self.overlap = any(getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False)
+                           for chunk in self.chunks)
         self._earlier: Optional[torch.Tensor] = None
         self._finished = False
 
@@ -119,14 +118,24 @@ class AccumulatedStep:
             counts.append(result[1])
             return result
 
+        no_sync = config.no_sync_func
         try:
-            if not last:
-                config.finalize_model_grads_func = None
-            elif finalize is not None and self._earlier is not None:
-                config.finalize_model_grads_func = _counting_earlier(finalize, self._earlier)
-            out = run_microbatches(self.chunks, micro_batches, counted, forward_only=False)
+            with contextlib.ExitStack() as held:
+                if not last:
+                    config.finalize_model_grads_func = None
+                    if self.overlap:
+                        # The schedule leaves its no_sync context before its last micro-batch, which
+                        # would start the buckets' reductions on partial gradients: hold it over the
+                        # whole call instead.
+                        config.no_sync_func = None
+                        for chunk in self.chunks:
+                            held.enter_context(chunk.no_sync())
+                elif finalize is not None and self._earlier is not None:
+                    config.finalize_model_grads_func = _counting_earlier(finalize, self._earlier)
+                out = run_microbatches(self.chunks, micro_batches, counted, forward_only=False)
         finally:
             config.finalize_model_grads_func = finalize
+            config.no_sync_func = no_sync
         if last:
             self._finished = True
         elif counts:  # last pipeline stage only: the other stages' counts come from it in finalize

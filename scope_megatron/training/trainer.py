@@ -122,7 +122,8 @@ class Trainer:
         self.student = parallel.wrap_ddp(
             models.build_model_chunks(cfg.student, params_dtype=dtype, calculate_per_token_loss=True,
                                       **cfg.training.transformer_overrides()),
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, bucket_size=cfg.parallel.ddp_bucket_size)
         o = cfg.optimizer
         self.optimizer = parallel.build_optimizer(
             self.student, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,

@@ -414,6 +414,9 @@ def _dp2_phase(results: dict, data: dict, seed: int) -> None:
     def resume_phase1():
         _resume_phase1("dp2", seed, distributed_optimizer=True)
 
+    def accumulated_step_overlap():
+        _accumulated_step_overlap(seed)
+
     def bad_world_size():
         platform.destroy_parallel()
         try:
@@ -427,11 +430,59 @@ def _dp2_phase(results: dict, data: dict, seed: int) -> None:
     run_checks({"train_dp2_distributed_optimizer": train_dp2_distributed_optimizer,
                 "tp1_logits_equal_gathered_tp2": tp1_logits_equal_tp2,
                 "resume_dp2_distributed_optimizer_phase1": resume_phase1,
+                "accumulated_step_overlap_grad_reduce": accumulated_step_overlap,
                 "bad_config_tp_not_dividing_world_size": bad_world_size,
                 "bf16_dp2_regular_optimizer": lambda: _bf16_check(seed, distributed_optimizer=False),
                 "bf16_dp2_distributed_optimizer": lambda: _bf16_check(seed, distributed_optimizer=True),
                 }, results)
     platform.destroy_parallel()
+
+
+def _accumulated_step_overlap(seed: int) -> None:
+    """AccumulatedStep (one step's gradients over several schedule calls) with overlap_grad_reduce
+    in several buckets, at DP=2, over steps whose number of calls varies: the updates equal those
+    without overlap. Megatron counts each parameter's ready gradients in the first step and starts
+    a bucket's reduction when that count is reached again, so a call other than the step's last
+    must register none (else a step with fewer calls never reduces, one with more reduces early)."""
+    from scope_megatron.ops import vocab_parallel_logprob
+    from scope_megatron.training.schedule import AccumulatedStep, MicroBatch, position_ids_for
+
+    cfg = dataclasses.replace(STUDENT, hidden_dropout=0.0, attention_dropout=0.0)
+
+    def loss_fn(mb, logits):
+        logprobs = vocab_parallel_logprob(logits, mb.extra["labels"], vocab_size=STUDENT.vocab_size)
+        return -logprobs.sum(), torch.tensor(logprobs.numel()), {}
+
+    def updates(distributed: bool, overlap: bool) -> list:
+        platform.seed_everything(seed + 7)
+        ddp, optimizer, _ = build_student(cfg, distributed_optimizer=distributed, overlap=overlap,
+                                          bucket_size=3000 if overlap else None, calculate_per_token_loss=True)
+        if overlap:
+            assert len(ddp[0].buffers[0].buckets) > 2, len(ddp[0].buffers[0].buckets)
+        digests = []
+        for step, calls in enumerate(([2, 1, 1], [4], [1, 3], [1, 1, 1, 1])):  # micro-batches per call
+            rows = _batch(seed, step)
+            mbs = [MicroBatch(r[None, :-1], position_ids_for(r[None, :-1]), {"labels": r[None, 1:]}) for r in rows]
+            assert len(mbs) == sum(calls)
+            for chunk in ddp:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            accumulated, start = AccumulatedStep(ddp), 0
+            for i, n in enumerate(calls):
+                accumulated.run(mbs[start:start + n], loss_fn, last=i == len(calls) - 1)
+                start += n
+            update_ok, _, _ = optimizer.step()
+            assert update_ok, "optimizer step skipped"
+            digests.append(_param_digest(ddp))
+        return digests
+
+    for distributed in (False, True):
+        want, got = updates(distributed, False), updates(distributed, True)
+        for step, (a, b) in enumerate(zip(want, got)):
+            for rank_a, rank_b in zip(a, b):
+                for (name, s1, a1), (_, s2, a2) in zip(rank_a, rank_b):
+                    assert abs(s1 - s2) <= 1e-6 * max(1.0, abs(s1)) and abs(a1 - a2) <= 1e-6 * max(1.0, a1), \
+                        (distributed, step, name, s1, s2)
 
 
 def _bf16_check(seed: int, *, distributed_optimizer: bool) -> None:

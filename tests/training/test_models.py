@@ -134,6 +134,7 @@ LAUNCH_CHECKS = [f"build_{family}_{tie}_tp2"
     "train_pp2_activation_recompute",
     "train_pp2_vpp2_interleaved",
     "train_dp2_distributed_optimizer",
+    "accumulated_step_overlap_grad_reduce",
     "bf16_dp2_regular_optimizer",
     "bf16_dp2_distributed_optimizer",
     "bad_config_heads_not_divisible_by_tp",

@@ -269,6 +269,7 @@ def sglang(ctx):
                 "built_teacher": built_teacher,
                 "steps": [r["step"] for r in records if "loss" in r],
                 "kl": [r.get("kl/mean") for r in records if "loss" in r],
+                "teacher_path": [r.get("rollouts/teacher_path") for r in records if "loss" in r],
                 "gap": [r.get("logprob_diff/max") for r in records if "loss" in r],
                 "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r],
                 "versions": sorted({c[1]["weight_version"] for c in servers[0].calls
@@ -372,11 +373,16 @@ def teacher_waves(ctx):
     from scope_megatron.training.step import score_with_teacher
 
     out = {}
-    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
-                        ("pp2", ["--pipeline-model-parallel-size", "2"]), ("dp2", [])):
+    # dp2_overlap: the waves with overlap_grad_reduce in small buckets (the gradients of the earlier
+    # waves must not be reduced on their own), against one pass without overlap
+    overlap = ["--overlap-grad-reduce", "true", "--ddp-bucket-size", "20000"]
+    for name, flags, in_waves in (("tp2", ["--tensor-model-parallel-size", "2"], []),
+                                  ("pp2", ["--pipeline-model-parallel-size", "2"], []), ("dp2", [], []),
+                                  ("dp2_overlap", [], overlap)):
         params, metrics, waves, scored = [], [], [], []
         for budget in ("8", "1e-12"):
-            cfg = load_config(SHORT + flags + ["--micro-batch-size", "4", "--save", "null",
+            cfg = load_config(SHORT + flags + (in_waves if budget == "1e-12" else []) + [
+                                               "--micro-batch-size", "4", "--save", "null",
                                                "--log-dir", str(_run_dir(ctx, f"waves-{name}-{budget}")),
                                                "--teacher-logits-gib", budget, "--seed", str(ctx.seed % 100000)])
             trainer = Trainer(cfg)
@@ -385,6 +391,8 @@ def teacher_waves(ctx):
                 waves.append(trainer.teacher_wave_size(batches))
                 scored.append(sorted({k for mb in batches for k in mb.extra if k.startswith("teacher")}))
                 initial = [p.detach().clone() for c in trainer.student for p in c.parameters()]
+                if name == "dp2_overlap":
+                    entry_buckets = [len(buf.buckets) for c in trainer.student for buf in c.buffers]
                 metrics.append(trainer.step(0))
                 params.append([p.detach().clone() for c in trainer.student for p in c.parameters()])
                 leftover = sorted({k for mb in batches for k in mb.extra if k.startswith("teacher")})
@@ -396,6 +404,8 @@ def teacher_waves(ctx):
             "leftover": leftover, "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(*params)),
             "max_param_change": max(float((a - b).abs().max()) for a, b in zip(initial, params[0])),
             "loss": [m.get("loss") for m in metrics], "grad_norm": [m.get("grad_norm") for m in metrics]}
+        if name == "dp2_overlap":
+            entry["buckets"] = entry_buckets
         # run_workers hands the test rank 0's result only: every rank's entry reaches it
         out[name] = [None] * dist.get_world_size()
         dist.all_gather_object(out[name], entry)
