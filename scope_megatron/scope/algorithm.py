@@ -25,7 +25,7 @@ from .batch import RolloutBatch
 from .config import ScopeConfig
 from .losses import grpo_advantages, grpo_path_loss, opd_path_loss
 from .metrics import collect_metrics
-from .weights import dual_path_weights, path_members, uniform_group_weights
+from .weights import RolloutWeights, dual_path_weights, path_members, uniform_group_weights
 
 
 def compute_loss(
@@ -38,6 +38,7 @@ def compute_loss(
     vocab_size: Optional[int] = None,
     loss_grad: float = 1.0,
     old_logprobs_temperature: Optional[float] = None,
+    weights: Optional[RolloutWeights] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The loss of `config.algorithm` on one batch of rollouts, and its metrics.
 
@@ -69,6 +70,13 @@ def compute_loss(
         differs, the old log-probs may not enter a PPO ratio (ValueError), and logprob_diff/*
         compares them with the student's log-probs at that temperature (one more pass over the
         logits, without gradient).
+      weights: the rollouts' weights computed beforehand over their whole prompt groups
+        (rollout_weights on a batch holding the groups, then .select of this batch's rows), for a
+        batch that holds only part of some groups: they replace the weights (and GRPO's
+        advantages) this batch's own groups would give. The loss is still the weighted sum over
+        this batch's rollouts / batch.num_groups; a caller summing micro-batches that split groups
+        multiplies it back by batch.num_groups and divides by the step's number of groups.
+        Group metrics (groups/*, */weight_entropy) then describe the partial groups.
 
     Returns:
       (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 logits), identical on
@@ -84,6 +92,8 @@ def compute_loss(
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"compute_loss: batch must be a RolloutBatch, got {type(batch).__name__}")
     tp = resolve_tp(tp_group)
+    if weights is not None:
+        _check_given_weights(config, batch, weights)
     members = None if config.algorithm == "grpo" else path_members(config, batch)
     # The one host sync on routing: whether any rollout is distilled. A batch whose teacher path
     # is empty (e.g. every rollout correct) has no teacher term and needs no teacher.
@@ -99,11 +109,15 @@ def compute_loss(
     # Differentiable: the MLE loss of every rollout; detached where it weights rollouts.
     student_log_ppl = batch.log_perplexity(student_lp)
     dtype = student_lp.dtype
+    given = weights
     if config.algorithm == "grpo":
         members = batch.nonempty
-        advantages = grpo_advantages(batch, dtype)
+        if given is None:
+            advantages = grpo_advantages(batch, dtype)
+            weights = uniform_group_weights(batch, members, config.normalize, dtype)
+        else:
+            advantages, weights = given.advantages.to(dtype), given.student.to(dtype)
         path = grpo_path_loss(config, batch, members, advantages, student_lp)
-        weights = uniform_group_weights(batch, members, config.normalize, dtype)
         loss = (weights * path.losses).sum() / batch.num_groups
         return loss, collect_metrics(batch, loss=loss, student_logprobs=engine_lp,
                                      student_log_ppl=student_log_ppl, policy_path=path,
@@ -119,7 +133,9 @@ def compute_loss(
         teacher_log_ppl = batch.log_perplexity(
             torch.where(batch.counted(teacher_rows), teacher_lp, teacher_lp.new_zeros(())))
 
-    if config.algorithm == "opd":
+    if given is not None:
+        student_weights, teacher_weights = given.student.to(dtype), given.teacher.to(dtype)
+    elif config.algorithm == "opd":
         student_weights = torch.zeros(batch.num_rollouts, dtype=dtype, device=ids.device)
         teacher_weights = uniform_group_weights(batch, teacher_members, config.normalize, dtype)
     else:
@@ -148,6 +164,54 @@ def compute_loss(
         student_members=student_members, student_weights=student_weights,
         teacher_members=teacher_members, teacher_weights=teacher_weights,
         teacher_path=teacher_path)
+
+
+def rollout_weights(config: ScopeConfig, batch: RolloutBatch, student_log_ppl: Optional[torch.Tensor] = None,
+                    teacher_log_ppl: Optional[torch.Tensor] = None) -> RolloutWeights:
+    """The weights compute_loss gives each rollout, computed over whole prompt groups without any
+    logits, for a caller that then splits the groups over micro-batches (compute_loss(weights=
+    result.select(rows))).
+
+    batch: the whole groups (its logits are never needed; teacher log-probs are not read).
+    student_log_ppl, teacher_log_ppl: [B] log PPL_S / log PPL_T of each rollout (batch
+      .log_perplexity of the token log-probs at the student / teacher temperature, e.g. from a
+      forward pass without gradient); read only where SCOPE's weighted paths need them (the
+      members of a weighted path), else may be None.
+    Returns float32 weights (float64 when a log-perplexity is float64)."""
+    if not isinstance(config, ScopeConfig):
+        raise TypeError(f"rollout_weights: config must be a ScopeConfig, got {type(config).__name__}")
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64
+                                 for t in (student_log_ppl, teacher_log_ppl)) else torch.float32
+    zeros = torch.zeros(batch.num_rollouts, dtype=dtype, device=batch.response_ids.device)
+    if config.algorithm == "grpo":
+        return RolloutWeights(uniform_group_weights(batch, batch.nonempty, config.normalize, dtype), zeros,
+                              grpo_advantages(batch, dtype))
+    if config.algorithm == "opd":
+        _, teacher_members = path_members(config, batch)
+        return RolloutWeights(zeros, uniform_group_weights(batch, teacher_members, config.normalize, dtype))
+    student_members, teacher_members = path_members(config, batch)
+    for name, values, members, mode in (("student_log_ppl", student_log_ppl, student_members, config.student_path),
+                                        ("teacher_log_ppl", teacher_log_ppl, teacher_members, config.teacher_path)):
+        if mode == "weighted" and values is None and bool(members.any()):
+            raise ValueError(f"rollout_weights: {name} is needed: SCOPE's {name.split('_')[0]} path is "
+                             "'weighted' and has members; pass each rollout's log perplexity")
+    weights = dual_path_weights(config, batch, student_log_ppl,
+                                teacher_log_ppl if config.teacher_path == "weighted" else None)
+    return RolloutWeights(weights.student.to(dtype), weights.teacher.to(dtype))
+
+
+def _check_given_weights(config: ScopeConfig, batch: RolloutBatch, weights: RolloutWeights) -> None:
+    if not isinstance(weights, RolloutWeights):
+        raise TypeError(f"compute_loss: weights must be RolloutWeights (rollout_weights), got "
+                        f"{type(weights).__name__}")
+    for name in ("student", "teacher", "advantages"):
+        value = getattr(weights, name)
+        if value is None and name == "advantages" and config.algorithm != "grpo":
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch.num_rollouts,):
+            raise ValueError(f"compute_loss: weights.{name} must be a [{batch.num_rollouts}] tensor (one value "
+                             f"per rollout of the batch), got {tuple(getattr(value, 'shape', ())) or value!r}; "
+                             "compute them with rollout_weights on the whole groups and .select this batch's rows")
 
 
 def _token_term_grad(batch: RolloutBatch, members: torch.Tensor, weights: torch.Tensor,

@@ -32,6 +32,26 @@ class PathWeights:
     teacher_members: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RolloutWeights:
+    """Every rollout's weights computed over whole prompt groups before the loss
+    (algorithm.rollout_weights), so that compute_loss can take a batch holding only part of a
+    group (a micro-batch of a step whose groups are split): [B] each, no gradient, 0 off a path.
+
+    student: the weight of the rollout's L_MLE (SCOPE) or of its GRPO surrogate;
+    teacher: the weight of its L_OPD (SCOPE, OPD); advantages: GRPO's group-normalized advantage
+    (None otherwise)."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    advantages: Optional[torch.Tensor] = None
+
+    def select(self, rows: torch.Tensor) -> "RolloutWeights":
+        """The weights of `rows` (an index or bool mask over the B rollouts), in that order."""
+        return RolloutWeights(self.student[rows], self.teacher[rows],
+                              None if self.advantages is None else self.advantages[rows])
+
+
 def path_members(config: ScopeConfig, batch: RolloutBatch) -> Tuple[torch.Tensor, torch.Tensor]:
     """(student-path members, teacher-path members), [B] bool each, for algorithm "scope" or
     "opd". Empty responses (allow_empty_responses) are on no path."""

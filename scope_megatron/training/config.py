@@ -101,7 +101,12 @@ class TrainingConfig:
         "prompts per optimizer step over all data-parallel ranks (each sampled rollout.n times)"))
     micro_batch_size: int = option(32, flag="--micro-batch-size", help=(
         "rollouts per micro-batch (a multiple of rollout.n: micro-batches hold whole prompt "
-        "groups, because SCOPE normalizes weights within a group)"))
+        "groups, because SCOPE normalizes weights within a group; any size with split_groups)"))
+    split_groups: bool = option(False, flag="--split-groups", help=(
+        "let micro-batches cut prompt groups (long responses whose group does not fit one "
+        "micro-batch): a forward pass of the student without gradient over the step first gives "
+        "each rollout its weight from its whole group (SCOPE's PPL weights, OPD's, GRPO's "
+        "advantages); the gradient is the same. Costs that forward pass each step"))
     seed: int = option(1234, flag="--seed", help=(
         "seed of initialization, the prompt stream and sampling (same seed = same prompts)"))
     precision: str = option("auto", flag="--precision", help=(
@@ -109,8 +114,8 @@ class TrainingConfig:
     log_interval: int = option(1, flag="--log-interval", help="steps between log lines")
     max_tokens_per_micro_batch: int = option(0, flag="--max-tokens-per-micro-batch", help=(
         "0: micro_batch_size rollouts per micro-batch. N > 0 (no pipeline parallelism): a dynamic "
-        "batch size instead: as many whole prompt groups as fit N tokens (rows x the micro-batch's "
-        "longest prompt + response, padding included), at least one group"))
+        "batch size instead: as many whole prompt groups (rollouts, with split_groups) as fit N "
+        "tokens (rows x the micro-batch's longest prompt + response, padding included), at least one"))
     recompute_granularity: Optional[str] = option(None, flag="--recompute-granularity", help=(
         "Megatron's activation recomputation of the student in backward: 'full' (whole layers, "
         "with recompute_method) or 'selective' (the attention core); null: off. Long responses "
@@ -396,10 +401,10 @@ class TrainConfig:
     task: TaskConfig = section(TaskConfig)
 
     def __post_init__(self):
-        if self.training.micro_batch_size % self.rollout.n:
+        if self.training.micro_batch_size % self.rollout.n and not self.training.split_groups:
             raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
-                             "prompt groups)")
+                             "prompt groups; --split-groups true lets them cut groups)")
         s = self.scope
         engine_temperature = logprob_temperature_of(self.rollout.temperature)
         if ("old_logprobs" in s.effective_fields() and s.old_logprobs == "rollout"

@@ -9,7 +9,10 @@ without gathering a response-aligned copy (which, with its gradient scattered ba
 two more [rows, L, V/tp] tensors). Micro-batches hold whole prompt groups (SCOPE normalizes
 weights within a group); the loss of a micro-batch is summed over its groups and Megatron divides
 the gradient by the number of groups over all micro-batches and data-parallel ranks
-(calculate_per_token_loss), which makes it the spec's sum over groups / #groups.
+(calculate_per_token_loss), which makes it the spec's sum over groups / #groups. With
+split_groups they may cut groups: group_weights_pass first weights each rollout from its whole
+group (a forward pass without gradient), and each group counts once, in the micro-batch holding
+its first row.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 
 from scope_megatron.ops import vocab_parallel_logprob
 from scope_megatron.rollout import Rollouts
-from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss
+from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss, path_members, rollout_weights
+from scope_megatron.scope.metrics import group_metrics, is_group_metric
 
 from .schedule import AccumulatedStep, MicroBatch, position_ids_for, run_microbatches
 
@@ -70,8 +74,15 @@ def build_inputs(rollouts: Rollouts, correct: torch.Tensor, pad_id: int, *,
 
 
 def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = False,
-                  seq_multiple: int = 1, max_tokens: int = 0) -> List[MicroBatch]:
+                  seq_multiple: int = 1, max_tokens: int = 0, split_groups: bool = False) -> List[MicroBatch]:
     """Micro-batches of whole prompt groups with group ids renumbered 0.. within each.
+
+    split_groups=True: micro-batches of rollouts that may cut prompt groups (each row is its own
+      unit below: trim orders and packs rows, not groups); their losses need weights from the
+      whole groups (group_weights_pass). Each micro-batch's extra then also holds "rows" (its
+      rows' indices in `inputs`), "step_group_ids" (their groups in `inputs`) and "owned_groups"
+      (the number of groups whose first row, in micro-batch order, it holds: an int tensor, so
+      that the counts sum to the step's groups) with "owned_groups_int", the same on the host.
 
     trim=False: micro_batch_size consecutive rows each (a multiple of the group size), every
       micro-batch as wide as the step's longest row (pipeline parallelism sends activations of
@@ -93,7 +104,8 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
     if trim:
         response_lengths = inputs.response_mask.sum(1)
         row_lengths = inputs.response_index[:, 0] + 1 + response_lengths  # prompt + response
-        groups = inputs.group_ids.to(torch.int64)
+        # split_groups: every row its own unit of ordering and packing
+        groups = order if split_groups else inputs.group_ids.to(torch.int64)
         longest = torch.zeros(int(groups.max()) + 1, dtype=row_lengths.dtype, device=row_lengths.device)
         longest = longest.scatter_reduce(0, groups, row_lengths, reduce="amax")
         order = order[torch.sort(groups, stable=True).indices]  # rows of a group together
@@ -108,8 +120,13 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         chunks = _pack_groups(order, group_list, lengths, max_tokens, seq_multiple)
     else:
         chunks = [order[start:start + micro_batch_size] for start in range(0, n, micro_batch_size)]
+    if split_groups:
+        # a micro-batch's rows group by group (the renumbering below needs each group's rows together)
+        chunks = [rows[torch.sort(inputs.group_ids[rows], stable=True).indices] for rows in chunks]
+        owned = _owned_groups(inputs.group_ids.to(torch.int64), chunks)
+        owned_int = torch.stack(owned).tolist()  # one host sync: the metrics' group counts
     out, end = [], 0
-    for rows in chunks:  # consecutive slices of `order`
+    for i, rows in enumerate(chunks):  # consecutive slices of `order` (each reordered by group when split)
         start, end = end, end + rows.shape[0]
         tokens, response_index = inputs.tokens[rows], inputs.response_index[rows]
         length = inputs.response_ids.shape[1]
@@ -128,8 +145,23 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
             "correct": inputs.correct[rows],
             **{key: frame(value[rows, :length], 0) for key, value in inputs.teacher.items()},
         }
+        if split_groups:
+            extra.update(rows=rows, step_group_ids=inputs.group_ids[rows], owned_groups=owned[i],
+                         owned_groups_int=owned_int[i])
         out.append(MicroBatch(tokens, position_ids_for(tokens), extra))
     return out
+
+
+def _owned_groups(groups: torch.Tensor, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per chunk, the number of groups whose first row (in the chunks' concatenated order) it
+    holds, as 0-d int tensors (no host sync): they sum to the number of groups."""
+    order = torch.cat(chunks)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    first = torch.full((int(groups.numel()),), order.numel(), dtype=position.dtype, device=order.device)
+    first = first.scatter_reduce(0, groups, position, reduce="amin")
+    owner = position == first[groups]
+    return [owner[rows].sum().to(torch.int) for rows in chunks]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -187,23 +219,24 @@ def _pack_groups(order: torch.Tensor, groups: List[int], lengths: List[int], max
 
 @torch.no_grad()
 def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
-                       scope: ScopeConfig, vocab_size: int) -> None:
+                       scope: ScopeConfig, vocab_size: int, logprobs_only: bool = False) -> None:
     """Runs the frozen teacher over the micro-batches and stores, on the last pipeline stage, what
     the loss needs in each micro-batch's `extra` (TEACHER_KEYS), in the micro-batch's [b, width]
     frame: for the full KL, the teacher's logit shards ("teacher_logits", [b, width, V/tp]: hold
     few micro-batches at once, see train_step's score_teacher); for the top-k estimator, its
     log-probs of the sampled tokens plus its top-k ids and their log-probs ([b, width, k], what a
-    served teacher returns); otherwise its log-probs of the sampled tokens ("teacher_logprobs")."""
+    served teacher returns); otherwise, or with logprobs_only, its log-probs of the sampled tokens
+    ("teacher_logprobs")."""
     from scope_megatron.scope import teacher_top_k
 
     temperature = scope.resolved_teacher_temperature
 
     def collect(mb, logits):
-        if scope.kl_estimator == "full":
+        if scope.kl_estimator == "full" and not logprobs_only:
             return {"teacher_logits": logits}
         ids = torch.where(mb.extra["response_mask"], mb.extra["response_ids"], 0)
         logprobs = vocab_parallel_logprob(logits, ids, vocab_size=vocab_size, temperature=temperature)
-        if scope.kl_estimator != "topk":
+        if scope.kl_estimator != "topk" or logprobs_only:
             return {"teacher_logprobs": logprobs}
         top_ids, top_logprobs = teacher_top_k(logits, ids, logprobs, k=scope.topk_k,
                                               vocab_size=vocab_size, teacher_temperature=temperature,
@@ -215,9 +248,71 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
         mb.extra.update(out)
 
 
+@torch.no_grad()
+def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], inputs: StepInputs,
+                       *, scope: ScopeConfig, vocab_size: int) -> Optional[Dict[str, float]]:
+    """For micro-batches that cut prompt groups (micro_batches(split_groups=True)): a forward pass
+    of the student without gradient over them gives every rollout its log PPL_S (at
+    scope.student_temperature) and, from the teacher's scores in the micro-batches
+    (teacher_logprobs, else teacher_logits), its log PPL_T; each rollout's weight then comes from
+    its whole group (scope.rollout_weights over `inputs`, the step's rows on this replica) and goes
+    into its micro-batch's extra["weights"], which the loss uses. One more student forward per
+    step, in exchange for micro-batches smaller than a group.
+
+    Runs on every pipeline stage; the weights exist on the last (the only one computing the loss).
+    Returns there the step's group metrics (scope.metrics.group_metrics), else None."""
+    temperature, teacher_temperature = scope.student_temperature, scope.resolved_teacher_temperature
+
+    def log_ppls(mb, logits):
+        extra = mb.extra
+        batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
+                             correct=extra["correct"], old_logprobs=extra["old_logprobs"],
+                             response_mask=extra["response_mask"])
+        ids = batch.safe_response_ids
+        student = batch.log_perplexity(vocab_parallel_logprob(logits, ids, vocab_size=vocab_size,
+                                                              temperature=temperature))
+        teacher = None
+        if extra.get("teacher_logprobs") is not None:
+            teacher = batch.log_perplexity(extra["teacher_logprobs"].to(student.dtype))
+        elif extra.get("teacher_logits") is not None:
+            teacher = batch.log_perplexity(vocab_parallel_logprob(
+                extra["teacher_logits"], ids, vocab_size=vocab_size, temperature=teacher_temperature))
+        return student, teacher
+
+    outputs = run_microbatches(student_chunks, batches, log_ppls, forward_only=True)
+    if not outputs:
+        return None
+    n = inputs.group_ids.shape[0]
+    student_log_ppl = outputs[0][0].new_zeros(n)
+    teacher_log_ppl = None if any(t is None for _, t in outputs) else outputs[0][0].new_zeros(n)
+    for mb, (student, teacher) in zip(batches, outputs):
+        rows = mb.extra["rows"]
+        student_log_ppl[rows] = student
+        if teacher_log_ppl is not None:
+            teacher_log_ppl[rows] = teacher.to(teacher_log_ppl.dtype)
+    step = RolloutBatch(response_ids=inputs.response_ids, group_ids=inputs.group_ids, correct=inputs.correct,
+                        old_logprobs=inputs.old_logprobs, response_mask=inputs.response_mask)
+    weights = rollout_weights(scope, step, student_log_ppl, teacher_log_ppl)
+    for mb in batches:
+        mb.extra["weights"] = weights.select(mb.extra["rows"])
+    if scope.algorithm == "grpo":
+        return group_metrics(step, student_log_ppl=student_log_ppl)
+    student_members, teacher_members = path_members(scope, step)
+    return group_metrics(step, student_log_ppl=student_log_ppl, teacher_log_ppl=teacher_log_ppl,
+                         student_members=student_members, student_weights=weights.student,
+                         teacher_members=teacher_members, teacher_weights=weights.teacher)
+
+
 # metrics that count (summed over micro-batches and data-parallel replicas, not averaged)
 COUNT_KEYS = ("rollouts/total", "rollouts/empty", "rollouts/student_path", "rollouts/teacher_path",
               "groups/total", "groups/all_correct", "groups/all_wrong")
+
+
+# means over a set of rollouts, combined over micro-batches by the size of that set in each
+MEAN_OVER = {"kl/mean": "rollouts/teacher_path", "mle/mean": "rollouts/student_path",
+             "reward/mean": "rollouts/total",
+             **{f"{path}/ppl_{model}": f"rollouts/{path}"
+                for path in ("student_path", "teacher_path") for model in ("student", "teacher")}}
 
 
 def metric_kind(key: str) -> str:
@@ -256,9 +351,17 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optiona
         # bf16 loss scale is 1), i.e. `groups` into the loss, which the fused KL relies on.
         loss, metrics = compute_loss(scope, batch, logits,
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
-                                     loss_grad=float(groups), old_logprobs_temperature=engine_temperature)
-        return loss * groups, torch.tensor(groups, dtype=torch.int, device=loss.device), {
-            "metrics": metrics, "groups": groups}
+                                     loss_grad=float(groups), old_logprobs_temperature=engine_temperature,
+                                     weights=extra.get("weights"))
+        if "owned_groups" in extra:  # groups cut over micro-batches: each counted once, where it starts
+            if extra.get("weights") is None:
+                raise RuntimeError("a micro-batch that may cut prompt groups has no weights from its whole "
+                                   "groups: run group_weights_pass over the step's micro-batches first")
+            count, owned = extra["owned_groups"], extra["owned_groups_int"]
+            metrics = {k: v for k, v in metrics.items() if not is_group_metric(k)}
+        else:
+            count, owned = torch.tensor(groups, dtype=torch.int, device=loss.device), groups
+        return loss * groups, count, {"metrics": metrics, "groups": groups, "owned": owned}
     return loss_fn
 
 
@@ -279,8 +382,12 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                batches: List[MicroBatch], *, scope: ScopeConfig, vocab_size: int,
                score_teacher: Optional[Callable[[List[MicroBatch]], None]] = None,
                micro_batches_per_wave: Optional[int] = None,
-               engine_temperature: Optional[float] = None) -> Dict[str, float]:
+               engine_temperature: Optional[float] = None,
+               step_group_metrics: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """Forward + backward of the SCOPE loss over the micro-batches, then one optimizer step.
+
+    step_group_metrics: for micro-batches that cut prompt groups, group_weights_pass's group
+      metrics, reported instead of the micro-batches' (which see partial groups).
 
     engine_temperature: the temperature of the rollouts' log-probs (SamplingParams
       .logprob_temperature: compute_loss's old_logprobs_temperature); None: scope.student_temperature.
@@ -319,19 +426,24 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     scheduler.step(increment=1)
     if not reduced:
         return {}
-    total = sum(r["groups"] for r in reduced)
+    total = sum(r["owned"] for r in reduced)  # the groups (each counted in one micro-batch)
     keys = set().union(*(r["metrics"] for r in reduced))
     metrics = {}
     for key in keys:
-        present = [(r["metrics"][key], r["groups"]) for r in reduced if key in r["metrics"]]
+        # a mean over a path's rollouts weighted by the micro-batches' members (exact), others by groups
+        by = MEAN_OVER.get(key)
+        present = [(r["metrics"][key], r["metrics"][by] if by else r["groups"])
+                   for r in reduced if key in r["metrics"]]
         kind = metric_kind(key)
         if kind == "count":
             metrics[key] = sum(v for v, _ in present)
         elif kind == "max":
             metrics[key] = max(v for v, _ in present)
-        else:  # weighted by the micro-batches' groups
+        else:
             metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
     metrics["loss"] = sum(r["metrics"]["loss"] * r["groups"] for r in reduced) / total
+    if step_group_metrics is not None:
+        metrics.update(step_group_metrics)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     metrics["update_skipped"] = 0.0 if update_successful else 1.0

@@ -33,7 +33,8 @@ from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, Progress
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import build_inputs, metric_kind, micro_batches, score_with_teacher, teacher_logits_bytes, train_step
+from .step import (build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
+                   teacher_logits_bytes, train_step)
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -218,7 +219,8 @@ class Trainer:
         return self._prepare(step)[:3]
 
     def _prepare(self, step: int):
-        """prepare's (micro-batches, rollouts, scores) and the step's teacher_wave_size."""
+        """prepare's (micro-batches, rollouts, scores), the step's teacher_wave_size and, with
+        training.split_groups, the step's group metrics (group_weights_pass; else None)."""
         cfg = self.cfg
         items = _replica_slice(self.task.train_items(step, cfg.training.prompts_per_step, cfg.training.seed),
                                self.dp_rank, self.layout.dp)
@@ -229,19 +231,31 @@ class Trainer:
                               seq_multiple=multiple)
         if self.remote_teacher is not None:
             inputs.teacher = self.remote_teacher.score(rollouts, rollouts.response_ids.device)
+        split = cfg.training.split_groups
         batches = micro_batches(inputs, cfg.training.micro_batch_size, trim=self.layout.pp == 1,
-                                seq_multiple=multiple, max_tokens=cfg.training.max_tokens_per_micro_batch)
+                                seq_multiple=multiple, max_tokens=cfg.training.max_tokens_per_micro_batch,
+                                split_groups=split)
         waves = self.teacher_wave_size(batches)
-        if self.teacher is not None and waves is None:
+        if self.teacher is not None and (waves is None or split):
             self._teacher_on_device(True)
             try:
-                self._score_teacher(batches)
+                # in waves the logits come during the step; the weights need the teacher's
+                # log-probs of every rollout first (the other estimators' scores, one value per token)
+                self._score_teacher(batches, logprobs_only=waves is not None)
             finally:  # back to host memory even if scoring raised (as the wave path does)
                 self._teacher_on_device(False)
-        return batches, rollouts, scores, waves
+        group_metrics = None
+        if split:
+            group_metrics = group_weights_pass(self.student, batches, inputs, scope=cfg.scope,
+                                               vocab_size=cfg.student.vocab_size)
+            if waves is not None:
+                for mb in batches:  # the waves' logits are the loss's teacher source
+                    mb.extra.pop("teacher_logprobs", None)
+        return batches, rollouts, scores, waves, group_metrics
 
-    def _score_teacher(self, batches) -> None:
-        score_with_teacher(self.teacher, batches, scope=self.cfg.scope, vocab_size=self.cfg.student.vocab_size)
+    def _score_teacher(self, batches, logprobs_only: bool = False) -> None:
+        score_with_teacher(self.teacher, batches, scope=self.cfg.scope, vocab_size=self.cfg.student.vocab_size,
+                           logprobs_only=logprobs_only)
 
     def _teacher_on_device(self, on: bool) -> None:
         """The colocated teacher to the device (for scoring), or back to host memory (the device
@@ -269,11 +283,13 @@ class Trainer:
                   f"scoring in waves of {size} micro-batch(es), each followed by the student's pass", flush=True)
         return size
 
-    def _train_step(self, batches, waves: Optional[int]) -> Dict[str, float]:
-        """The training step over the prepared micro-batches; waves: teacher_wave_size(batches)."""
+    def _train_step(self, batches, waves: Optional[int], group_metrics=None) -> Dict[str, float]:
+        """The training step over the prepared micro-batches; waves: teacher_wave_size(batches);
+        group_metrics: group_weights_pass's (split_groups)."""
         cfg = self.cfg
         common = dict(scope=cfg.scope, vocab_size=cfg.student.vocab_size,
-                      engine_temperature=self.train_sampling().logprob_temperature)
+                      engine_temperature=self.train_sampling().logprob_temperature,
+                      step_group_metrics=group_metrics)
         if waves is None:
             return train_step(self.student, self.optimizer, self.scheduler, batches, **common)
 
@@ -292,9 +308,9 @@ class Trainer:
     def step(self, step: int) -> Dict[str, float]:
         """One training step; returns this replica's metrics (where it reports them) else {}."""
         started = time.perf_counter()
-        batches, rollouts, scores, waves = self._prepare(step)
+        batches, rollouts, scores, waves, group_metrics = self._prepare(step)
         prepared = time.perf_counter()
-        metrics = self._train_step(batches, waves)
+        metrics = self._train_step(batches, waves, group_metrics)
         if self.sglang_rollouts is not None:
             synced = time.perf_counter()
             self.engine.update_weights(step + 1)  # the next step samples from the updated student

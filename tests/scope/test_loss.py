@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from scope_megatron.ops.reference import kl_reference
-from scope_megatron.scope import ScopeConfig, compute_loss
+from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss, rollout_weights
 from tests.helpers import random_logits
 from tests.scope.problems import (fresh_leaf, layout, make_batch, make_problem, reference_loss,
-                                  sampled_kl_policy_gradient_loss)
+                                  sampled_kl_policy_gradient_loss, token_logprobs)
 
 TIGHT = dict(rtol=1e-9, atol=1e-11)
 
@@ -440,3 +440,50 @@ def test_full_kl_runs_fused_with_the_predicted_gradient(packed, loss_factor, gen
         grad = student.grad
     torch.testing.assert_close(loss.double(), ref["loss"].detach(), **TIGHT)
     torch.testing.assert_close(grad / (groups if loss_factor != 1 else 1), ref["grad"], **TIGHT)
+
+
+def _renumbered(group_ids: torch.Tensor) -> torch.Tensor:
+    return torch.unique(group_ids, return_inverse=True)[1]
+
+
+@pytest.mark.parametrize("algorithm,estimator", [("scope", "sampled"), ("scope", "full"), ("scope", "topk"),
+                                                 ("opd", "k3"), ("grpo", "full")])
+def test_micro_batches_splitting_groups_with_weights_from_whole_groups_equal_the_whole_batch(
+        algorithm, estimator, gen):
+    """rollout_weights over whole groups, then compute_loss(weights=...) on micro-batches that cut
+    groups (rows out of order): sum of loss x micro-batch groups / all groups and the gradient equal
+    the whole batch's; without the given weights the same split gives another loss."""
+    config = scope_config(estimator, algorithm=algorithm)
+    p = make_problem(gen, group_sizes=(3, 1, 4, 2, 3))
+    batch = make_batch(p)
+    whole_loss, _, whole_grad = run(config, p)
+    student_ppl = batch.log_perplexity(token_logprobs(p.student, p.ids, p.vocab_size, 1.0))
+    teacher_ppl = batch.log_perplexity(p.teacher_logprobs)
+    weights = rollout_weights(config, batch, student_ppl, teacher_ppl)
+    # groups (3, 1, 4, 2, 3) are rows 0-2, 3, 4-7, 8-9, 10-12: every group but the singleton is cut
+    chunks = ([0, 8, 10, 4, 5], [1, 9, 11, 6], [2, 3, 12, 7])
+    total = torch.zeros((), dtype=torch.float64)
+    grad, unweighted = torch.zeros_like(p.student), torch.zeros_like(p.student)
+    for rows in map(torch.tensor, chunks):
+        sub = RolloutBatch(p.ids[rows], _renumbered(p.group_ids[rows]), p.correct[rows], p.old_logprobs[rows],
+                           response_mask=p.mask[rows])
+        teacher = None if algorithm == "grpo" else p.teacher[rows]
+        leaf = fresh_leaf(p.student[rows])
+        loss, _ = compute_loss(config, sub, leaf, teacher_logits=teacher, vocab_size=p.vocab_size,
+                               weights=weights.select(rows))
+        part = loss * sub.num_groups / batch.num_groups
+        part.backward()
+        grad[rows] = leaf.grad
+        total = total + part.detach()
+        leaf = fresh_leaf(p.student[rows])
+        alone, _ = compute_loss(config, sub, leaf, teacher_logits=teacher, vocab_size=p.vocab_size)
+        (alone * sub.num_groups / batch.num_groups).backward()
+        unweighted[rows] = leaf.grad
+    torch.testing.assert_close(total, whole_loss.detach(), **TIGHT)
+    torch.testing.assert_close(grad, whole_grad, **TIGHT)
+    # the split matters: each micro-batch's own groups give other weights
+    assert float((unweighted - whole_grad).abs().max()) > 1e-6, "the split changes no group's weights"
+    with pytest.raises(ValueError, match=r"weights.student must be a \[5\] tensor"):
+        compute_loss(config, make_batch(make_problem(gen, group_sizes=(2, 3))), p.student[:5],
+                     teacher_logits=None if algorithm == "grpo" else p.teacher[:5], vocab_size=p.vocab_size,
+                     weights=weights)

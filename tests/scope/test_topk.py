@@ -37,9 +37,12 @@ def test_low_precision_logits(dtype, gen):
                                 teacher_temperature=0.8)
     ref = torch.log_softmax(logits[..., :VOCAB].double() / 0.8, -1)
     assert values.dtype == torch.float32
-    # ties among rounded logits may order equal values either way: compare values at the ids
-    torch.testing.assert_close(values.double(), ref.gather(-1, ids), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(values.double(), ref.topk(5).values, rtol=1e-6, atol=1e-6)
+    # ties among rounded logits may order equal values either way: compare values at the ids.
+    # float32 arithmetic on intermediates up to ~30 in magnitude ((x_j - x_y) / T, then + log p(y))
+    # rounds by up to a few ulps there (2.0e-6 worst over 3000 seeds): atol 5e-6, not 1e-6
+    # (which failed about 1 seed in 80)
+    torch.testing.assert_close(values.double(), ref.gather(-1, ids), rtol=1e-6, atol=5e-6)
+    torch.testing.assert_close(values.double(), ref.topk(5).values, rtol=1e-6, atol=5e-6)
 
 
 def test_bad_arguments_are_clear_errors(gen):

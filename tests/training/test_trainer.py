@@ -293,6 +293,28 @@ def test_teacher_logits_in_waves_give_the_same_step(layout):
         assert r["grad_norm"][1] == pytest.approx(r["grad_norm"][0], rel=1e-5), r
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "dp2_max_tokens", "tp2_waves"])
+def test_micro_batches_that_cut_prompt_groups_give_the_same_step(layout):
+    """--split-groups: micro-batches of 2 rollouts cut every group of 4; a forward pass without
+    gradient first weights each rollout from its whole group, so the update, the loss and the
+    group metrics equal those of micro-batches of whole groups (also with a dynamic batch size,
+    and with the colocated teacher's logits in waves, whose log-probs are scored first)."""
+    ranks = _launch("split_groups")[layout]
+    for r in ranks:
+        assert r["max_param_change"] > 1e-6, r  # the step trained
+        assert r["max_param_diff"] <= 1e-5 * max(1.0, r["max_param_change"]), r
+        if r["last_stage"]:
+            assert r["cut_groups"][1] >= 1, r
+    reporting = [r for r in ranks if r["metrics"]["loss"][0] is not None]
+    assert len(reporting) == (2 if layout.startswith("dp2") else 1), ranks
+    for r in reporting:
+        for key, (whole, split) in r["metrics"].items():
+            assert (whole is None) == (split is None), (key, r)
+            if whole is not None:
+                assert split == pytest.approx(whole, rel=1e-5, abs=1e-6), (key, r)
+        assert r["metrics"]["groups/total"][0] == 4 / (2 if layout.startswith("dp2") else 1), r
+
+
 def test_colocated_top_k_teacher_keeps_k_values_per_token():
     """kl_estimator topk with a colocated teacher: prepare keeps the teacher's log-probs and its
     top-k ids and log-probs ([b, L, k]), not its [b, L, V/tp] logits, and the loss from them
@@ -468,3 +490,43 @@ def test_token_budget_needs_no_pipeline_parallelism():
         load_config(["--max-tokens-per-micro-batch", "4096", "--pipeline-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="max_tokens_per_micro_batch must be an integer >= 0"):
         load_config(["--max-tokens-per-micro-batch", "-1"])
+
+
+@pytest.mark.parametrize("trim,max_tokens", [(False, 0), (True, 0), (True, 40)])
+def test_micro_batches_that_cut_groups_cover_every_row_and_count_each_group_once(trim, max_tokens, gen):
+    """micro_batches(split_groups=True) on rollouts of unequal lengths: every row exactly once, a
+    micro-batch's rows group by group (its group ids renumbered 0.. in order), and each group
+    owned by exactly one micro-batch (the owned counts sum to the groups)."""
+    import torch
+
+    from scope_megatron.rollout.types import Rollouts
+    from scope_megatron.training.step import build_inputs, micro_batches
+
+    groups, n = 5, 3
+    rows = groups * n
+    # the j-th rollout of every group has response length 8 - j: ordered by length (trim), the
+    # groups interleave, so every split below cuts some group
+    lengths = (8 - torch.arange(n)).repeat(groups)
+    mask = torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)
+    rollouts = Rollouts(prompt_ids=torch.randint(1, 9, (rows, 4), generator=gen),
+                        prompt_lengths=torch.full((rows,), 3),
+                        response_ids=torch.where(mask, torch.randint(1, 9, (rows, 8), generator=gen), 0),
+                        response_mask=mask, logprobs=torch.where(mask, -1.0, 0.0),
+                        group_ids=torch.arange(groups).repeat_interleave(n),
+                        finished=torch.ones(rows, dtype=torch.bool))
+    inputs = build_inputs(rollouts, torch.rand(rows, generator=gen) > 0.5, pad_id=0)
+    batches = micro_batches(inputs, 5 if not max_tokens else 1, trim=trim, max_tokens=max_tokens,
+                            split_groups=True)
+    seen = torch.cat([mb.extra["rows"] for mb in batches])
+    assert sorted(seen.tolist()) == list(range(rows))
+    assert sum(int(mb.extra["owned_groups"]) for mb in batches) == groups
+    assert [int(mb.extra["owned_groups"]) for mb in batches] == [mb.extra["owned_groups_int"] for mb in batches]
+    holders = [sum(g in mb.extra["step_group_ids"].tolist() for mb in batches) for g in range(groups)]
+    assert max(holders) > 1, holders  # some group is cut
+    for mb in batches:
+        step_groups = mb.extra["step_group_ids"]
+        assert torch.equal(step_groups, inputs.group_ids[mb.extra["rows"]])
+        _, renumbered = torch.unique_consecutive(step_groups, return_inverse=True)
+        assert torch.equal(mb.extra["group_ids"], renumbered), (step_groups, mb.extra["group_ids"])
+        assert len(set(step_groups.tolist())) == int(renumbered.max()) + 1  # each group's rows together
+        assert torch.equal(mb.extra["correct"], inputs.correct[mb.extra["rows"]])

@@ -448,6 +448,53 @@ def teacher_waves(ctx):
     return out
 
 
+def split_groups(ctx):
+    """One training step with micro-batches of whole prompt groups against the same step with
+    --split-groups and micro-batches of 2 rollouts (rollout.n is 4: every group is cut), at TP=2,
+    PP=2 and DP=2 (there also with a dynamic batch size and with the colocated teacher's logits
+    in waves): the update, the loss and the step's group metrics must be the same on every rank."""
+    from megatron.core import parallel_state
+
+    out = {}
+    for name, flags, split_flags in (
+            ("tp2", ["--tensor-model-parallel-size", "2"], []),
+            ("pp2", ["--pipeline-model-parallel-size", "2"], []),
+            ("dp2", [], []),
+            ("dp2_max_tokens", [], ["--max-tokens-per-micro-batch", "40"]),
+            ("tp2_waves", ["--tensor-model-parallel-size", "2", "--teacher-logits-gib", "1e-12"], [])):
+        params, metrics, cut = [], [], []
+        for split in (False, True):
+            extra = ["--split-groups", "true", "--micro-batch-size", "2"] + split_flags if split else []
+            # tau 0.02: weights far from uniform (the toy student's perplexities are close to 1)
+            cfg = load_config(SHORT + flags + extra + ["--scope-tau", "0.02", "--save", "null",
+                                                       "--seed", str(ctx.seed % 100000),
+                                                       "--log-dir", str(_run_dir(ctx, f"split-{name}-{split}"))])
+            trainer = Trainer(cfg)
+            try:
+                batches, _, _ = trainer.prepare(0)
+                groups = [set(mb.extra["step_group_ids"].tolist()) for mb in batches] if split else []
+                # groups with rows in more than one micro-batch
+                cut.append(sum(1 for g in set().union(*groups) if sum(g in gs for gs in groups) > 1) if split else 0)
+                initial = [p.detach().clone() for c in trainer.student for p in c.parameters()]
+                metrics.append(trainer.step(0))
+                params.append([p.detach().clone() for c in trainer.student for p in c.parameters()])
+                last_stage = parallel_state.is_pipeline_last_stage()
+            finally:
+                trainer.close()
+        # the metrics both ways compute exactly (weight_entropy is a mean over groups with path
+        # members, which micro-batches of whole groups only approximate)
+        keys = ("loss", "grad_norm", "kl/mean", "mle/mean", "reward/mean", "groups/total", "groups/all_correct",
+                "groups/all_wrong", "rollouts/teacher_path", "student_path/weight_max", "teacher_path/weight_max",
+                "student_path/ppl_student", "teacher_path/ppl_student", "teacher_path/ppl_teacher")
+        entry = {"last_stage": last_stage, "cut_groups": cut,
+                 "max_param_diff": max(float((a - b).abs().max()) for a, b in zip(*params)),
+                 "max_param_change": max(float((a - b).abs().max()) for a, b in zip(initial, params[0])),
+                 "metrics": {k: [m.get(k) for m in metrics] for k in keys}}
+        out[name] = [None] * dist.get_world_size()
+        dist.all_gather_object(out[name], entry)
+    return out
+
+
 def recompute(ctx):
     """One training step with and without activation recomputation (--recompute-granularity), at
     TP=2 and PP=2: the student's layers run again in backward (counted by forward hooks), and
