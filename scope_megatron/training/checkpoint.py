@@ -181,6 +181,39 @@ def _bucket_layout(optimizer) -> List[Optional[dict]]:
     return out
 
 
+def _ddp_settings(model_chunks) -> Optional[Dict[str, Any]]:
+    """The DDP settings that decide the gradient buckets (Megatron replaces bucket_size by its
+    default, or by None without overlap_grad_reduce, so this is the effective value)."""
+    first = model_chunks[0] if isinstance(model_chunks, (list, tuple)) else model_chunks
+    ddp = getattr(first, "ddp_config", None)
+    if ddp is None:
+        return None
+    return {"overlap_grad_reduce": bool(ddp.overlap_grad_reduce), "bucket_size": ddp.bucket_size}
+
+
+def _megatron_bucket_layout(optimizer, ckpt: Path) -> List[Optional[dict]]:
+    """For a checkpoint saved before scope_checkpoint.json recorded the buckets: the bucket sizes
+    Megatron's dp_reshardable state keeps for this rank's TP x PP group
+    (optimizer.distributed.dp_group_idx_<i>.per_bucket_numel_unpadded), in _gathered_bucket_layout's
+    form (this rank's group only). A small dist_checkpointing load; collective."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    mine = _bucket_layout(optimizer)
+    request = {}
+    for i, entry in enumerate(mine):
+        if entry is not None:
+            prefix = f"chained_{i}." if len(mine) > 1 else ""  # Megatron's prefix for chained dp_reshardable
+            key = f"{prefix}optimizer.distributed.dp_group_idx_{entry['dp_group']}.per_bucket_numel_unpadded"
+            request[str(i)] = ShardedObject(key, None, (1,), (0,), replica_id=(0, 0, _rank()))
+    with _quiet_torch_dcp():
+        loaded = dist_checkpointing.load(request, str(ckpt)) if request else {}
+    return [None if entry is None else
+            {str(entry["dp_group"]): [{str(dtypes): [int(n) for n in sizes] for dtypes, sizes in buf.items()}
+                                      for buf in loaded[str(i)]]}
+            for i, entry in enumerate(mine)]
+
+
 def _gathered_bucket_layout(optimizer) -> List[Optional[dict]]:
     """Every rank's _bucket_layout merged: per sub-optimizer {str(dp_group): buffers} (None if
     not distributed). Collective over the world (the DP replicas of a group agree)."""
@@ -237,6 +270,7 @@ def save_checkpoint(root, step: int, model_chunks: Sequence[torch.nn.Module], op
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=opt_format["sharding_metadata"])
         if opt_format["sharding_metadata"].get("distrib_optim_sharding_type") == "dp_reshardable":
             opt_format["bucket_layout"] = _gathered_bucket_layout(optimizer)
+            opt_format["ddp"] = _ddp_settings(model_chunks)
     with _quiet_torch_dcp():
         dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_save_strategy())
 
@@ -431,8 +465,11 @@ def _check_optimizer(meta: dict, optimizer, ckpt: Path) -> None:
                               f"across DP only (saved at TP={saved['tp']} PP={saved['pp']} "
                               f"VPP={saved.get('vpp')}, now TP={lay.tp} PP={lay.pp} VPP={lay.vpp}); "
                               "load with optimizer=None (fresh optimizer state) or at the saved TP/PP/VPP")
-    if sharding == "dp_reshardable" and meta["optimizer"].get("bucket_layout") is not None:
-        _check_bucket_layout(meta["optimizer"]["bucket_layout"], optimizer, ckpt)
+    if sharding == "dp_reshardable":
+        saved_layout = meta["optimizer"].get("bucket_layout")
+        if saved_layout is None:  # saved before the layout was recorded here: Megatron's own record
+            saved_layout = _megatron_bucket_layout(optimizer, ckpt)
+        _check_bucket_layout(saved_layout, optimizer, ckpt, meta["optimizer"].get("ddp"))
 
 
 def _describe_buckets(now: list, saved: Optional[list]) -> str:
@@ -453,10 +490,11 @@ def _describe_buckets(now: list, saved: Optional[list]) -> str:
     return "no difference"
 
 
-def _check_bucket_layout(saved: list, optimizer, ckpt: Path) -> None:
+def _check_bucket_layout(saved: list, optimizer, ckpt: Path, saved_ddp: Optional[dict] = None) -> None:
     """Raises CheckpointError on every rank when any rank's gradient buckets differ from those
     its DP group saved (dist_checkpointing would fail mid-load with a shape error on some ranks
-    and leave the others waiting). Collective over the world."""
+    and leave the others waiting). saved_ddp: the save's DDP settings (_ddp_settings), for the
+    fix the error names. Collective over the world."""
     problem = None
     mine = _bucket_layout(optimizer)
     if len(mine) != len(saved):
@@ -471,12 +509,20 @@ def _check_bucket_layout(saved: list, optimizer, ckpt: Path) -> None:
     dist.all_gather_object(problems, problem)
     found = [p for p in problems if p is not None]
     if found:
+        if saved_ddp is None:
+            fix = "resume with the settings it was saved with (not recorded in this checkpoint)"
+        elif not saved_ddp["overlap_grad_reduce"]:
+            fix = ("it was saved without overlap_grad_reduce (one bucket per buffer): resume without it "
+                   "(the trainer's --overlap-grad-reduce false)")
+        else:
+            fix = (f"it was saved with overlap_grad_reduce and bucket_size={saved_ddp['bucket_size']}: resume "
+                   f"with them (the trainer's --overlap-grad-reduce true --ddp-bucket-size {saved_ddp['bucket_size']})")
         raise CheckpointError(
             f"{ckpt}: this distributed optimizer state (dp_reshardable) is laid out in the gradient "
             f"buckets it was saved with, and this run's buckets differ ({found[0]}"
             f"{f'; {len(found) - 1} more rank(s)' if len(found) > 1 else ''}). The buckets follow the DDP "
-            "bucket_size and overlap_grad_reduce (whose default bucket_size grows with the DP size): "
-            "resume with the saved settings, pass an explicit bucket_size, or load with optimizer=None")
+            f"bucket_size and overlap_grad_reduce (whose default bucket_size grows with the DP size): {fix}, "
+            "or load with optimizer=None (fresh optimizer state)")
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:

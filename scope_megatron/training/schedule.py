@@ -108,7 +108,8 @@ class AccumulatedStep:
 
     def run(self, micro_batches: List[MicroBatch], output_fn: Callable, *, last: bool) -> List:
         if self._finished:
-            raise RuntimeError("AccumulatedStep: the step's last call has run; start a new step")
+            raise RuntimeError("AccumulatedStep: the step's last call has run, or an earlier call raised "
+                               "(its partial gradients are in the buffers); zero them and start a new step")
         config = self.config
         finalize = config.finalize_model_grads_func
         counts: List[torch.Tensor] = []  # each micro-batch's count tensor, read without a host sync
@@ -133,6 +134,9 @@ class AccumulatedStep:
                 elif finalize is not None and self._earlier is not None:
                     config.finalize_model_grads_func = _counting_earlier(finalize, self._earlier)
                 out = run_microbatches(self.chunks, micro_batches, counted, forward_only=False)
+        except BaseException:
+            self._finished = True  # the step's gradients are incomplete: no further call may add to them
+            raise
         finally:
             config.finalize_model_grads_func = finalize
             config.no_sync_func = no_sync

@@ -102,16 +102,34 @@ def _load_vpp_distributed_refused() -> None:
         raise AssertionError("a dp_reshardable optimizer state saved at VPP=2 loaded at VPP=None")
 
 
-def _load_other_buckets_refused(name: str, bucket_size) -> None:
+def _without_recorded_buckets(name: str) -> str:
+    """A copy of checkpoint `name` as saved before scope_checkpoint.json recorded the gradient
+    buckets (and the DDP settings): the load must read Megatron's own record instead."""
+    old = f"{name}_old"
+    if dist.get_rank() == 0:
+        import json
+        import shutil
+
+        shutil.copytree(w.shared_dir() / name, w.shared_dir() / old)
+        (ckpt,) = (p for p in (w.shared_dir() / old).iterdir() if p.name.startswith("iter_"))
+        meta = json.loads((ckpt / checkpoint.METADATA).read_text())
+        assert meta["optimizer"].pop("bucket_layout") and "ddp" in meta["optimizer"], meta["optimizer"]
+        del meta["optimizer"]["ddp"]
+        (ckpt / checkpoint.METADATA).write_text(json.dumps(meta))
+    dist.barrier()
+    return old
+
+
+def _load_other_buckets_refused(name: str, bucket_size, fix: str) -> None:
     """At the saved layout (DP=2) but in other gradient buckets: a CheckpointError on every rank
-    before anything is read, not dist_checkpointing's shape error mid-load."""
+    before anything is read, not dist_checkpointing's shape error mid-load; it names the fix."""
     ddp, optimizer, _ = w.build_student(distributed_optimizer=True, overlap=bucket_size is not None,
                                         bucket_size=bucket_size)
     before = w._param_digest(ddp)
     try:
         checkpoint.load_checkpoint(w.shared_dir() / name, ddp, optimizer)
     except checkpoint.CheckpointError as exc:
-        for text in ("gradient buckets it was saved with", "bucket(s) of", "bucket_size"):
+        for text in ("gradient buckets it was saved with", "bucket(s) of", "bucket_size", fix):
             assert text in str(exc), str(exc)
     else:
         raise AssertionError(f"{name} loaded into other gradient buckets (bucket_size={bucket_size})")
@@ -130,9 +148,13 @@ def load2_launch(ctx) -> dict:
     w._setup(1, 1, ctx.seed)
     more = _result({
         "distributed_optimizer_more_buckets_refused":
-        lambda: _load_other_buckets_refused("ckpt_dp2_dist", BUCKET_SIZE),
+        lambda: _load_other_buckets_refused("ckpt_dp2_dist", BUCKET_SIZE, "saved without overlap_grad_reduce"),
         "distributed_optimizer_fewer_buckets_refused":
-        lambda: _load_other_buckets_refused("ckpt_dp2_dist_buckets", None)})
+        lambda: _load_other_buckets_refused("ckpt_dp2_dist_buckets", None,
+                                            f"--overlap-grad-reduce true --ddp-bucket-size {BUCKET_SIZE}"),
+        "distributed_optimizer_other_buckets_refused_unrecorded":
+        lambda: _load_other_buckets_refused(_without_recorded_buckets("ckpt_dp2_dist_buckets"), None,
+                                            "not recorded in this checkpoint")})
     platform.destroy_parallel()
     results["checks"].update(more["checks"])
     return results
@@ -141,8 +163,8 @@ def load2_launch(ctx) -> dict:
 def load1_launch(ctx) -> dict:
     w._setup(1, 1, ctx.seed)
 
-    def dp2_to_dp1(name: str, bucket_size=None):
-        saved = w._load_json(f"{name}.json")
+    def dp2_to_dp1(name: str, bucket_size=None, saved=None):
+        saved = w._load_json(f"{saved or name}.json")
         ddp, optimizer, scheduler = w.build_student(distributed_optimizer=True, overlap=bucket_size is not None,
                                                     bucket_size=bucket_size)
         checkpoint.load_checkpoint(w.shared_dir() / name, ddp, optimizer, scheduler)
@@ -158,6 +180,9 @@ def load1_launch(ctx) -> dict:
 
     results = _result({"reshard_distributed_optimizer_dp2_to_dp1": lambda: dp2_to_dp1("ckpt_dp2_dist"),
                        "reshard_distributed_optimizer_buckets_dp2_to_dp1":
-                       lambda: dp2_to_dp1("ckpt_dp2_dist_buckets", BUCKET_SIZE)})
+                       lambda: dp2_to_dp1("ckpt_dp2_dist_buckets", BUCKET_SIZE),
+                       # the copy load2 made without the recorded buckets (Megatron's record is read)
+                       "reshard_distributed_optimizer_unrecorded_buckets_dp2_to_dp1":
+                       lambda: dp2_to_dp1("ckpt_dp2_dist_buckets_old", BUCKET_SIZE, saved="ckpt_dp2_dist_buckets")})
     platform.destroy_parallel()
     return results

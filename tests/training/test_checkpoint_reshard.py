@@ -41,8 +41,10 @@ def _launch(name: str):
     ("load2", "distributed_optimizer_across_vpp_refused"),
     ("load2", "distributed_optimizer_more_buckets_refused"),
     ("load2", "distributed_optimizer_fewer_buckets_refused"),
+    ("load2", "distributed_optimizer_other_buckets_refused_unrecorded"),
     ("load1", "reshard_distributed_optimizer_dp2_to_dp1"),
     ("load1", "reshard_distributed_optimizer_buckets_dp2_to_dp1"),
+    ("load1", "reshard_distributed_optimizer_unrecorded_buckets_dp2_to_dp1"),
 ])
 def test_reshard(launch, check):
     mc_launches.assert_check(launch, check, _launch(launch))
