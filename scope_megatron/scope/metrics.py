@@ -66,9 +66,14 @@ def collect_metrics(
     out["rollouts/student_path"] = f64(student_members.sum())
     out["rollouts/teacher_path"] = f64(teacher_members.sum())
 
-    out.update(_group_metrics(batch, student_log_ppl, teacher_log_ppl, teacher_rows,
-                              student_members, student_weights, teacher_members, teacher_weights))
+    out.update(_group_metrics(batch, student_members, student_weights, teacher_members, teacher_weights))
     out["reward/mean"] = f64(batch.correct.to(torch.float64).mean())
+    ppl_s = f64(student_log_ppl).exp()
+    for path, members in (("student_path", student_members), ("teacher_path", teacher_members)):
+        if bool(members.any()):
+            out[f"{path}/ppl_student"] = ppl_s[members].mean()
+            if teacher_log_ppl is not None and bool(teacher_rows[members].all()):
+                out[f"{path}/ppl_teacher"] = f64(teacher_log_ppl)[members].exp().mean()
     if bool(student_members.any()):
         out["mle/mean"] = f64(student_log_ppl)[student_members].mean()
     if teacher_path is not None and bool(teacher_members.any()):
@@ -91,32 +96,26 @@ def collect_metrics(
 
 
 def is_group_metric(key: str) -> bool:
-    """Whether a metric describes whole prompt groups (groups/*, {path}/ppl_*, {path}/weight_*):
-    what a batch holding part of some groups gets wrong, and group_metrics gives."""
-    return key.startswith("groups/") or "/ppl_" in key or "/weight_" in key
+    """Whether a metric describes whole prompt groups (groups/*, {path}/weight_*): what a batch
+    holding part of some groups gets wrong, and group_metrics gives."""
+    return key.startswith("groups/") or "/weight_" in key
 
 
-def group_metrics(batch: RolloutBatch, *, student_log_ppl: torch.Tensor,
-                  teacher_log_ppl: Optional[torch.Tensor] = None, teacher_rows: Optional[torch.Tensor] = None,
-                  student_members: Optional[torch.Tensor] = None, student_weights: Optional[torch.Tensor] = None,
-                  teacher_members: Optional[torch.Tensor] = None,
+def group_metrics(batch: RolloutBatch, *, student_members: Optional[torch.Tensor] = None,
+                  student_weights: Optional[torch.Tensor] = None, teacher_members: Optional[torch.Tensor] = None,
                   teacher_weights: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """The group metrics (is_group_metric) of collect_metrics for whole groups, from their
-    rollouts' log perplexities and weights alone (no logits): what a caller that splits the groups
-    over micro-batches reports for the step. Arguments as collect_metrics'; teacher_rows defaults
-    to every rollout when teacher_log_ppl is given."""
-    if teacher_rows is None:
-        teacher_rows = torch.full_like(batch.nonempty, teacher_log_ppl is not None)
-    out = _group_metrics(batch, student_log_ppl, teacher_log_ppl, teacher_rows, student_members,
-                         student_weights, teacher_members, teacher_weights)
+    """The group metrics (is_group_metric) of collect_metrics for whole groups, from the rollouts'
+    path memberships and weights alone (no logits): what a caller that splits the groups over
+    micro-batches reports for the step. Arguments as collect_metrics'."""
+    out = _group_metrics(batch, student_members, student_weights, teacher_members, teacher_weights)
     keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
     if keys:
         out.update(zip(keys, torch.stack([out[k].reshape(()) for k in keys]).cpu().tolist()))
     return out
 
 
-def _group_metrics(batch, student_log_ppl, teacher_log_ppl, teacher_rows, student_members, student_weights,
-                   teacher_members, teacher_weights) -> Dict[str, Union[float, torch.Tensor]]:
+def _group_metrics(batch, student_members, student_weights, teacher_members,
+                   teacher_weights) -> Dict[str, Union[float, torch.Tensor]]:
     def f64(x: torch.Tensor) -> torch.Tensor:
         return x.detach().to(torch.float64)
 
@@ -130,15 +129,9 @@ def _group_metrics(batch, student_log_ppl, teacher_log_ppl, teacher_rows, studen
     out["groups/total"] = float(batch.num_groups)
     out["groups/all_correct"] = f64((n_correct == size).sum())
     out["groups/all_wrong"] = f64((n_correct == 0).sum())
-    ppl_s = f64(student_log_ppl).exp()
     for path, members, weights in (("student_path", student_members, student_weights),
                                    ("teacher_path", teacher_members, teacher_weights)):
-        if not bool(members.any()):
-            continue
-        out[f"{path}/ppl_student"] = ppl_s[members].mean()
-        if teacher_log_ppl is not None and bool(teacher_rows[members].all()):
-            out[f"{path}/ppl_teacher"] = f64(teacher_log_ppl)[members].exp().mean()
-        if weights is not None:
+        if weights is not None and bool(members.any()):
             out[f"{path}/weight_entropy"] = _mean_group_entropy(batch, members, f64(weights))
             out[f"{path}/weight_max"] = f64(weights)[members].max()
     return out

@@ -101,12 +101,14 @@ class TrainingConfig:
         "prompts per optimizer step over all data-parallel ranks (each sampled rollout.n times)"))
     micro_batch_size: int = option(32, flag="--micro-batch-size", help=(
         "rollouts per micro-batch (a multiple of rollout.n: micro-batches hold whole prompt "
-        "groups, because SCOPE normalizes weights within a group; any size with split_groups)"))
+        "groups, because SCOPE normalizes weights within a group; with split_groups any divisor "
+        "of a data-parallel rank's rollouts per step, prompts_per_step / DP x rollout.n)"))
     split_groups: bool = option(False, flag="--split-groups", help=(
         "let micro-batches cut prompt groups (long responses whose group does not fit one "
-        "micro-batch): a forward pass of the student without gradient over the step first gives "
-        "each rollout its weight from its whole group (SCOPE's PPL weights, OPD's, GRPO's "
-        "advantages); the gradient is the same. Costs that forward pass each step"))
+        "micro-batch): each rollout is weighted from its whole group beforehand (SCOPE's weighted "
+        "student path: a forward pass of the student without gradient over the step for PPL_S; "
+        "OPD, GRPO and uniform paths need none), each group counted once; the gradient is the "
+        "same (without dropout)"))
     seed: int = option(1234, flag="--seed", help=(
         "seed of initialization, the prompt stream and sampling (same seed = same prompts)"))
     precision: str = option("auto", flag="--precision", help=(

@@ -248,19 +248,30 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
         mb.extra.update(out)
 
 
+def weights_need(scope: ScopeConfig) -> Dict[str, bool]:
+    """Which log perplexities the rollouts' weights need: {"student": PPL_S, "teacher": PPL_T}
+    (SCOPE's weighted paths; OPD's and GRPO's weights and the uniform paths need neither)."""
+    scope_weighted = scope.algorithm == "scope"
+    return {"student": scope_weighted and scope.student_path == "weighted",
+            "teacher": scope_weighted and scope.teacher_path == "weighted"}
+
+
 @torch.no_grad()
 def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], inputs: StepInputs,
                        *, scope: ScopeConfig, vocab_size: int) -> Optional[Dict[str, float]]:
-    """For micro-batches that cut prompt groups (micro_batches(split_groups=True)): a forward pass
-    of the student without gradient over them gives every rollout its log PPL_S (at
-    scope.student_temperature) and, from the teacher's scores in the micro-batches
-    (teacher_logprobs, else teacher_logits), its log PPL_T; each rollout's weight then comes from
-    its whole group (scope.rollout_weights over `inputs`, the step's rows on this replica) and goes
-    into its micro-batch's extra["weights"], which the loss uses. One more student forward per
-    step, in exchange for micro-batches smaller than a group.
+    """For micro-batches that cut prompt groups (micro_batches(split_groups=True)): every
+    rollout's weight from its whole group (scope.rollout_weights over `inputs`, the step's rows on
+    this replica) into its micro-batch's extra["weights"], which the loss uses. SCOPE's weighted
+    student path needs each rollout's log PPL_S (at scope.student_temperature): a forward pass of
+    the student without gradient over the micro-batches gives them; its weighted teacher path
+    reads log PPL_T from the teacher's scores in the micro-batches (teacher_logprobs, else
+    teacher_logits). OPD, GRPO and uniform paths need no pass.
 
-    Runs on every pipeline stage; the weights exist on the last (the only one computing the loss).
-    Returns there the step's group metrics (scope.metrics.group_metrics), else None."""
+    Every pipeline stage calls it; the weights exist on the last (the only one computing the
+    loss). Returns there the step's group metrics (scope.metrics.group_metrics), else None."""
+    from megatron.core import parallel_state
+
+    need = weights_need(scope)
     temperature, teacher_temperature = scope.student_temperature, scope.resolved_teacher_temperature
 
     def log_ppls(mb, logits):
@@ -272,34 +283,38 @@ def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[
         student = batch.log_perplexity(vocab_parallel_logprob(logits, ids, vocab_size=vocab_size,
                                                               temperature=temperature))
         teacher = None
-        if extra.get("teacher_logprobs") is not None:
+        if not need["teacher"]:
+            pass
+        elif extra.get("teacher_logprobs") is not None:
             teacher = batch.log_perplexity(extra["teacher_logprobs"].to(student.dtype))
         elif extra.get("teacher_logits") is not None:
             teacher = batch.log_perplexity(vocab_parallel_logprob(
                 extra["teacher_logits"], ids, vocab_size=vocab_size, temperature=teacher_temperature))
         return student, teacher
 
-    outputs = run_microbatches(student_chunks, batches, log_ppls, forward_only=True)
-    if not outputs:
-        return None
     n = inputs.group_ids.shape[0]
-    student_log_ppl = outputs[0][0].new_zeros(n)
-    teacher_log_ppl = None if any(t is None for _, t in outputs) else outputs[0][0].new_zeros(n)
-    for mb, (student, teacher) in zip(batches, outputs):
-        rows = mb.extra["rows"]
-        student_log_ppl[rows] = student
-        if teacher_log_ppl is not None:
-            teacher_log_ppl[rows] = teacher.to(teacher_log_ppl.dtype)
+    student_log_ppl = teacher_log_ppl = None
+    if need["student"] or need["teacher"]:
+        outputs = run_microbatches(student_chunks, batches, log_ppls, forward_only=True)
+        if not outputs:
+            return None
+        student_log_ppl = outputs[0][0].new_zeros(n)
+        teacher_log_ppl = None if any(t is None for _, t in outputs) else outputs[0][0].new_zeros(n)
+        for mb, (student, teacher) in zip(batches, outputs):
+            student_log_ppl[mb.extra["rows"]] = student
+            if teacher_log_ppl is not None:
+                teacher_log_ppl[mb.extra["rows"]] = teacher.to(teacher_log_ppl.dtype)
+    elif not parallel_state.is_pipeline_last_stage():
+        return None
     step = RolloutBatch(response_ids=inputs.response_ids, group_ids=inputs.group_ids, correct=inputs.correct,
                         old_logprobs=inputs.old_logprobs, response_mask=inputs.response_mask)
     weights = rollout_weights(scope, step, student_log_ppl, teacher_log_ppl)
     for mb in batches:
         mb.extra["weights"] = weights.select(mb.extra["rows"])
     if scope.algorithm == "grpo":
-        return group_metrics(step, student_log_ppl=student_log_ppl)
+        return group_metrics(step)
     student_members, teacher_members = path_members(scope, step)
-    return group_metrics(step, student_log_ppl=student_log_ppl, teacher_log_ppl=teacher_log_ppl,
-                         student_members=student_members, student_weights=weights.student,
+    return group_metrics(step, student_members=student_members, student_weights=weights.student,
                          teacher_members=teacher_members, teacher_weights=weights.teacher)
 
 
@@ -310,7 +325,9 @@ COUNT_KEYS = ("rollouts/total", "rollouts/empty", "rollouts/student_path", "roll
 
 # means over a set of rollouts, combined over micro-batches by the size of that set in each
 MEAN_OVER = {"kl/mean": "rollouts/teacher_path", "mle/mean": "rollouts/student_path",
-             "reward/mean": "rollouts/total",
+             "reward/mean": "rollouts/total", "grpo/advantage_abs_mean": "rollouts/total",
+             # over tokens: the micro-batches' rollouts stand in for their tokens
+             "logprob_diff/mean": "rollouts/total", "clip_fraction": "rollouts/total",
              **{f"{path}/ppl_{model}": f"rollouts/{path}"
                 for path in ("student_path", "teacher_path") for model in ("student", "teacher")}}
 
@@ -336,8 +353,11 @@ def teacher_logits_bytes(batches: List[MicroBatch], local_vocab: int, dtype: tor
 
 def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optional[float] = None):
     """The per-micro-batch output function of the student: (loss summed over the micro-batch's
-    groups, its number of groups, {"metrics", "groups"}). engine_temperature: the temperature of
-    the rollout engine's log-probs (old_logprobs; compute_loss's old_logprobs_temperature)."""
+    groups, the count Megatron divides by, {"metrics", "groups", "owned"}). The count is its number
+    of groups, or with split groups the groups it owns (micro_batches' owned_groups: each group
+    counted once), which "owned" holds on the host; split micro-batches' metrics leave out the
+    group metrics (group_weights_pass gives them). engine_temperature: the temperature of the
+    rollout engine's log-probs (old_logprobs; compute_loss's old_logprobs_temperature)."""
     def loss_fn(mb, logits):
         extra = mb.extra
         batch = RolloutBatch(response_ids=extra["response_ids"], group_ids=extra["group_ids"],
@@ -349,14 +369,15 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optiona
         groups = batch.num_groups
         # loss_grad: Megatron backpropagates 1 into loss * groups (calculate_per_token_loss; the
         # bf16 loss scale is 1), i.e. `groups` into the loss, which the fused KL relies on.
+        split = "owned_groups" in extra  # groups cut over micro-batches: each counted once, where it starts
+        if split and extra.get("weights") is None:
+            raise RuntimeError("a micro-batch that may cut prompt groups has no weights from its whole "
+                               "groups: run group_weights_pass over the step's micro-batches first")
         loss, metrics = compute_loss(scope, batch, logits,
                                      teacher_logits=extra.get("teacher_logits"), vocab_size=vocab_size,
                                      loss_grad=float(groups), old_logprobs_temperature=engine_temperature,
                                      weights=extra.get("weights"))
-        if "owned_groups" in extra:  # groups cut over micro-batches: each counted once, where it starts
-            if extra.get("weights") is None:
-                raise RuntimeError("a micro-batch that may cut prompt groups has no weights from its whole "
-                                   "groups: run group_weights_pass over the step's micro-batches first")
+        if split:
             count, owned = extra["owned_groups"], extra["owned_groups_int"]
             metrics = {k: v for k, v in metrics.items() if not is_group_metric(k)}
         else:
@@ -369,7 +390,8 @@ def _scope_loss(scope: ScopeConfig, vocab_size: int, engine_temperature: Optiona
 def evaluate_loss(student_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], *,
                   scope: ScopeConfig, vocab_size: int) -> Optional[float]:
     """The SCOPE loss of the micro-batches at the current weights, without an update (sum over
-    groups / groups, this replica only); on the last pipeline stage, else None."""
+    groups / groups, this replica only); on the last pipeline stage, else None. Micro-batches that
+    cut groups keep the rollout weights group_weights_pass gave them (from the weights then)."""
     loss_fn = _scope_loss(scope, vocab_size)
     outputs = run_microbatches(student_chunks, batches, lambda mb, logits: loss_fn(mb, logits),
                                forward_only=True)
@@ -400,9 +422,10 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
       all micro-batches (AccumulatedStep); with pipeline parallelism every wave pays the
       pipeline's fill and drain.
 
-    Returns, on the last pipeline stage, the metrics of compute_loss averaged over micro-batches
-    (weighted by their groups; counts summed, maxima maximized) plus grad_norm, lr and
-    update_skipped; {} on other stages.
+    Returns, on the last pipeline stage, the metrics of compute_loss over the micro-batches
+    (counts summed, maxima maximized, means over a set of rollouts weighted by its size in each
+    micro-batch (MEAN_OVER), other means by their groups; the loss over the step's groups) plus
+    grad_norm, lr and update_skipped; {} on other stages.
     """
     size = len(batches) if micro_batches_per_wave is None else int(micro_batches_per_wave)
     if size < 1:

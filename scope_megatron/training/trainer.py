@@ -34,7 +34,7 @@ from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
 from .step import (build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
-                   teacher_logits_bytes, train_step)
+                   teacher_logits_bytes, train_step, weights_need)
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -214,8 +214,9 @@ class Trainer:
 
     def prepare(self, step: int):
         """Rollouts of `step` for this replica, rewarded, as micro-batches scored by the teacher
-        (a colocated teacher's in waves during the training step: see teacher_wave_size).
-        Returns (micro-batches, rollouts, scores)."""
+        (a colocated teacher's in waves during the training step: see teacher_wave_size), with
+        training.split_groups weighted from their whole groups (group_weights_pass, whose group
+        metrics only step() reports). Returns (micro-batches, rollouts, scores)."""
         return self._prepare(step)[:3]
 
     def _prepare(self, step: int):
@@ -236,19 +237,23 @@ class Trainer:
                                 seq_multiple=multiple, max_tokens=cfg.training.max_tokens_per_micro_batch,
                                 split_groups=split)
         waves = self.teacher_wave_size(batches)
-        if self.teacher is not None and (waves is None or split):
+        # in waves the logits come during the step, but split groups' weights may need the
+        # teacher's log-probs of every rollout first (one value per token)
+        early_logprobs = split and waves is not None and weights_need(cfg.scope)["teacher"]
+        if self.teacher is not None and (waves is None or early_logprobs):
             self._teacher_on_device(True)
             try:
-                # in waves the logits come during the step; the weights need the teacher's
-                # log-probs of every rollout first (the other estimators' scores, one value per token)
                 self._score_teacher(batches, logprobs_only=waves is not None)
             finally:  # back to host memory even if scoring raised (as the wave path does)
                 self._teacher_on_device(False)
         group_metrics = None
         if split:
+            started = time.perf_counter()
             group_metrics = group_weights_pass(self.student, batches, inputs, scope=cfg.scope,
                                                vocab_size=cfg.student.vocab_size)
-            if waves is not None:
+            if group_metrics is not None:
+                group_metrics["time/weights_pass_s"] = time.perf_counter() - started
+            if early_logprobs:
                 for mb in batches:  # the waves' logits are the loss's teacher source
                     mb.extra.pop("teacher_logprobs", None)
         return batches, rollouts, scores, waves, group_metrics

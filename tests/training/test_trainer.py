@@ -293,7 +293,7 @@ def test_teacher_logits_in_waves_give_the_same_step(layout):
         assert r["grad_norm"][1] == pytest.approx(r["grad_norm"][0], rel=1e-5), r
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "dp2_max_tokens", "tp2_waves"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "dp2_max_tokens", "tp2_waves", "pp2_opd"])
 def test_micro_batches_that_cut_prompt_groups_give_the_same_step(layout):
     """--split-groups: micro-batches of 2 rollouts cut every group of 4; a forward pass without
     gradient first weights each rollout from its whole group, so the update, the loss and the

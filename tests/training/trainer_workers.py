@@ -456,18 +456,20 @@ def split_groups(ctx):
     from megatron.core import parallel_state
 
     out = {}
+    # tau 0.02: weights far from uniform (the toy student's perplexities are close to 1)
+    tau = ["--scope-tau", "0.02"]
     for name, flags, split_flags in (
-            ("tp2", ["--tensor-model-parallel-size", "2"], []),
-            ("pp2", ["--pipeline-model-parallel-size", "2"], []),
-            ("dp2", [], []),
-            ("dp2_max_tokens", [], ["--max-tokens-per-micro-batch", "40"]),
-            ("tp2_waves", ["--tensor-model-parallel-size", "2", "--teacher-logits-gib", "1e-12"], [])):
+            ("tp2", ["--tensor-model-parallel-size", "2"] + tau, []),
+            ("pp2", ["--pipeline-model-parallel-size", "2"] + tau, []),
+            ("dp2", tau, []),
+            ("dp2_max_tokens", tau, ["--max-tokens-per-micro-batch", "40"]),
+            ("tp2_waves", ["--tensor-model-parallel-size", "2", "--teacher-logits-gib", "1e-12"] + tau, []),
+            # OPD's uniform weights need no forward pass
+            ("pp2_opd", ["--pipeline-model-parallel-size", "2", "--algorithm", "opd"], [])):
         params, metrics, cut = [], [], []
         for split in (False, True):
             extra = ["--split-groups", "true", "--micro-batch-size", "2"] + split_flags if split else []
-            # tau 0.02: weights far from uniform (the toy student's perplexities are close to 1)
-            cfg = load_config(SHORT + flags + extra + ["--scope-tau", "0.02", "--save", "null",
-                                                       "--seed", str(ctx.seed % 100000),
+            cfg = load_config(SHORT + flags + extra + ["--save", "null", "--seed", str(ctx.seed % 100000),
                                                        "--log-dir", str(_run_dir(ctx, f"split-{name}-{split}"))])
             trainer = Trainer(cfg)
             try:
