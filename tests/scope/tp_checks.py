@@ -60,11 +60,13 @@ def check_reference(ctx, config, *, salt, dtype=torch.float64, packed=False, **p
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.double(), ref["loss"].detach(), **tol)
     torch.testing.assert_close(grad.double(), _shard(ctx, leaf.grad), **tol)
-    # every metric equals the single-shard run's (replicated, no TP-size factors)
+    # every metric equals the single-shard run's (replicated, no TP-size factors); in float32 to the
+    # loss's tolerance (the top-k tail's log(1 - sum p) amplifies rounding: 1.6e-6 seen at 1e-6)
     single = _run(ctx, config, p, dtype=dtype, packed=packed, tp=False)[1]
     assert metrics.keys() == single.keys(), (metrics.keys(), single.keys())
+    rtol = 1e-6 if dtype == torch.float64 else 1e-5
     for key, value in metrics.items():
-        assert abs(value - single[key]) <= 1e-6 * max(1.0, abs(value)), (key, value, single[key])
+        assert abs(value - single[key]) <= rtol * max(1.0, abs(value)), (key, value, single[key])
     return metrics, ref
 
 
