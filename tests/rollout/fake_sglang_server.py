@@ -156,7 +156,8 @@ class FakeSGLangServer:
     def _load(path):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
         return model
 
@@ -718,6 +719,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 _TOY: Dict[str, Path] = {}
 _TOY_LOCK = threading.Lock()
+# transformers' from_pretrained swaps process-wide functions in and out while it builds a model
+# (weight init skipped, modules on the meta device); two servers loading at once (an update of
+# both) interleave that swapping and can leave it in place, so that every later model of the
+# process is built wrong. One load at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def toy_hf_dir() -> Path:
@@ -749,7 +755,8 @@ def reference_logprobs(model_dir, prompt, response, temperature: float = 1.0, to
 
     key = str(model_dir)
     if key not in _REF:
-        _REF[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float64).eval()
+        with _LOAD_LOCK:
+            _REF[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float64).eval()
     tokens = torch.tensor([list(prompt) + list(response)], dtype=torch.int64)
     with torch.no_grad():
         logits = _REF[key](input_ids=tokens, use_cache=False).logits[0].double()
