@@ -10,7 +10,8 @@ tensor-parallel (pass tp_group, or let Megatron's default group apply).
                                  -> (loss, metrics)
   dual_path_weights, path_members, uniform_group_weights   SCOPE's routing and weights
   rollout_weights, RolloutWeights  every rollout's weights over whole groups, for compute_loss on
-                                 micro-batches that split groups (compute_loss(weights=...))
+                                 micro-batches that split groups (compute_loss(weights=...));
+                                 log_ppl_needs: which log perplexities those weights read
   opd_path_loss, grpo_path_loss, grpo_advantages, ppo_clip_token_losses, k3_token_kl,
   topk_reverse_kl                the path losses and estimators
   teacher_top_k                  a colocated teacher's top-k ids and log-probs (k values per token
@@ -24,7 +25,8 @@ from .config import ScopeConfig
 from .losses import (PathLoss, grpo_advantages, grpo_path_loss, k3_token_kl, opd_path_loss,
                      ppo_clip_token_losses)
 from .topk import teacher_top_k, topk_reverse_kl
-from .weights import PathWeights, RolloutWeights, dual_path_weights, path_members, uniform_group_weights
+from .weights import (PathWeights, RolloutWeights, dual_path_weights, log_ppl_needs, path_members,
+                      uniform_group_weights)
 
 __all__ = [
     "ScopeConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "compute_loss",
     "rollout_weights",
     "RolloutWeights",
+    "log_ppl_needs",
     "PathWeights",
     "path_members",
     "dual_path_weights",

@@ -25,7 +25,7 @@ from .batch import RolloutBatch
 from .config import ScopeConfig
 from .losses import grpo_advantages, grpo_path_loss, opd_path_loss
 from .metrics import collect_metrics
-from .weights import RolloutWeights, dual_path_weights, path_members, uniform_group_weights
+from .weights import RolloutWeights, dual_path_weights, log_ppl_needs, path_members, uniform_group_weights
 
 
 def compute_loss(
@@ -109,16 +109,13 @@ def compute_loss(
     # Differentiable: the MLE loss of every rollout; detached where it weights rollouts.
     student_log_ppl = batch.log_perplexity(student_lp)
     dtype = student_lp.dtype
-    given = weights
     if config.algorithm == "grpo":
         members = batch.nonempty
-        if given is None:
-            advantages = grpo_advantages(batch, dtype)
-            weights = uniform_group_weights(batch, members, config.normalize, dtype)
-        else:
-            advantages, weights = given.advantages.to(dtype), given.student.to(dtype)
+        if weights is None:
+            weights = rollout_weights(config, batch, student_log_ppl)
+        advantages = weights.advantages.to(dtype)
         path = grpo_path_loss(config, batch, members, advantages, student_lp)
-        loss = (weights * path.losses).sum() / batch.num_groups
+        loss = (weights.student.to(dtype) * path.losses).sum() / batch.num_groups
         return loss, collect_metrics(batch, loss=loss, student_logprobs=engine_lp,
                                      student_log_ppl=student_log_ppl, policy_path=path,
                                      advantages=advantages)
@@ -133,15 +130,9 @@ def compute_loss(
         teacher_log_ppl = batch.log_perplexity(
             torch.where(batch.counted(teacher_rows), teacher_lp, teacher_lp.new_zeros(())))
 
-    if given is not None:
-        student_weights, teacher_weights = given.student.to(dtype), given.teacher.to(dtype)
-    elif config.algorithm == "opd":
-        student_weights = torch.zeros(batch.num_rollouts, dtype=dtype, device=ids.device)
-        teacher_weights = uniform_group_weights(batch, teacher_members, config.normalize, dtype)
-    else:
-        weights = dual_path_weights(config, batch, student_log_ppl,
-                                    teacher_log_ppl if config.teacher_path == "weighted" else None)
-        student_weights, teacher_weights = weights.student.to(dtype), weights.teacher.to(dtype)
+    if weights is None:
+        weights = rollout_weights(config, batch, student_log_ppl, teacher_log_ppl)
+    student_weights, teacher_weights = weights.student.to(dtype), weights.teacher.to(dtype)
 
     loss = (student_weights * student_log_ppl).sum()
     teacher_path = None
@@ -168,9 +159,9 @@ def compute_loss(
 
 def rollout_weights(config: ScopeConfig, batch: RolloutBatch, student_log_ppl: Optional[torch.Tensor] = None,
                     teacher_log_ppl: Optional[torch.Tensor] = None) -> RolloutWeights:
-    """The weights compute_loss gives each rollout, computed over whole prompt groups without any
-    logits, for a caller that then splits the groups over micro-batches (compute_loss(weights=
-    result.select(rows))).
+    """The weights compute_loss gives each rollout (it calls this on its own batch), computed over
+    whole prompt groups without any logits: also for a caller that then splits the groups over
+    micro-batches (compute_loss(weights=result.select(rows))).
 
     batch: the whole groups (its logits are never needed; teacher log-probs are not read).
     student_log_ppl, teacher_log_ppl: [B] log PPL_S / log PPL_T of each rollout (batch
@@ -189,14 +180,14 @@ def rollout_weights(config: ScopeConfig, batch: RolloutBatch, student_log_ppl: O
     if config.algorithm == "opd":
         _, teacher_members = path_members(config, batch)
         return RolloutWeights(zeros, uniform_group_weights(batch, teacher_members, config.normalize, dtype))
-    student_members, teacher_members = path_members(config, batch)
-    for name, values, members, mode in (("student_log_ppl", student_log_ppl, student_members, config.student_path),
-                                        ("teacher_log_ppl", teacher_log_ppl, teacher_members, config.teacher_path)):
-        if mode == "weighted" and values is None and bool(members.any()):
+    members = path_members(config, batch)
+    needs = log_ppl_needs(config)
+    for name, values, path_rows, needed in zip(("student_log_ppl", "teacher_log_ppl"),
+                                               (student_log_ppl, teacher_log_ppl), members, needs):
+        if needed and values is None and bool(path_rows.any()):
             raise ValueError(f"rollout_weights: {name} is needed: SCOPE's {name.split('_')[0]} path is "
                              "'weighted' and has members; pass each rollout's log perplexity")
-    weights = dual_path_weights(config, batch, student_log_ppl,
-                                teacher_log_ppl if config.teacher_path == "weighted" else None)
+    weights = dual_path_weights(config, batch, student_log_ppl, teacher_log_ppl if needs[1] else None)
     return RolloutWeights(weights.student.to(dtype), weights.teacher.to(dtype))
 
 

@@ -89,9 +89,14 @@ def collect_metrics(
         diff = (f64(student_logprobs) - f64(batch.old_logprobs)).abs()[counted]
         out["logprob_diff/mean"] = diff.mean()
         out["logprob_diff/max"] = diff.max()
+    return _as_floats(out)
+
+
+def _as_floats(out: Dict[str, Union[float, torch.Tensor]]) -> Dict[str, float]:
+    """`out` with its tensor values as Python floats, moved to the host together (one sync)."""
     keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([out[k].reshape(()) for k in keys]).cpu().tolist()
-    out.update(zip(keys, values))
+    if keys:
+        out.update(zip(keys, torch.stack([out[k].reshape(()) for k in keys]).cpu().tolist()))
     return out
 
 
@@ -107,11 +112,7 @@ def group_metrics(batch: RolloutBatch, *, student_members: Optional[torch.Tensor
     """The group metrics (is_group_metric) of collect_metrics for whole groups, from the rollouts'
     path memberships and weights alone (no logits): what a caller that splits the groups over
     micro-batches reports for the step. Arguments as collect_metrics'."""
-    out = _group_metrics(batch, student_members, student_weights, teacher_members, teacher_weights)
-    keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
-    if keys:
-        out.update(zip(keys, torch.stack([out[k].reshape(()) for k in keys]).cpu().tolist()))
-    return out
+    return _as_floats(_group_metrics(batch, student_members, student_weights, teacher_members, teacher_weights))
 
 
 def _group_metrics(batch, student_members, student_weights, teacher_members,

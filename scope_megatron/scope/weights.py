@@ -52,6 +52,13 @@ class RolloutWeights:
                               None if self.advantages is None else self.advantages[rows])
 
 
+def log_ppl_needs(config: ScopeConfig) -> Tuple[bool, bool]:
+    """Whether the rollouts' weights read (log PPL_S, log PPL_T): SCOPE's weighted paths do;
+    its uniform or absent paths, OPD and GRPO read neither (their weights count group members)."""
+    scope = config.algorithm == "scope"
+    return scope and config.student_path == "weighted", scope and config.teacher_path == "weighted"
+
+
 def path_members(config: ScopeConfig, batch: RolloutBatch) -> Tuple[torch.Tensor, torch.Tensor]:
     """(student-path members, teacher-path members), [B] bool each, for algorithm "scope" or
     "opd". Empty responses (allow_empty_responses) are on no path."""

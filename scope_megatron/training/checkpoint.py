@@ -175,10 +175,15 @@ def _bucket_layout(optimizer) -> List[Optional[dict]]:
         if numels is None:
             out.append(None)
             continue
-        out.append({"dp_group": int(opt.data_parallel_group_idx),
-                    "buffers": [{str(dtypes): [int(n) for n in sizes] for dtypes, sizes in buf.items()}
-                                for buf in numels]})
+        out.append({"dp_group": int(opt.data_parallel_group_idx), "buffers": _buffers_json(numels)})
     return out
+
+
+def _buffers_json(per_bucket_numel_unpadded) -> List[Dict[str, List[int]]]:
+    """Megatron's per_bucket_numel_unpadded ([{(param dtype, grad dtype): [sizes]}] per gradient
+    buffer) as JSON: the dtype pair as a string key."""
+    return [{str(dtypes): [int(n) for n in sizes] for dtypes, sizes in buf.items()}
+            for buf in per_bucket_numel_unpadded]
 
 
 def _ddp_settings(model_chunks) -> Optional[Dict[str, Any]]:
@@ -208,9 +213,7 @@ def _megatron_bucket_layout(optimizer, ckpt: Path) -> List[Optional[dict]]:
             request[str(i)] = ShardedObject(key, None, (1,), (0,), replica_id=(0, 0, _rank()))
     with _quiet_torch_dcp():
         loaded = dist_checkpointing.load(request, str(ckpt)) if request else {}
-    return [None if entry is None else
-            {str(entry["dp_group"]): [{str(dtypes): [int(n) for n in sizes] for dtypes, sizes in buf.items()}
-                                      for buf in loaded[str(i)]]}
+    return [None if entry is None else {str(entry["dp_group"]): _buffers_json(loaded[str(i)])}
             for i, entry in enumerate(mine)]
 
 

@@ -23,7 +23,8 @@ import torch
 
 from scope_megatron.ops import vocab_parallel_logprob
 from scope_megatron.rollout import Rollouts
-from scope_megatron.scope import RolloutBatch, ScopeConfig, compute_loss, path_members, rollout_weights
+from scope_megatron.scope import (RolloutBatch, ScopeConfig, compute_loss, log_ppl_needs, path_members,
+                                  rollout_weights)
 from scope_megatron.scope.metrics import group_metrics, is_group_metric
 
 from .schedule import AccumulatedStep, MicroBatch, position_ids_for, run_microbatches
@@ -112,8 +113,8 @@ def micro_batches(inputs: StepInputs, micro_batch_size: int, *, trim: bool = Fal
         # by the groups' longest rows; stable, so a group's rows stay together (ties keep the
         # group order of the sort above)
         order = order[torch.sort(longest[groups[order]], descending=True, stable=True).indices]
-        # the step's second and last host sync (after the group count above): the micro-batches'
-        # widths below are Python maxima
+        # the step's second host sync (after the group count above; split_groups adds one below):
+        # the micro-batches' widths below are Python maxima
         group_list, lengths, responses = torch.stack(
             [groups, row_lengths.to(torch.int64), response_lengths.to(torch.int64)])[:, order].tolist()
     if max_tokens:
@@ -248,14 +249,6 @@ def score_with_teacher(teacher_chunks: Sequence[torch.nn.Module], batches: List[
         mb.extra.update(out)
 
 
-def weights_need(scope: ScopeConfig) -> Dict[str, bool]:
-    """Which log perplexities the rollouts' weights need: {"student": PPL_S, "teacher": PPL_T}
-    (SCOPE's weighted paths; OPD's and GRPO's weights and the uniform paths need neither)."""
-    scope_weighted = scope.algorithm == "scope"
-    return {"student": scope_weighted and scope.student_path == "weighted",
-            "teacher": scope_weighted and scope.teacher_path == "weighted"}
-
-
 @torch.no_grad()
 def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[MicroBatch], inputs: StepInputs,
                        *, scope: ScopeConfig, vocab_size: int) -> Optional[Dict[str, float]]:
@@ -271,7 +264,7 @@ def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[
     loss). Returns there the step's group metrics (scope.metrics.group_metrics), else None."""
     from megatron.core import parallel_state
 
-    need = weights_need(scope)
+    needs_student, needs_teacher = log_ppl_needs(scope)
     temperature, teacher_temperature = scope.student_temperature, scope.resolved_teacher_temperature
 
     def log_ppls(mb, logits):
@@ -282,19 +275,15 @@ def group_weights_pass(student_chunks: Sequence[torch.nn.Module], batches: List[
         ids = batch.safe_response_ids
         student = batch.log_perplexity(vocab_parallel_logprob(logits, ids, vocab_size=vocab_size,
                                                               temperature=temperature))
-        teacher = None
-        if not need["teacher"]:
-            pass
-        elif extra.get("teacher_logprobs") is not None:
-            teacher = batch.log_perplexity(extra["teacher_logprobs"].to(student.dtype))
-        elif extra.get("teacher_logits") is not None:
-            teacher = batch.log_perplexity(vocab_parallel_logprob(
-                extra["teacher_logits"], ids, vocab_size=vocab_size, temperature=teacher_temperature))
-        return student, teacher
+        teacher_lp = extra.get("teacher_logprobs") if needs_teacher else None
+        if needs_teacher and teacher_lp is None and extra.get("teacher_logits") is not None:
+            teacher_lp = vocab_parallel_logprob(extra["teacher_logits"], ids, vocab_size=vocab_size,
+                                                temperature=teacher_temperature)
+        return student, None if teacher_lp is None else batch.log_perplexity(teacher_lp.to(student.dtype))
 
     n = inputs.group_ids.shape[0]
     student_log_ppl = teacher_log_ppl = None
-    if need["student"] or need["teacher"]:
+    if needs_student or needs_teacher:
         outputs = run_microbatches(student_chunks, batches, log_ppls, forward_only=True)
         if not outputs:
             return None

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from scope_megatron.eval import summarize
 from scope_megatron.rewards import score_responses
 from scope_megatron.rollout import LocalEngine, SamplingParams
+from scope_megatron.scope import log_ppl_needs
 from scope_megatron.utils.config_io import ConfigError, save_config, to_dict
 from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, ProgressBar, logged_metrics, plot_curves,
                                           read_metrics)
@@ -34,7 +35,7 @@ from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
 from .step import (build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
-                   teacher_logits_bytes, train_step, weights_need)
+                   teacher_logits_bytes, train_step)
 from .tasks import Task, TaskItem, build_task
 
 EVAL_KEY_OFFSET = 1 << 40  # sampling keys of evaluations, apart from the training steps'
@@ -239,7 +240,7 @@ class Trainer:
         waves = self.teacher_wave_size(batches)
         # in waves the logits come during the step, but split groups' weights may need the
         # teacher's log-probs of every rollout first (one value per token)
-        early_logprobs = split and waves is not None and weights_need(cfg.scope)["teacher"]
+        early_logprobs = split and waves is not None and log_ppl_needs(cfg.scope)[1]
         if self.teacher is not None and (waves is None or early_logprobs):
             self._teacher_on_device(True)
             try:
