@@ -302,7 +302,11 @@ def test_micro_batches_that_cut_prompt_groups_give_the_same_step(layout):
     ranks = _launch("split_groups")[layout]
     for r in ranks:
         assert r["max_param_change"] > 1e-6, r  # the step trained
-        assert r["max_param_diff"] <= 1e-5 * max(1.0, r["max_param_change"]), r
+        # Adam's first step moves each weight by ±lr, except where |grad| is near eps (1e-8): there
+        # the two micro-batchings' rounding (another summation order) moves it by up to lr / 2
+        # (1.9e-5 seen at PP=2). Wrong weights flip whole gradients (2 lr, checked to fail); the
+        # tight checks are the loss and the grad norm below (1e-5 relative).
+        assert r["max_param_diff"] <= 0.5 * r["max_param_change"], r
         if r["last_stage"]:
             assert r["cut_groups"][1] >= 1, r
     reporting = [r for r in ranks if r["metrics"]["loss"][0] is not None]
