@@ -15,7 +15,8 @@
 #   GPU_CHECK_CPP=1     the C++ CTest suite (CPU and CUDA launchers; builds the kernels again)
 #   GPU_CHECK_SKIP=tests,tune   leave steps out (of tests, tune, bench, trace): a rerun after a
 #                       Python-only change needs the build, the benchmark and the timeline only
-#   GPU_CHECK_TRAIN=1   a 6-step bf16 toy training run, resumed to 8 (needs megatron-core:
+#   GPU_CHECK_TRAIN=1   a 6-step bf16 toy training run, resumed to 8, and 2 steps with --split-groups and
+#                       --overlap-grad-reduce (needs megatron-core:
 #                       tools/device_wheels.sh puts a cp312 wheel in .whl/ here; carry .whl)
 # Wheels in .whl/ are installed to /tmp/site first (the test machine has no network). The package
 # is used in place (build_ext --inplace), so pip never resolves dependencies there.
@@ -160,6 +161,16 @@ ok = len(kl) == 8 and max(kl) < 3 * kl[0]
 print(f"trainer smoke: KL per step {kl}: {'ok' if ok else 'NOT near step 1 (or steps missing)'}")
 sys.exit(0 if ok else 1)
 KLEOF
+    # micro-batches that cut prompt groups (4 rollouts of groups of 8: the weights pass) with the
+    # gradient reduce in buckets: 2 steps from the toy checkpoint, bf16, NCCL
+    rm -rf /tmp/scope_gpu_check/split
+    timeout 120 "$PY" -m torch.distributed.run --nproc-per-node 1 examples/pretrain_scope.py \
+      --train-iters 2 --eval-interval 0 --split-groups true --micro-batch-size 4 --overlap-grad-reduce true \
+      --save /tmp/scope_gpu_check/split/ckpt --save-interval 2 --log-dir /tmp/scope_gpu_check/split \
+      >/tmp/scope_gpu_check/train_split.log 2>&1 || { tail -30 /tmp/scope_gpu_check/train_split.log; status=1; }
+    cat /tmp/scope_gpu_check/train_split.log >>"$OUT/tests.log"
+    echo "split groups + overlapped reduce:"; grep -hE "step [0-9]+/[0-9]+ \||done:" /tmp/scope_gpu_check/train_split.log
+    grep -q "step 2/2 |" /tmp/scope_gpu_check/train_split.log || { echo "trainer smoke: the split-groups run did not finish"; status=1; }
   else
     echo "megatron-core is not installed here: carry a cp312 wheel in .whl/ (see the device README)"
   fi

@@ -280,27 +280,41 @@ inline unsigned int grid_size(int64_t items) {
   return static_cast<unsigned int>(items < kMaxGrid ? items : kMaxGrid);
 }
 
-// The current device's multiprocessor count, asked of the driver once per device (0 if the
-// query fails: callers then fall back to a grid of one block per item).
-inline int64_t multiprocessors() {
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices] = {};
+// The current device (or -1, the error cleared: the next launch check must not report it).
+inline int current_device() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
-    return 0;
+    return -1;
   }
-  if (device >= 0 && device < kDevices) {
+  return device;
+}
+
+// An attribute of a device that does not change while the process runs (multiprocessors,
+// shared memory per block, compute capability), asked of the driver once per device and
+// attribute: launchers read them on every call. 0 if the query fails (the error cleared).
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int device) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
+  const bool cacheable = device >= 0 && device < kDevices;
+  if (cacheable) {
     const int cached = known[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the next launch check must not report this query's error
+  int value = 0;
+  if (device < 0 || cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) {
+    cudaGetLastError();
     return 0;
   }
-  if (device >= 0 && device < kDevices) known[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  if (cacheable && value > 0) known[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// The current device's multiprocessor count (0 if the query fails: callers then fall back to a
+// grid of one block per item).
+inline int64_t multiprocessors() {
+  return device_attribute<cudaDevAttrMultiProcessorCount>(current_device());
 }
 
 // The dynamic shared memory a kernel may ask for on a device is one limit per function

@@ -129,9 +129,11 @@ __global__ void __launch_bounds__(detail::kMaxBlockThreads, detail::kMinBlocksPe
 // `expected`; rows where grad_out equals it are skipped, the others rewritten as below, and
 // their number added to *mismatches (when not null). Its row scan needs a few more registers:
 // one block fewer per SM (only the rare rewritten rows run at that occupancy), and no spills.
+template <typename Acc, bool kFixup>
+constexpr int kBackwardBlocksPerSM = detail::kMinBlocksPerSM<Acc> - (kFixup ? 1 : 0);
+
 template <typename T, int N, bool kReverse, bool kFixup>
-__global__ void __launch_bounds__(detail::kMaxBlockThreads,
-                                  detail::kMinBlocksPerSM<acc_t<T>> - (kFixup ? 1 : 0))
+__global__ void __launch_bounds__(detail::kMaxBlockThreads, kBackwardBlocksPerSM<acc_t<T>, kFixup>)
     kl_backward_kernel(const KLArgs<T> args, const acc_t<T>* __restrict__ grad_out,
                        const acc_t<T>* __restrict__ row_stats, const MutRows<T> grad,
                        const acc_t<T>* __restrict__ expected,
@@ -237,7 +239,7 @@ void launch_kl_backward(const KLArgs<T>& args, const acc_t<T>* grad_out,
     // for smaller blocks), each scanning its rows in one parallel read: one block per row made
     // this launch 18 us at 16384 rows, all of it block scheduling. The rows a block rewrites
     // stay spread over the grid, which fills the device when every row differs.
-    constexpr int kBlocks = detail::kMinBlocksPerSM<acc_t<T>> - 1;
+    constexpr int kBlocks = kBackwardBlocksPerSM<acc_t<T>, true>;
     const int64_t per_sm = (kBlocks > 0 ? kBlocks : 1) * (detail::kMaxBlockThreads / threads);
     const int64_t cap = per_sm * detail::multiprocessors();
     if (cap > 0 && cap < blocks) blocks = static_cast<unsigned int>(cap);

@@ -431,13 +431,10 @@ struct FusedPlan {
 
 inline FusedPlan fused_plan(int64_t packs) {
   FusedPlan plan;
-  int device = 0, optin = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the error so that the next launch check does not report it
-    return plan;
-  }
+  const int device = detail::current_device();
+  const int optin = detail::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
+  const int major = detail::device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
+  if (optin == 0 || major == 0) return plan;  // the queries failed: the two-pass kernels run
   const FusedShape one = fused_shape(packs);
   if (one.threads != 0 && one.smem <= static_cast<size_t>(optin)) {
     plan.cluster = 1;
@@ -472,23 +469,22 @@ int launch_kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl,
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  // The kernel's shared-memory limit, raised to this shape's need if it is the largest yet;
-  // clusters (single blocks when kCluster == 1) resident at once, asked of the driver at the
-  // first launch of this kernel and shape on this device (host time before the kernel after).
+  // Clusters (single blocks when kCluster == 1) resident at once, asked of the driver at the
+  // first launch of this kernel and shape on this device, after raising the kernel's
+  // shared-memory limit to this shape's need if it is the largest yet (the limit only ever
+  // rises, so a shape found in the cache still fits): later launches take no driver query.
   const auto* key = reinterpret_cast<const void*>(kernel);
-  err = detail::raise_dynamic_smem(device, key, shape.smem);
-  if (err != cudaSuccess) return static_cast<int>(err);
   int64_t resident = 0;
   err = detail::cached_residency(
       device, key, shape.threads, shape.smem, &resident, [&](int64_t* out) {
-        cudaError_t e = cudaSuccess;
+        cudaError_t e = detail::raise_dynamic_smem(device, key, shape.smem);
+        if (e != cudaSuccess) return e;
         if constexpr (kCluster == 1) {
-          int per_sm = 0, sms = 0;
-          e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-          if (e == cudaSuccess) {
-            e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads,
-                                                              shape.smem);
-          }
+          const int sms = detail::device_attribute<cudaDevAttrMultiProcessorCount>(device);
+          if (sms == 0) return cudaErrorInvalidDevice;  // not cached: the next launch asks again
+          int per_sm = 0;
+          e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, shape.threads,
+                                                            shape.smem);
           *out = static_cast<int64_t>(per_sm) * sms;
         } else {
           int clusters = 0;
