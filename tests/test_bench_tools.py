@@ -274,3 +274,17 @@ def test_bench_host_cpu(tmp_path):
         step, trivial, raw, overhead = map(float, (step, trivial, raw, overhead))
         assert step > 0 and trivial > 0 and raw > 0
         assert overhead == pytest.approx(step - trivial - raw, abs=0.15)
+
+
+def test_bench_host_profile_cpu():
+    """tools/bench_host.py --profile: the op's own entry point shows in the profile of its steps,
+    and an unknown provider is refused by name."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_host.py"), "--calls", "8", "--shape", "3x2x50"]
+    res = subprocess.run(cmd + ["--profile", "kl:fused_deferred"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cProfile of 8 steps of kl:fused_deferred" in res.stdout
+    assert "vocab_parallel_kl" in res.stdout and "kl_fused" in res.stdout
+    res = subprocess.run(cmd + ["--profile", "logprob:fused"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert res.returncode != 0 and "logprob:fused" in res.stderr

@@ -18,6 +18,7 @@ runs ahead where the op lets it.
 
   python tools/bench_host.py                          # CPU, writes benchmarks/results/host_cpu.md
   python tools/bench_host.py --device cuda --markdown /tmp/host_cuda.md
+  python tools/bench_host.py --device cuda --profile kl:fused_deferred   # where its host time goes
 """
 from __future__ import annotations
 
@@ -93,6 +94,41 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
     return rows
 
 
+def profile(device: str, shape, calls: int, op: str, provider: str, top: int = 30) -> str:
+    """cProfile of `calls` steps of op:provider (after a warm-up), the device synchronized once at
+    the end: the functions with the most own time, then the most cumulative time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    *lead, vocab = shape
+    student = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g).requires_grad_()
+    teacher = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g)
+    target = torch.randint(0, vocab, lead, device=dev, generator=g)
+    weights = torch.rand(lead, device=dev, generator=g)
+    step = bench_ops.loss_step(bench_ops.provider_fn(op, provider, teacher, target, weights), student, weights)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for _ in range(max(calls // 4, 1)):
+        step()
+    sync()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        step()
+    sync()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    out.write(f"cProfile of {calls} steps of {op}:{provider} at {shape} bf16 on {device}\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
 def markdown(rows, meta: dict, command: str) -> str:
     lines = [
         f"# Host time per op call ({meta['device_kind']})",
@@ -121,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--markdown", default=None,
                         help="output (default: benchmarks/results/host_<device>.md)")
+    parser.add_argument("--profile", default=None, metavar="OP:PROVIDER",
+                        help="instead of the table: cProfile --calls steps of one op and provider "
+                             "(e.g. kl:fused_deferred) and print where the host time goes")
     args = parser.parse_args(argv)
 
     import torch
@@ -130,6 +169,12 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)  # the kernels are tiny: threads would only add their wake-ups
     shape = tuple(int(x) for x in args.shape.lower().split("x"))
+    if args.profile:
+        op, _, provider = args.profile.partition(":")
+        if provider not in PROVIDERS.get(op, ()):
+            parser.error(f"--profile {args.profile!r}: expected OP:PROVIDER from {PROVIDERS}")
+        print(profile(args.device, shape, args.calls, op, provider))
+        return 0
     rows = measure(args.device, shape, args.calls, args.rounds, args.ops.split(","))
     for r in rows:
         print(f"[host] {r['op']} {r['provider']}: step {r['step_us']:.1f} µs, overhead "
