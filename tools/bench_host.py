@@ -37,6 +37,11 @@ PROVIDERS = {"kl": ("scope", "deferred", "fused", "fused_deferred"), "logprob": 
 RAW = {("kl", "fused"): "kl_fused", ("kl", "fused_deferred"): "kl_fused"}
 
 
+def _inputs(device: str, shape):
+    """bench_ops.make_inputs at bf16 logits of `shape` ([S, B, V])."""
+    return bench_ops.make_inputs({"lead": shape[:-1], "vocab": shape[-1], "dtype": "bf16", "device": device})
+
+
 def _per_call_us(calls_by_name: dict, sync, calls: int, rounds: int) -> dict:
     """{name: best over rounds of the mean microseconds per call} for no-argument calls timed in
     turn within each round (a slow spell of a shared machine then hits all of them alike); one
@@ -65,12 +70,8 @@ def measure(device: str, shape, calls: int, rounds: int, ops=("kl", "logprob")) 
 
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    g = torch.Generator(device=dev).manual_seed(0)
-    *lead, vocab = shape
-    student = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g).requires_grad_()
-    teacher = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g)
-    target = torch.randint(0, vocab, lead, device=dev, generator=g)
-    weights = torch.rand(lead, device=dev, generator=g)
+    student, teacher, target, weights = _inputs(device, shape)
+    vocab = shape[-1]
     flat = dict(student=student.detach().reshape(-1, vocab), teacher=teacher.reshape(-1, vocab),
                 target=target.reshape(-1), weights=weights.reshape(-1))
     trivial = bench_ops.loss_step(lambda s: s.sum(-1), student, weights)
@@ -104,12 +105,7 @@ def profile(device: str, shape, calls: int, op: str, provider: str, top: int = 3
     import torch
 
     dev = torch.device(device)
-    g = torch.Generator(device=dev).manual_seed(0)
-    *lead, vocab = shape
-    student = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g).requires_grad_()
-    teacher = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(generator=g)
-    target = torch.randint(0, vocab, lead, device=dev, generator=g)
-    weights = torch.rand(lead, device=dev, generator=g)
+    student, teacher, target, weights = _inputs(device, shape)
     step = bench_ops.loss_step(bench_ops.provider_fn(op, provider, teacher, target, weights), student, weights)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for _ in range(max(calls // 4, 1)):

@@ -107,18 +107,19 @@ def cuda_event_times(call, warmup: int, repeats: int, batch: int = 1) -> list:
 # one case, in a child process
 # ----------------------------------------------------------------------------------------------
 def make_inputs(case: dict):
-    """Random student / teacher logits [rows, vocab] (the student requires grad), target ids and
-    per-token weights for case {"rows", "vocab", "dtype", "device"}; seeded, never zeros."""
+    """Random student / teacher logits [*lead, vocab] (the student requires grad), target ids and
+    per-token weights [*lead] for case {"rows" or "lead", "vocab", "dtype", "device"} (lead: the
+    leading dimensions, default (rows,)); seeded, never zeros."""
     import torch
 
     device = torch.device(case["device"])
     dtype = getattr(torch, DTYPES[case["dtype"]])
-    rows, vocab = case["rows"], case["vocab"]
+    lead, vocab = tuple(case.get("lead") or (case["rows"],)), case["vocab"]
     g = torch.Generator(device=device).manual_seed(0)
-    student = torch.empty(rows, vocab, dtype=dtype, device=device).normal_(generator=g).requires_grad_()
-    teacher = torch.empty(rows, vocab, dtype=dtype, device=device).normal_(generator=g)
-    target = torch.randint(0, vocab, (rows,), device=device, generator=g)
-    weights = torch.rand(rows, device=device, generator=g)
+    student = torch.empty(*lead, vocab, dtype=dtype, device=device).normal_(generator=g).requires_grad_()
+    teacher = torch.empty(*lead, vocab, dtype=dtype, device=device).normal_(generator=g)
+    target = torch.randint(0, vocab, lead, device=device, generator=g)
+    weights = torch.rand(lead, device=device, generator=g)
     return student, teacher, target, weights
 
 
@@ -296,7 +297,10 @@ def _spawn(case: dict, timeout: float) -> dict:
 
 def _git_commit() -> str:
     """HEAD's short hash, with "+changes" when the working tree differs from it (as on a device
-    machine whose copy of the tree carries a newer state than its .git)."""
+    machine whose copy of the tree carries a newer state than its .git); SCOPE_BENCH_COMMIT, when
+    set, instead (the hash of the tree sent there, named by whoever sends it)."""
+    if os.environ.get("SCOPE_BENCH_COMMIT"):
+        return os.environ["SCOPE_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=REPO, check=True).stdout.strip()

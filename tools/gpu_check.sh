@@ -18,6 +18,8 @@
 #   GPU_CHECK_TRAIN=1   a 6-step bf16 toy training run, resumed to 8, and 2 steps with --split-groups and
 #                       --overlap-grad-reduce (needs megatron-core:
 #                       tools/device_wheels.sh puts a cp312 wheel in .whl/ here; carry .whl)
+#   SCOPE_BENCH_COMMIT=<hash>   the commit the result files name (a device copy's .git may show an
+#                       older HEAD "+changes" than the tree it runs)
 # Wheels in .whl/ are installed to /tmp/site first (the test machine has no network). The package
 # is used in place (build_ext --inplace), so pip never resolves dependencies there.
 set -uo pipefail

@@ -37,10 +37,11 @@ void kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t
 }
 
 template <typename T>
-void kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
-                       const acc_t<T>* row_stats, MutRows<T> grad, int64_t row_begin,
-                       int64_t row_end) {
+int64_t kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
+                          const acc_t<T>* row_stats, MutRows<T> grad, int64_t row_begin,
+                          int64_t row_end) {
   // Each maximal run of rows whose received gradient differs goes through kl_backward at once.
+  int64_t rewritten = 0;
   int64_t r = row_begin;
   while (r < row_end) {
     if (grad_out[r] == expected[r]) {
@@ -50,15 +51,17 @@ void kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const ac
     int64_t end = r + 1;
     while (end < row_end && !(grad_out[end] == expected[end])) ++end;
     kl_backward<T>(args, grad_out, row_stats, grad, r, end);
+    rewritten += end - r;
     r = end;
   }
+  return rewritten;
 }
 
 #define SCOPE_INSTANTIATE_KL_FUSED(T)                                                       \
   template void kl_fused<T>(const KLArgs<T>&, const acc_t<T>*, acc_t<T>*, acc_t<T>*, int32_t*, \
                             MutRows<T>, int64_t, int64_t);                                  \
-  template void kl_backward_fixup<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*,       \
-                                     const acc_t<T>*, MutRows<T>, int64_t, int64_t);
+  template int64_t kl_backward_fixup<T>(const KLArgs<T>&, const acc_t<T>*, const acc_t<T>*,    \
+                                        const acc_t<T>*, MutRows<T>, int64_t, int64_t);
 
 SCOPE_INSTANTIATE_KL_FUSED(float)
 SCOPE_INSTANTIATE_KL_FUSED(double)

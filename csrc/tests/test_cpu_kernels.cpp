@@ -322,8 +322,9 @@ void check_kl_backward_fixup(bool reverse) {
   // kept rows carry a sentinel: a fixup that writes them (even the same values) is caught
   auto changed = [](int64_t r) { return r == 2 || r == 3 || r == 8; };
   for (int64_t i = 0; i < rows * cols; ++i) grad[i] = changed(i / cols) ? fused[i] : from_double<T>(7.0);
-  cpu::kl_backward_fixup<T>(args, got.data(), expected.data(), row_stats.data(),
-                            {grad.data(), rows, cols, cols}, 0, rows);
+  const int64_t rewritten = cpu::kl_backward_fixup<T>(args, got.data(), expected.data(), row_stats.data(),
+                                                      {grad.data(), rows, cols, cols}, 0, rows);
+  CHECK(rewritten == 3, type_name<T>() << " fixup: " << rewritten << " rows rewritten, 3 differ");
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
       const double want = changed(r) ? to_double(exact[r * cols + j]) : 7.0;

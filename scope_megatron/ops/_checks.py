@@ -64,8 +64,8 @@ def flatten_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def flat_vector(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-token values [...] (an upstream gradient, expected_grad) as the contiguous [rows] of
-    `dtype` the kernels take (no copy when they already are)."""
+    """Per-token values [...] (an upstream gradient, expected_grad, target ids) as the contiguous
+    [rows] of `dtype` the kernels take (no copy when they already are)."""
     return values.to(dtype).reshape(-1).contiguous()
 
 

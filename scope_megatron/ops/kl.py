@@ -36,7 +36,7 @@ class _VocabParallelKL(torch.autograd.Function):
         kl, row_stats, flags = ops.kl_combine(gather_stats(stats, shard), reverse, inv_ts, inv_tt)
         ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
         ctx.save_for_backward(s, t, row_stats)
-        ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)
+        ctx.args = (shard.vocab_start, vocab_size, inv_ts, inv_tt, reverse)  # kl_backward's trailing arguments
         ctx.shape = student.shape
         return kl.view(student.shape[:-1])
 
@@ -45,16 +45,10 @@ class _VocabParallelKL(torch.autograd.Function):
     def backward(ctx, grad_kl: torch.Tensor):
         s, t, row_stats = ctx.saved_tensors
         # Exact gradient of the replicated KL w.r.t. this rank's student shard; no collective.
-        grad = _exact_grad(flat_vector(grad_kl, row_stats.dtype), s, t, row_stats, ctx.args)
+        grad = ops.kl_backward(flat_vector(grad_kl, row_stats.dtype), s, t, row_stats, *ctx.args)
         if ctx.check is not None:  # after the launch: the kernel runs while the host waits
             ctx.check.check()
         return (grad.view(ctx.shape), *(None,) * 7)
-
-
-def _exact_grad(grad_rows, s, t, row_stats, args):
-    """The [rows, V] gradient of grad_rows-weighted KL w.r.t. the student shard from the
-    combined row statistics (args: vocab_start, vocab_size, inv_ts, inv_tt, reverse)."""
-    return ops.kl_backward(grad_rows, s, t, row_stats, *args)
 
 
 class _FusedKL(torch.autograd.Function):
@@ -84,7 +78,7 @@ class _FusedKL(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
         got = flat_vector(grad_kl, expected.dtype)
         if grad is None:
-            grad = _exact_grad(got, s, t, row_stats, ctx.args)
+            grad = ops.kl_backward(got, s, t, row_stats, *ctx.args)
         else:
             # The rows where the received gradient differs from expected_grad are rewritten on
             # the device (the KL gradient is linear in each row's upstream gradient): no host

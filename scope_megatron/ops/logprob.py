@@ -25,7 +25,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, shard: ShardInfo,
                 vocab_size: int, inv_temperature: float, deferred: bool) -> torch.Tensor:
         rows = flatten_rows(logits)
-        target = target.reshape(-1).to(torch.int64).contiguous()
+        target = flat_vector(target, torch.int64)
         stats = ops.logprob_partial(rows, target, shard.vocab_start, vocab_size, inv_temperature)
         logprob, row_stats, flags = ops.logprob_combine(gather_stats(stats, shard), inv_temperature)
         ctx.check = check_flags(_OP, flags, {FLAG_NONFINITE_FIRST: "logits"}, deferred=deferred,

@@ -117,9 +117,10 @@ void kl_fused(const KLArgs<T>& args, const acc_t<T>* weight, acc_t<T>* kl, acc_t
 // kl_fused's gradient for weight = expected; rows with grad_out[r] == expected[r] are left as
 // they are (no memory traffic), the others are rewritten as kl_backward writes them for
 // grad_out[r] (the gradient is linear in each row's upstream gradient, so the rows are
-// independent). NaN in either compares unequal: that row is recomputed.
+// independent). NaN in either compares unequal: that row is recomputed. Returns the number of
+// rows rewritten.
 template <typename T>
-void kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
+int64_t kl_backward_fixup(const KLArgs<T>& args, const acc_t<T>* grad_out, const acc_t<T>* expected,
                        const acc_t<T>* row_stats, MutRows<T> grad, int64_t row_begin,
                        int64_t row_end);
 
