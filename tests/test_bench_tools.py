@@ -157,6 +157,15 @@ def test_trace_step_cpu_profile(tmp_path):
                                                       "scope_megatron::kl_backward_fixup"]
     lp = trace.trace_case("logprob", "scope", 33, 1000, "fp32", "cpu", steps=3, warmup=1)
     assert [n for n, _ in lp["step"].kernels][-1] == "scope_megatron::logprob_backward"
+    # --in-step: the op inside a last-layer step, and that step without it
+    res = trace.trace_case("kl", "fused_deferred", 33, 1000, "fp32", "cpu", steps=3, warmup=1, in_step=16)
+    assert [n for n, _ in res["in_step"].kernels] == ["scope_megatron::kl_fused",
+                                                      "scope_megatron::kl_backward_fixup"]
+    assert res["in_step_base"].kernels == [] and res["in_step_base"].wall > 0  # matmuls only
+    assert trace.main(["--sizes", "33x1000", "--ops", "kl:deferred", "--steps", "2", "--warmup", "1",
+                       "--in-step", "16", "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert "| in step (hidden 16) |" in text and "| in step − no op |" in text
 
 
 SASS = """

@@ -97,6 +97,15 @@ timeout 150 "$PY" tools/trace_step.py --device cuda --sizes 16384x151936,16384x1
   --markdown "$OUT/trace.md" >/tmp/scope_gpu_check/trace.log 2>&1 \
   || { tail -5 /tmp/scope_gpu_check/trace.log; status=1; }
 grep -E "^## |^\| (step|raw|raw \+ sync|step − raw) \|" "$OUT/trace.md" 2>/dev/null
+# What the ops add inside a last-layer step (bench_ops --in-step-sizes), as a timeline: the step
+# with the op against the step without it, appended to trace.md (8 files at most)
+timeout 90 "$PY" tools/trace_step.py --device cuda --sizes 16384x18992,16384x151936 \
+  --ops kl:deferred,kl:fused_deferred --in-step 4096 --steps 4 --warmup 2 \
+  --markdown /tmp/scope_gpu_check/trace_in_step.md >/tmp/scope_gpu_check/trace_in_step.log 2>&1 \
+  && { echo; sed -e 's/^## /### /' -e 's/^# Step timeline/## In a last-layer step: timeline/' \
+       /tmp/scope_gpu_check/trace_in_step.md; } >>"$OUT/trace.md" \
+  && grep -E "^## kl|^\| in step" /tmp/scope_gpu_check/trace_in_step.md \
+  || { tail -5 /tmp/scope_gpu_check/trace_in_step.log; status=1; }
 # Host time per call at a tiny size (tools/bench_host.py), appended to trace.md (8 files at most)
 timeout 60 "$PY" tools/bench_host.py --device cuda --calls 300 --rounds 5 --markdown /tmp/scope_gpu_check/host.md \
   >/tmp/scope_gpu_check/host.log 2>&1 && { echo; sed 's/^# /## /' /tmp/scope_gpu_check/host.md; } >>"$OUT/trace.md" \

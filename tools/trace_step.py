@@ -17,6 +17,12 @@ few microseconds of host time per op, so host-bound gaps read slightly long.
 
   python tools/trace_step.py --device cuda --sizes 16384x151936,16384x18992 --markdown trace.md
   python tools/trace_step.py --sizes 64x4096           # CPU: the host overhead around the kernels
+  python tools/trace_step.py --device cuda --sizes 16384x18992 --ops kl:fused_deferred --in-step 4096
+
+--in-step HIDDEN also profiles bench_ops.py's last-layer step (`logits = h @ W.T` with h [T,
+HIDDEN], the op, backward through both matmuls) and the same step with a fixed logits gradient in
+place of the op: where what an op adds to a training step goes (slower matmuls, the op's kernels,
+or waiting on the host).
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import (_device_name, _git_commit, loss_step, make_inputs, provider_fn,  # noqa: E402
-                       raw_op_call)
+from bench_ops import (_device_name, _git_commit, in_step_steps, loss_step, make_inputs,  # noqa: E402
+                       provider_fn, raw_op_call)
 
 HOST_OPS_PER_GAP = 3
 
@@ -178,10 +184,12 @@ def summarize(splits: list) -> Summary:
 
 
 def trace_case(op: str, provider: str, rows: int, vocab: int, dtype: str, device: str, steps: int,
-               warmup: int) -> dict:
+               warmup: int, in_step: int = 0) -> dict:
     """{"step": Summary, "raw": Summary, "raw_sync": Summary} for one op / provider / size;
     raw_sync (two-pass ops only): the raw ops with a device sync between the forward kernels and
-    the backward one, as the default error check does, but without autograd or checks."""
+    the backward one, as the default error check does, but without autograd or checks. in_step
+    (a hidden size) adds "in_step" (the op inside bench_ops.in_step_steps' last-layer step) and
+    "in_step_base" (that step with a fixed logits gradient instead of the op)."""
     import torch
 
     case = dict(rows=rows, vocab=vocab, dtype=dtype, device=device)
@@ -199,6 +207,9 @@ def trace_case(op: str, provider: str, rows: int, vocab: int, dtype: str, device
              ("raw", raw_op_call(op + ("_fused" if fused else ""), student, teacher, target, weights))]
     if not fused:
         calls.append(("raw_sync", raw_op_call(op, student, teacher, target, weights, pause=sync)))
+    if in_step:
+        op_step, base_step = in_step_steps(student.detach(), weights, in_step)
+        calls += [("in_step", op_step(fn)), ("in_step_base", base_step)]
     out = {}
     for name, call in calls:
         for _ in range(warmup):
@@ -235,12 +246,27 @@ def markdown(results: list, meta: dict, command: str) -> str:
         lines.append(f"| step − raw | {_ms(s.wall - raw.wall)} | {_ms(s.busy - raw.busy)} | "
                      f"{_ms(s.lead - raw.lead)} | {_ms(s.gaps - raw.gaps)} | {_ms(s.tail - raw.tail)} | "
                      f"{len(s.kernels) - len(raw.kernels)} |")
+        step_in, base = r.get("in_step"), r.get("in_step_base")
+        if step_in is not None and base is not None:
+            for name, x in ((f"in step (hidden {r['in_step_hidden']})", step_in), ("in step, no op", base)):
+                lines.append(f"| {name} | {_ms(x.wall)} | {_ms(x.busy)} | {_ms(x.lead)} | {_ms(x.gaps)} | "
+                             f"{_ms(x.tail)} | {len(x.kernels)} |")
+            lines.append(f"| in step − no op | {_ms(step_in.wall - base.wall)} | {_ms(step_in.busy - base.busy)} | "
+                         f"{_ms(step_in.lead - base.lead)} | {_ms(step_in.gaps - base.gaps)} | "
+                         f"{_ms(step_in.tail - base.tail)} | {len(step_in.kernels) - len(base.kernels)} |")
         raw_by_name = {}
         for name, us in raw.kernels:
             raw_by_name.setdefault(name, us)
         lines += ["", "| kernel (step order) | step | raw |", "|---|---|---|"]
         for name, us in s.kernels:
             lines.append(f"| `{name}` | {_ms(us)} | {_ms(raw_by_name[name]) if name in raw_by_name else '—'} |")
+        if step_in is not None and base is not None:
+            lines += ["", "| kernel in step (step order) | ms | | kernel in step, no op | ms |", "|---|---|---|---|---|"]
+            for i in range(max(len(step_in.kernels), len(base.kernels))):
+                a = step_in.kernels[i] if i < len(step_in.kernels) else ("", None)
+                b = base.kernels[i] if i < len(base.kernels) else ("", None)
+                lines.append(f"| {f'`{short_name(a[0])}`' if a[0] else ''} | {_ms(a[1]) if a[1] is not None else ''} | "
+                             f"| {f'`{short_name(b[0])}`' if b[0] else ''} | {_ms(b[1]) if b[1] is not None else ''} |")
         big = sorted(s.gap_rows, key=lambda g: -g[2])[:4]
         if big:
             lines += ["", "| gap in the step (largest) | ms | host ops meanwhile (overlap ms) |", "|---|---|---|"]
@@ -262,6 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--markdown", default=None, help="write the tables here too")
+    parser.add_argument("--in-step", type=int, default=0, metavar="HIDDEN",
+                        help="also profile the op inside a last-layer step of this hidden size, and "
+                             "that step without the op (bench_ops.py --in-step-sizes' steps)")
     args = parser.parse_args(argv)
 
     import torch
@@ -275,10 +304,11 @@ def main(argv=None) -> int:
         rows, vocab = (int(x) for x in size.lower().split("x"))
         for spec in args.ops.split(","):
             op, _, provider = spec.partition(":")
-            row = dict(op=op, provider=provider or "scope", rows=rows, vocab=vocab, dtype=args.dtype)
+            row = dict(op=op, provider=provider or "scope", rows=rows, vocab=vocab, dtype=args.dtype,
+                       in_step_hidden=args.in_step)
             try:
                 row.update(trace_case(op, row["provider"], rows, vocab, args.dtype, args.device, args.steps,
-                                      args.warmup))
+                                      args.warmup, in_step=args.in_step))
             except Exception as exc:  # one failed case keeps the others' tables
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 failed = True
