@@ -241,7 +241,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   constexpr int N = detail::kPackWidth<T>;
   constexpr int P = kFusedPacks;
   extern __shared__ uint4 buffer[];  // [slots][blockDim.x] student packs, then the teacher's
-  __shared__ PairStats<Acc> scratch[kFusedMaxWarps + 1];
+  // The block reduction's slots (warp totals, then the block's in the last), with the warps'
+  // non-finite flags beside them; two sets, alternating with the row parity (see below).
+  __shared__ PairStats<Acc> scratch[2][kFusedMaxWarps + 1];
+  __shared__ int32_t warp_flags[2][kFusedMaxWarps + 1];
 
   const int nt = blockDim.x;
   const int tid = threadIdx.x;
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   part.student.data += static_cast<int64_t>(first) * N;
   part.teacher.data += static_cast<int64_t>(first) * N;
   const int64_t row_step = gridDim.x / kCluster;
-  int parity = 0;  // of the cluster exchange slots
+  int parity = 0;  // of the row: selects the reduction slots and the cluster exchange slots
 
   int64_t r = blockIdx.x / kCluster;
   if (r < rows) prefetch_row<T, N>(part, r, packs, s_buf, t_buf);
@@ -332,25 +335,38 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
     PairStats<Acc> v = kReverse ? PairStats<Acc>{max_s, z_s, c2 * kLn2<Acc>, max_t, z_t}
                                 : PairStats<Acc>{max_t, z_t, c2 * kLn2<Acc>, max_s, z_s};
 
-    // Block reduction: warps, then the warp totals in warp 0. The barriers of __syncthreads_or
-    // also keep this row's scratch writes behind the previous row's reads.
-    const bool nonfinite_s = __syncthreads_or(bad_s);
-    const bool nonfinite_t = __syncthreads_or(bad_t);
+    // Block reduction: warps, then the warp totals in warp 0, the non-finite flags with them
+    // (warp votes, no barrier of their own): two barriers per row. The slots alternate with the
+    // row parity: a thread's last read of a set (the block total of row r) comes before it
+    // reaches row r + 1's first barrier, and row r + 2 writes the set only after that barrier.
+    PairStats<Acc>* const slots = scratch[parity];
+    int32_t* const slot_flags = warp_flags[parity];
+    const bool warp_bad_s = __any_sync(0xffffffffu, bad_s), warp_bad_t = __any_sync(0xffffffffu, bad_t);
     v = warp_pair_reduce(v, inv_w, inv_o);
-    if (lane == 0) scratch[warp] = v;
+    if (lane == 0) {
+      slots[warp] = v;
+      slot_flags[warp] = (warp_bad_s ? kFlagNonFiniteFirst : 0) | (warp_bad_t ? kFlagNonFiniteSecond : 0);
+    }
     __syncthreads();
     if (warp == 0) {
-      v = lane < nt / detail::kWarpSize ? scratch[lane] : pair_empty<Acc>();
+      const bool mine = lane < nt / detail::kWarpSize;
+      v = mine ? slots[lane] : pair_empty<Acc>();
+      const int32_t f = mine ? slot_flags[lane] : 0;
       v = warp_pair_reduce(v, inv_w, inv_o);
-      if (lane == 0) scratch[kFusedMaxWarps] = v;
+      const bool any_s = __any_sync(0xffffffffu, f & kFlagNonFiniteFirst);
+      const bool any_t = __any_sync(0xffffffffu, f & kFlagNonFiniteSecond);
+      if (lane == 0) {
+        slots[kFusedMaxWarps] = v;
+        slot_flags[kFusedMaxWarps] = (any_s ? kFlagNonFiniteFirst : 0) | (any_t ? kFlagNonFiniteSecond : 0);
+      }
     }
     __syncthreads();
-    PairStats<Acc> total = scratch[kFusedMaxWarps];
-    int32_t flags = (nonfinite_s ? kFlagNonFiniteFirst : 0) | (nonfinite_t ? kFlagNonFiniteSecond : 0);
+    PairStats<Acc> total = slots[kFusedMaxWarps];
+    int32_t flags = slot_flags[kFusedMaxWarps];
     if constexpr (kCluster > 1) {
-      cluster_merge<kCluster>(total, flags, parity, inv_w, inv_o, scratch + kFusedMaxWarps);
-      parity ^= 1;
+      cluster_merge<kCluster>(total, flags, parity, inv_w, inv_o, slots + kFusedMaxWarps);
     }
+    parity ^= 1;
 
     const Acc kl = pair_kl(total);
     const Acc m_s = kReverse ? total.m_w : total.m_o, m_t = kReverse ? total.m_o : total.m_w;

@@ -720,22 +720,26 @@ def test_kl_fused_extreme_logits(kind, dtype, gen):
     assert_grad_close(grad, ref_leaf.grad, dtype, logit_scale=logit_scale)
 
 
-def test_kl_fused_flags_and_poisoned_output(gen):
-    """Non-finite inputs are flagged per row; every gradient element is written (the output is
-    allocated from a pool filled with NaN first)."""
-    rows, vocab = 600, 2048
+@pytest.mark.parametrize("vocab", [2048, 18992])  # one warp per block; 8 warps (the flags cross warps)
+def test_kl_fused_flags_and_poisoned_output(vocab, gen):
+    """Non-finite inputs are flagged per row, whichever warp of the block holds them; every
+    gradient element is written (the output is allocated from a pool filled with NaN first)."""
+    rows = 600
     student = random_logits((rows, vocab), torch.bfloat16, gen, device=CUDA)
     teacher = random_logits((rows, vocab), torch.bfloat16, gen, device=CUDA)
     student[5, 7] = float("nan")
-    teacher[599, 2047] = float("-inf")
+    teacher[599, vocab - 1] = float("-inf")
+    student[300, vocab - 9] = float("inf")  # both inputs in one row, in different warps
+    teacher[300, vocab // 2] = float("nan")
     torch.full((rows, vocab), float("nan"), dtype=torch.bfloat16, device=CUDA).sum()
     kl, _, flags, grad = _fused(student, teacher, torch.ones(rows), vocab, True)
     flags = flags.cpu()
     assert flags[5] == FLAG_NONFINITE_FIRST and flags[599] == FLAG_NONFINITE_SECOND
-    assert int((flags != 0).sum()) == 2
+    assert flags[300] == FLAG_NONFINITE_FIRST | FLAG_NONFINITE_SECOND
+    assert int((flags != 0).sum()) == 3
     assert torch.equal(torch.isnan(kl.cpu()), flags != 0)  # flagged rows' KL is NaN, as kl_combine writes
     healthy = torch.ones(rows, dtype=torch.bool, device=CUDA)
-    healthy[[5, 599]] = False
+    healthy[[5, 300, 599]] = False
     assert bool(torch.isfinite(grad[healthy].float()).all())
 
 
