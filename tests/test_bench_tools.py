@@ -95,6 +95,11 @@ def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
             done = Done("128")
             done.stdout = json.dumps({"16384x151936": {"kl_fused": 6.0}})
             return done
+        if env.get("SCOPE_CUDA_FUSED_THREADS"):  # the fused KL alone, at the sizes one block holds
+            assert cmd[cmd.index("--sizes") + 1] == "16384x18992"
+            done = Done("128")
+            done.stdout = json.dumps({"16384x18992": {"kl_fused": 0.7}})
+            return done
         return Done(env["SCOPE_CUDA_PACKS_PER_WARP"])
 
     monkeypatch.setattr(tune, "copy_bandwidth", lambda device: 3.0e12)
@@ -106,6 +111,8 @@ def test_tune_kernels_picks_the_fastest_variant(tmp_path, monkeypatch, capsys):
     saved = json.loads(report.read_text())
     assert saved["best"] == "512" and set(saved["results"]) == {"128", "512", "2048"}
     assert "clusters of 4" in printed and saved["fused_clusters"] == {"16384x151936": {"kl_fused": 6.0}}
+    assert "SCOPE_CUDA_FUSED_THREADS=512" in printed
+    assert saved["fused_threads"] == {"512": {"16384x18992": {"kl_fused": 0.7}}}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

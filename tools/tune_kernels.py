@@ -9,7 +9,10 @@ and prints the knob value with the lowest geometric-mean time over the sizes.
 
 Each variant runs in its own process (the knob is read once per process). Timed per size: the
 two-pass KL (kl_partial + kl_combine + kl_backward), the token log-prob (logprob_partial +
-logprob_combine + logprob_backward) and, for the default variant, the fused KL (kl_fused).
+logprob_combine + logprob_backward) and, for the default variant, the fused KL (kl_fused); then
+the fused KL alone with its rows on clusters (SCOPE_CUDA_FUSED_CLUSTER=1, rows longer than one
+block holds) and with larger blocks (SCOPE_CUDA_FUSED_THREADS, --fused-threads, rows one block
+holds). Times are CUDA events around bench_ops.KERNEL_BATCH calls queued back to back.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ops import copy_bandwidth, cuda_event_times, raw_op_call  # noqa: E402
+from bench_ops import KERNEL_BATCH, copy_bandwidth, cuda_event_times, raw_op_call  # noqa: E402
 SIZES = "16384x151936,4096x151936,16384x75968,16384x37984,16384x18992"
 # bytes per element (bf16) of the two floors: two-pass / one-pass
 FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
@@ -34,7 +37,7 @@ def _child(sizes, repeats, fused, only_fused=False):
     import torch
 
     def timed(op):
-        times = cuda_event_times(raw_op_call(op, s, q, target, w), warmup=2, repeats=repeats)
+        times = cuda_event_times(raw_op_call(op, s, q, target, w), warmup=2, repeats=repeats, batch=KERNEL_BATCH)
         return sorted(times)[len(times) // 2]
 
     out = {}
@@ -58,6 +61,9 @@ def main(argv=None):
     parser.add_argument("--variants", default="128,512,2048,8192")
     parser.add_argument("--sizes", default=SIZES)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--fused-threads", default="512",
+                        help="SCOPE_CUDA_FUSED_THREADS values to time the fused KL at (rows of at most "
+                             "40960 columns; empty: none)")
     parser.add_argument("--json", default=None, help="write all timings here")
     parser.add_argument("--print-best", action="store_true", help="print only the best variant")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -95,6 +101,21 @@ def main(argv=None):
         else:
             print(f"[tune] fused clusters failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
 
+    # The fused KL with larger blocks than its default shape (SCOPE_CUDA_FUSED_THREADS), at the
+    # sizes one block holds.
+    fused_threads = {}
+    short_sizes = [s for s in sizes if int(s.split("x")[1]) <= 40960]
+    for threads in [t for t in args.fused_threads.split(",") if t] if short_sizes else []:
+        env = dict(os.environ, SCOPE_CUDA_FUSED_THREADS=threads)
+        cmd = [sys.executable, __file__, "--sizes", ",".join(short_sizes), "--repeats", str(args.repeats),
+               "--child", "cluster"]  # the fused KL alone
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        if res.returncode == 0:
+            fused_threads[threads] = json.loads(res.stdout.strip().splitlines()[-1])
+        else:
+            print(f"[tune] fused threads {threads} failed: {(res.stderr or res.stdout).strip()[-300:]}",
+                  file=sys.stderr)
+
     def floor_ms(op, size, which):
         t, v = (int(x) for x in size.split("x"))
         return FLOOR_BYTES[op][which] * t * v / bandwidth * 1e3
@@ -126,9 +147,17 @@ def main(argv=None):
             cells += [f"{cluster[s]['kl_fused']:.2f} ({cluster[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)"
                       if s in cluster else "", ""]
         print("| fused KL, clusters of 4 (SCOPE_CUDA_FUSED_CLUSTER=1) | " + " | ".join(cells) + " |")
+    for threads, res in fused_threads.items():
+        cells = []
+        for s in sizes:
+            cells += [f"{res[s]['kl_fused']:.2f} ({res[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)"
+                      if s in res else "", ""]
+        print(f"| fused KL, blocks of at least {threads} threads (SCOPE_CUDA_FUSED_THREADS={threads}) | "
+              + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results, "best": best,
-                                               "fused_clusters": cluster}, indent=1))
+                                               "fused_clusters": cluster, "fused_threads": fused_threads,
+                                               "kernel_batch": KERNEL_BATCH}, indent=1))
     print(f"[tune] best: SCOPE_CUDA_PACKS_PER_WARP={best}")
     return 0
 

@@ -412,9 +412,25 @@ struct FusedShape {
   size_t smem = 0;
 };
 
+// The smallest block the fused kernel starts from: 32 threads, or SCOPE_CUDA_FUSED_THREADS
+// (rounded up to a power of two, at most kFusedMaxThreads; read once). A larger block spreads a
+// row over more threads with fewer packs each: at 16384 x 18992 bf16 the default shape is 2
+// blocks of 256 threads per SM, 512 gives 1 block of 512 as at 37984 columns (run 4b: 1.28x and
+// 1.16x the one-pass floor). For tools/tune_kernels.py to compare them.
+inline int fused_min_threads() {
+  static const int value = [] {
+    const char* env = std::getenv("SCOPE_CUDA_FUSED_THREADS");
+    const long long v = env != nullptr ? std::atoll(env) : 0;
+    int threads = detail::kWarpSize;
+    while (threads < v && threads < kFusedMaxThreads) threads *= 2;
+    return threads;
+  }();
+  return value;
+}
+
 inline FusedShape fused_shape(int64_t packs) {
   FusedShape shape;
-  int threads = detail::kWarpSize;
+  int threads = fused_min_threads();
   while (static_cast<int64_t>(threads) * kFusedPacks < packs && threads < kFusedMaxThreads) {
     threads *= 2;
   }
