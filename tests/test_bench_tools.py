@@ -47,10 +47,21 @@ def test_bench_ops_cpu_rows_for_every_provider(tmp_path):
             assert not r["in_step_marginal_ms"], r
         else:
             step, base = float(r["in_step_p50_ms"]), float(r["in_step_base_p50_ms"])
-            assert step > 0 and base > 0 and float(r["in_step_marginal_ms"]) == pytest.approx(step - base, abs=2e-3)
+            assert step > 0 and base > 0 and r["in_step_marginal_ms"] not in ("", None)
     markdown = out.with_suffix(".md").read_text()
     assert "| kl | 64 x 1000 | bf16 | fused |" in markdown
     assert "| kl | 64 x 1000 | fused_deferred |" in markdown.split("In a last-layer step")[1]
+
+
+def test_in_step_marginal_is_the_median_paired_difference():
+    """What an op adds to the step: the median of (step with the op - step without it) over the
+    repeats that timed them side by side, not the difference of the two medians."""
+    bench_ops = _load("bench_ops")
+    # a clock drift: both steps slow down together through the run
+    res = {"in_step_ms": [11.0, 21.0, 31.0, 41.0], "in_step_base_ms": [10.0, 20.0, 30.0, 40.5]}
+    assert bench_ops._in_step_marginal(res) == pytest.approx(1.0)
+    res = {"in_step_ms": [12.0, 10.5, 10.2], "in_step_base_ms": [10.0, 10.0, 10.0]}
+    assert bench_ops._in_step_marginal(res) == pytest.approx(0.5)
 
 
 def test_in_step_steps_backpropagate_through_both_matmuls():

@@ -208,8 +208,25 @@ def _run_case(case: dict) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
         return {"times_ms": times, "peak_extra_bytes": peak.extra_bytes if peak else None}
 
+    def run_paired(step, base):
+        """Times of `step` and `base` alternated within each repeat (their order flipping every
+        repeat): a small difference of two long steps, measured so that a drift of the clocks
+        during the run (a GPU under a power cap) shifts both alike."""
+        for _ in range(case["warmup"]):
+            step()
+            base()
+        times = {step: [], base: []}
+        for i in range(case["repeats"]):
+            for call in ((step, base) if i % 2 == 0 else (base, step)):
+                sync()
+                t0 = time.perf_counter()
+                call()
+                sync()
+                times[call].append((time.perf_counter() - t0) * 1e3)
+        return times[step], times[base]
+
     # One JSON line per provider as soon as it is done: a crash later keeps the earlier rows.
-    in_step = None  # (op_step, times of the step without the op), built at its first use
+    in_step = None  # (op_step, base_step), built at its first use
     in_step_last = ([p for p in case["providers"] if p not in ("eager", "compile")] or [None])[-1]
     for provider in case["providers"]:
         try:
@@ -218,10 +235,8 @@ def _run_case(case: dict) -> dict:
             result = run(loss_step(fn, student, weights))
             if case.get("in_step") and provider not in ("eager", "compile"):
                 if in_step is None:  # the inputs and the step without the op: once per case
-                    op_step, base_step = in_step_steps(student.detach(), weights, case["hidden"])
-                    in_step = (op_step, run(base_step, peak_memory=False)["times_ms"])
-                result["in_step_ms"] = run(in_step[0](fn), peak_memory=False)["times_ms"]
-                result["in_step_base_ms"] = in_step[1]
+                    in_step = in_step_steps(student.detach(), weights, case["hidden"])
+                result["in_step_ms"], result["in_step_base_ms"] = run_paired(in_step[0](fn), in_step[1])
                 if provider == in_step_last:  # free h, W and the logits gradient before eager runs
                     in_step = None
             if device.type == "cuda" and provider in ("scope", "fused"):
@@ -271,8 +286,9 @@ def _percentile(values, q):
 
 
 def _in_step_marginal(res: dict) -> float:
-    """What the op adds to the last-layer step: p50 with the op minus p50 without (ms)."""
-    return _percentile(res["in_step_ms"], 0.5) - _percentile(res["in_step_base_ms"], 0.5)
+    """What the op adds to the last-layer step: the median over repeats of the step with the op
+    minus the step without it timed next to it (ms)."""
+    return _percentile([a - b for a, b in zip(res["in_step_ms"], res["in_step_base_ms"])], 0.5)
 
 
 def _spawn(case: dict, timeout: float) -> dict:
@@ -502,8 +518,9 @@ def _markdown(rows, meta, args, bandwidth) -> str:
     if in_step:
         lines += ["", f"In a last-layer step (`logits = h @ W.T`, hidden {args.hidden}, "
                   "the op, backward through both matmuls): p50 of that step, p50 of the same step with a fixed "
-                  "logits gradient in place of the op, and the difference, what the op adds to the step "
-                  "(the host time before its first kernel overlaps the matmul there).", ""]
+                  "logits gradient in place of the op (the two alternated within each repeat), and the median "
+                  "of their paired differences, what the op adds to the step (the host time before its "
+                  "first kernel overlaps the matmul there).", ""]
         header = "| op | T x V | provider | step ms | without the op ms | op adds ms |"
         sep = "|---|---|---|---|---|---|"
         if bandwidth:
