@@ -127,8 +127,8 @@ def defers_error_check(op: str, error_check: str, logits: torch.Tensor) -> bool:
 
 class HostScalar:
     """A 0-d device tensor's value for the host without a sync: on CUDA it is copied into pinned
-    host memory behind an event (read it once ready(), or value() waits for that event alone);
-    on the CPU it is read at once."""
+    host memory behind an event (value() waits for that event alone, not for the work queued
+    after it); on the CPU it is read at once."""
 
     def __init__(self, value: torch.Tensor):
         self.event = None
@@ -138,10 +138,7 @@ class HostScalar:
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(value.device))  # the stream of the copy
         else:
-            self.host = int(value)  # read now: the tensor may change later (a running count)
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
+            self.host = int(value)
 
     def value(self) -> int:
         if self.event is not None:

@@ -11,8 +11,8 @@ from torch.autograd.function import once_differentiable
 
 from scope_megatron._extension import require_device_support
 
-from ._checks import (HostScalar, check_flags, check_logits, check_same_placement, check_temperature,
-                      defers_error_check, flat_vector, flatten_rows, resolve_vocab_size)
+from ._checks import (check_flags, check_logits, check_same_placement, check_temperature, defers_error_check,
+                      flat_vector, flatten_rows, raise_on_flags, resolve_vocab_size)
 from ._dist import ShardInfo, gather_stats, shard_info
 from ._library import FLAG_NONFINITE_FIRST, FLAG_NONFINITE_SECOND, acc_dtype, ops
 
@@ -53,7 +53,11 @@ class _VocabParallelKL(torch.autograd.Function):
 
 class _FusedKL(torch.autograd.Function):
     """KL and gradient in one pass (ops.kl_fused) for logits holding the whole vocabulary, with
-    the gradient backward is expected to receive given up front. Shapes as _VocabParallelKL."""
+    the gradient backward is expected to receive given up front. Shapes as _VocabParallelKL.
+
+    Its backward launches only the fix-up (a few microseconds), so it reads what it needs on the
+    host at once: the deferred error flags and the count of recomputed rows (one short wait, no
+    pinned copies or events queued in the forward, which cost the host more than that)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, expected_grad: torch.Tensor,
@@ -64,7 +68,9 @@ class _FusedKL(torch.autograd.Function):
         # match in backward, which then recomputes the gradient from the one it receives.
         expected = flat_vector(expected_grad, acc_dtype(s.dtype))
         kl, row_stats, flags, grad = ops.kl_fused(s, t, expected, vocab_size, inv_ts, inv_tt, reverse)
-        ctx.check = check_flags(_OP, flags, _FLAG_NAMES, deferred=deferred)
+        if not deferred:
+            raise_on_flags(_OP, flags, _FLAG_NAMES)
+        ctx.flags = flags if deferred else None  # checked in backward
         ctx.save_for_backward(s, t, row_stats, expected)
         ctx.grad = grad  # not a saved tensor: backward hands it over without a copy
         ctx.args = (0, vocab_size, inv_ts, inv_tt, reverse)
@@ -77,34 +83,32 @@ class _FusedKL(torch.autograd.Function):
         s, t, row_stats, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once; a second backward (retain_graph) recomputes
         got = flat_vector(grad_kl, expected.dtype)
+        counter = None
         if grad is None:
             grad = ops.kl_backward(got, s, t, row_stats, *ctx.args)
         else:
             # The rows where the received gradient differs from expected_grad are rewritten on
             # the device (the KL gradient is linear in each row's upstream gradient): no host
-            # decision, no sync; where they are equal (the usual case) nothing moves.
+            # decision; where they are equal (the usual case) nothing moves.
             counter = _MISMATCHES.counter(got.device)
             ops.kl_backward_fixup(grad, got, expected, s, t, row_stats, *ctx.args, counter)
-            _MISMATCHES.watch(counter, got.numel())
-        if ctx.check is not None:  # after the launches: the kernels run while the host waits
-            ctx.check.check()
+        if ctx.flags is not None:  # after the launches: they run while the host waits
+            raise_on_flags(_OP, ctx.flags, _FLAG_NAMES)
+        if counter is not None:
+            _MISMATCHES.report(counter, got.numel())
         return (grad.view(ctx.shape), *(None,) * 7)
 
 
-class _MismatchWatch:
+class _MismatchCount:
     """Reports, with a RuntimeWarning, fused backwards whose received gradient differed from
-    expected_grad (a cost, not an error: those rows were recomputed). Without a sync or a launch
-    of its own: kl_backward_fixup adds the number of differing tokens to a running count on the
-    device; after each backward that count travels to the host (HostScalar) and is read once it
-    has arrived: at once on the CPU, at a later call of vocab_parallel_kl with expected_grad on
-    CUDA. A backward's differing tokens are the count's growth since the previous read."""
+    expected_grad (a cost, not an error: those rows were recomputed). kl_backward_fixup adds the
+    number of differing tokens to a running count per device (no allocation per call); backward
+    reads it and reports its growth."""
 
     def __init__(self):
         self.counters = {}  # device -> 0-d int64 running count
-        self.seen = {}  # device -> the largest count read
-        self.pending = []  # (device, HostScalar of the count after a backward, its tokens)
-        # backward runs on autograd's device threads, vocab_parallel_kl on the caller's
-        self.lock = threading.Lock()
+        self.seen = {}  # device -> the count at the last read
+        self.lock = threading.Lock()  # backward runs on autograd's device threads
 
     def counter(self, device: torch.device) -> torch.Tensor:
         with self.lock:
@@ -112,37 +116,21 @@ class _MismatchWatch:
                 self.counters[device] = torch.zeros((), dtype=torch.int64, device=device)
             return self.counters[device]
 
-    def watch(self, counter: torch.Tensor, tokens: int) -> None:
+    def report(self, counter: torch.Tensor, tokens: int) -> None:
+        value = int(counter)  # waits for the fix-up just launched (microseconds)
         with self.lock:
-            self.pending.append((counter.device, HostScalar(counter), tokens))
-        self.poll()
-
-    def poll(self) -> None:
-        """Reports the watched backwards whose count has arrived, in order; never waits. The
-        count's growth is attributed to the backward read (exact when the backwards of a device
-        run on one stream, as autograd runs them)."""
-        reports = []
-        with self.lock:
-            while self.pending and self.pending[0][1].ready():
-                device, count, tokens = self.pending.pop(0)
-                value, seen = count.value(), self.seen.get(device, 0)
-                if value > seen:
-                    reports.append((value - seen, tokens))
-                    self.seen[device] = value
-        for differing, tokens in reports:  # outside the lock: a warning filter may raise
-            self._report(differing, tokens)
-
-    @staticmethod
-    def _report(differing: int, tokens: int) -> None:
-        warnings.warn(
-            f"{_OP}: the gradient backward received differed from expected_grad on "
-            f"{differing} of {tokens} tokens; those rows of the gradient were recomputed (two "
-            "more reads of their logits). Pass the gradient the loss actually backpropagates "
-            "into the KL (loss scale and averaging included) as expected_grad.",
-            RuntimeWarning, stacklevel=3)
+            seen = self.seen.get(counter.device, 0)
+            self.seen[counter.device] = max(seen, value)
+        if value > seen:  # outside the lock: a warning filter may raise
+            warnings.warn(
+                f"{_OP}: the gradient backward received differed from expected_grad on "
+                f"{value - seen} of {tokens} tokens; those rows of the gradient were recomputed (two "
+                "more reads of their logits). Pass the gradient the loss actually backpropagates "
+                "into the KL (loss scale and averaging included) as expected_grad.",
+                RuntimeWarning, stacklevel=2)
 
 
-_MISMATCHES = _MismatchWatch()
+_MISMATCHES = _MismatchCount()
 
 
 def vocab_parallel_kl(
@@ -182,13 +170,15 @@ def vocab_parallel_kl(
         the backward would allocate, held from the forward on) and returns it there. The
         gradient is always exact for the gradient backward actually receives: on the tokens
         where that differs from expected_grad (a loss scale, say), backward recomputes those
-        rows on the device, without a host sync, and a RuntimeWarning reports it later. Ignored
-        under tensor parallelism (a shard's gradient needs the statistics of every shard first).
+        rows on the device and a RuntimeWarning reports them (backward reads their count: one
+        short wait for its few-microsecond fix-up kernel). Ignored under tensor parallelism (a
+        shard's gradient needs the statistics of every shard first).
       error_check: "forward" (default): NaN / Inf logits raise in the forward, which waits for
         the device to know (one host sync per call). "backward", when the result will be
         differentiated (grad enabled, student logits requiring grad): the forward does not wait,
         the affected tokens' KL is NaN, and backward raises the same error before it returns a
-        gradient (it waits for the forward's flags only, not for its own kernel). For loops that
+        gradient (it waits for the forward's flags only, not for its own kernel; with
+        expected_grad, whose backward kernel is the fix-up above, for that too). For loops that
         always backpropagate the result and want the host to run ahead of the device; otherwise
         the same as "forward".
 
@@ -232,7 +222,6 @@ def vocab_parallel_kl(
     teacher = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
     reverse = direction == "reverse"
     if expected_grad is not None and shard.world_size == 1 and differentiated:
-        _MISMATCHES.poll()
         _check_expected_grad(expected_grad, student_logits)
         return _FusedKL.apply(student_logits, teacher, expected_grad.detach(), vocab_size, inv_ts, inv_tt,
                               reverse, deferred)
