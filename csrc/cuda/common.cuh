@@ -292,7 +292,8 @@ inline int current_device() {
 
 // An attribute of a device that does not change while the process runs (multiprocessors,
 // shared memory per block, compute capability), asked of the driver once per device and
-// attribute: launchers read them on every call. 0 if the query fails (the error cleared).
+// attribute: launchers read them on every call. 0 if the query fails (the error cleared) or
+// the value is not positive.
 template <cudaDeviceAttr kAttr>
 inline int device_attribute(int device) {
   constexpr int kDevices = 64;
@@ -307,7 +308,8 @@ inline int device_attribute(int device) {
     cudaGetLastError();
     return 0;
   }
-  if (cacheable && value > 0) known[device].store(value, std::memory_order_relaxed);
+  if (value <= 0) return 0;
+  if (cacheable) known[device].store(value, std::memory_order_relaxed);
   return value;
 }
 

@@ -46,6 +46,9 @@ using detail::Pack;
 constexpr int kFusedPacks = 10;
 constexpr int kFusedMaxThreads = 512;
 constexpr int kFusedMaxWarps = kFusedMaxThreads / detail::kWarpSize;
+// Static shared memory of the kernel (reduction slots, cluster exchange slots), at most: the
+// launch plan keeps the dynamic buffer within the device's per-block limit minus this.
+constexpr size_t kFusedStaticSmemBound = 1024;
 
 // ---- asynchronous global -> shared copies (sm_80+; a plain copy through registers before) ----
 __device__ __forceinline__ void copy_async_16(void* smem, const void* gmem) {
@@ -245,6 +248,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
   // non-finite flags beside them; two sets, alternating with the row parity (see below).
   __shared__ PairStats<Acc> scratch[2][kFusedMaxWarps + 1];
   __shared__ int32_t warp_flags[2][kFusedMaxWarps + 1];
+  // with cluster_merge's slots (two PairStats, three int32)
+  static_assert(sizeof(scratch) + sizeof(warp_flags) + 2 * sizeof(PairStats<Acc>) + 3 * sizeof(int32_t) <=
+                    kFusedStaticSmemBound,
+                "kFusedStaticSmemBound must cover the kernel's static shared memory");
 
   const int nt = blockDim.x;
   const int tid = threadIdx.x;
@@ -339,32 +346,32 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 1)
     // (warp votes, no barrier of their own): two barriers per row. The slots alternate with the
     // row parity: a thread's last read of a set (the block total of row r) comes before it
     // reaches row r + 1's first barrier, and row r + 2 writes the set only after that barrier.
-    PairStats<Acc>* const slots = scratch[parity];
-    int32_t* const slot_flags = warp_flags[parity];
+    PairStats<Acc>* const partials = scratch[parity];
+    int32_t* const partial_flags = warp_flags[parity];
     const bool warp_bad_s = __any_sync(0xffffffffu, bad_s), warp_bad_t = __any_sync(0xffffffffu, bad_t);
     v = warp_pair_reduce(v, inv_w, inv_o);
     if (lane == 0) {
-      slots[warp] = v;
-      slot_flags[warp] = (warp_bad_s ? kFlagNonFiniteFirst : 0) | (warp_bad_t ? kFlagNonFiniteSecond : 0);
+      partials[warp] = v;
+      partial_flags[warp] = (warp_bad_s ? kFlagNonFiniteFirst : 0) | (warp_bad_t ? kFlagNonFiniteSecond : 0);
     }
     __syncthreads();
     if (warp == 0) {
       const bool mine = lane < nt / detail::kWarpSize;
-      v = mine ? slots[lane] : pair_empty<Acc>();
-      const int32_t f = mine ? slot_flags[lane] : 0;
+      v = mine ? partials[lane] : pair_empty<Acc>();
+      const int32_t f = mine ? partial_flags[lane] : 0;
       v = warp_pair_reduce(v, inv_w, inv_o);
       const bool any_s = __any_sync(0xffffffffu, f & kFlagNonFiniteFirst);
       const bool any_t = __any_sync(0xffffffffu, f & kFlagNonFiniteSecond);
       if (lane == 0) {
-        slots[kFusedMaxWarps] = v;
-        slot_flags[kFusedMaxWarps] = (any_s ? kFlagNonFiniteFirst : 0) | (any_t ? kFlagNonFiniteSecond : 0);
+        partials[kFusedMaxWarps] = v;
+        partial_flags[kFusedMaxWarps] = (any_s ? kFlagNonFiniteFirst : 0) | (any_t ? kFlagNonFiniteSecond : 0);
       }
     }
     __syncthreads();
-    PairStats<Acc> total = slots[kFusedMaxWarps];
-    int32_t flags = slot_flags[kFusedMaxWarps];
+    PairStats<Acc> total = partials[kFusedMaxWarps];
+    int32_t flags = partial_flags[kFusedMaxWarps];
     if constexpr (kCluster > 1) {
-      cluster_merge<kCluster>(total, flags, parity, inv_w, inv_o, slots + kFusedMaxWarps);
+      cluster_merge<kCluster>(total, flags, parity, inv_w, inv_o, partials + kFusedMaxWarps);
     }
     parity ^= 1;
 
@@ -466,14 +473,18 @@ inline FusedPlan fused_plan(int64_t packs) {
   const int device = detail::current_device();
   const int optin = detail::device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
   const int major = detail::device_attribute<cudaDevAttrComputeCapabilityMajor>(device);
-  if (optin == 0 || major == 0) return plan;  // the queries failed: the two-pass kernels run
+  if (optin <= static_cast<int>(kFusedStaticSmemBound) || major == 0) {
+    return plan;  // the queries failed (or no room): the two-pass kernels run
+  }
+  // the dynamic buffer plus the kernel's static shared memory within the per-block limit
+  const size_t limit = static_cast<size_t>(optin) - kFusedStaticSmemBound;
   const FusedShape one = fused_shape(packs);
-  if (one.threads != 0 && one.smem <= static_cast<size_t>(optin)) {
+  if (one.threads != 0 && one.smem <= limit) {
     plan.cluster = 1;
     plan.shape = one;
   } else if (clusters_enabled() && major >= 9) {
     const FusedShape part = fused_shape((packs + kFusedCluster - 1) / kFusedCluster);
-    if (part.threads != 0 && part.smem <= static_cast<size_t>(optin)) {
+    if (part.threads != 0 && part.smem <= limit) {
       plan.cluster = kFusedCluster;
       plan.shape = part;
     }
