@@ -62,7 +62,11 @@ void sequence_logppl_backward(const T* grad_out, const bool* mask, const int64_t
 template <typename T>
 void group_weights(const T* log_ppl, const int64_t* group_index, const bool* member, int64_t n,
                    int64_t num_groups, T sign_over_tau, bool mean_scale, T* out) {
-  // Softmax of sign/tau * log PPL over each group's members, stabilized by the group maximum.
+  // Softmax of sign/tau * log PPL over each group's members, stabilized by the group maximum of
+  // sign * log PPL, subtracted before scaling by 1/tau: exp((sign * x - max) / tau) stays finite
+  // for any finite 1/tau (a tiny tau makes the weights one-hot, not NaN).
+  const T sign = sign_over_tau < T(0) ? T(-1) : T(1);
+  const T inv_tau = sign * sign_over_tau;
   std::vector<T> gmax(num_groups, neg_inf<T>());
   std::vector<T> gsum(num_groups, T(0));
   std::vector<int64_t> gcount(num_groups, 0);
@@ -70,19 +74,19 @@ void group_weights(const T* log_ppl, const int64_t* group_index, const bool* mem
     out[i] = T(0);
     if (!member[i]) continue;
     const int64_t g = group_index[i];
-    gmax[g] = stats_max(gmax[g], sign_over_tau * log_ppl[i]);
+    gmax[g] = stats_max(gmax[g], sign * log_ppl[i]);
     ++gcount[g];
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!member[i]) continue;
     const int64_t g = group_index[i];
-    gsum[g] += stats_exp(sign_over_tau * log_ppl[i] - gmax[g]);
+    gsum[g] += stats_exp((sign * log_ppl[i] - gmax[g]) * inv_tau);
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!member[i]) continue;
     const int64_t g = group_index[i];
     const T scale = mean_scale ? static_cast<T>(gcount[g]) : T(1);
-    out[i] = stats_exp(sign_over_tau * log_ppl[i] - gmax[g]) / gsum[g] * scale;
+    out[i] = stats_exp((sign * log_ppl[i] - gmax[g]) * inv_tau) / gsum[g] * scale;
   }
 }
 

@@ -129,11 +129,15 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocksPerSM<T>)
                          T sign_over_tau, bool mean_scale, T* __restrict__ out) {
   __shared__ MaxCount<T> max_scratch[detail::kMaxWarps];
   __shared__ T sum_scratch[detail::kMaxWarps];
+  // The maximum of sign * log PPL is subtracted before the scaling by 1/tau (as on the CPU):
+  // finite for any finite 1/tau.
+  const T sign = sign_over_tau < T(0) ? T(-1) : T(1);
+  const T inv_tau = sign * sign_over_tau;
   for (int64_t g = blockIdx.x; g < num_groups; g += gridDim.x) {
     MaxCount<T> mc{neg_inf<T>(), 0};
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       if (member[i] && group_index[i] == g) {
-        mc.max = stats_max(mc.max, sign_over_tau * log_ppl[i]);
+        mc.max = stats_max(mc.max, sign * log_ppl[i]);
         ++mc.count;
       }
     }
@@ -141,13 +145,13 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocksPerSM<T>)
     if (group.count == 0) continue;  // the same on every thread of the block
     T sum = 0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      if (member[i] && group_index[i] == g) sum += stats_exp(sign_over_tau * log_ppl[i] - group.max);
+      if (member[i] && group_index[i] == g) sum += stats_exp((sign * log_ppl[i] - group.max) * inv_tau);
     }
     const T total = detail::block_allreduce(sum, Add<T>{}, sum_scratch);
     const T scale = mean_scale ? static_cast<T>(group.count) : T(1);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       if (member[i] && group_index[i] == g) {
-        out[i] = stats_exp(sign_over_tau * log_ppl[i] - group.max) / total * scale;
+        out[i] = stats_exp((sign * log_ppl[i] - group.max) * inv_tau) / total * scale;
       }
     }
   }

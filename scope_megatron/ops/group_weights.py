@@ -73,6 +73,11 @@ def group_normalized_weights(
     if bool(bad.any()):
         raise FloatingPointError(f"{_OP}: log_ppl is NaN or infinite for member sequence(s) "
                                  f"{torch.nonzero(bad).flatten().tolist()[:8]}")
+    # 1/tau in the working precision: a tau so small that it overflows would give 0 * inf = NaN
+    if not math.isfinite(float(torch.tensor(1.0 / tau, dtype=values.dtype))):
+        raise ValueError(f"{_OP}: tau={tau} is too small: 1/tau overflows {values.dtype}. Any tau below "
+                         "about 1e-3 already gives one-hot weights (the most / least perplex member "
+                         "alone); use tau >= 1e-30")
     if n == 0:
         return values.new_zeros(0)
     uniq, dense = torch.unique(group_ids, return_inverse=True)

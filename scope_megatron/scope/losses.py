@@ -21,9 +21,10 @@ from .batch import RolloutBatch
 from .config import ScopeConfig
 from .topk import topk_reverse_kl, topk_reverse_kl_given
 
-# exp() of a log-ratio beyond this overflows float32 and turns the masked branch of the
-# clipped objective into 0 * inf = NaN gradients; such ratios are clipped anyway.
-MAX_LOG_RATIO = 20.0
+# Overflow guard only: exp() of a float32 log-ratio above ~88.7 is inf, which turns the masked
+# branch of the clipped objective into 0 * inf = NaN gradients. Below it the objective is PPO's
+# exactly; a negative-advantage token keeps its (unclipped) push-down up to ratios of e^80.
+MAX_LOG_RATIO = 80.0
 # GRPO: (r - mean) / (std + eps), as in the usual implementations.
 GRPO_STD_EPS = 1e-6
 

@@ -77,6 +77,27 @@ def test_extreme_perplexities_stay_finite():
     torch.testing.assert_close(w, torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("dtype,tau", [(torch.float32, 1e-2), (torch.float32, 1e-6), (torch.float32, 1e-37),
+                                       (torch.float64, 1e-37), (torch.float64, 1e-307)])
+def test_small_tau_is_one_hot_not_nan(tau, dtype):
+    """A tiny tau makes each group's weight one-hot on its most (sign +1) or least (sign -1)
+    perplex member. Scaled by 1/tau before the maximum is subtracted, log PPL 40 would overflow
+    (40 / 1e-37 exceeds float32, 40 / 1e-307 float64) into inf - inf = NaN."""
+    log_ppl = torch.tensor([40.0, 39.0, 0.5, 2.0, 7.0], dtype=dtype)
+    group_ids = torch.tensor([0, 0, 1, 1, 1])
+    member = torch.ones(5, dtype=torch.bool)
+    w = group_normalized_weights(log_ppl, group_ids, member, sign=1, tau=tau)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0], dtype=dtype))
+    w = group_normalized_weights(log_ppl, group_ids, member, sign=-1, tau=tau, normalize="mean")
+    torch.testing.assert_close(w, torch.tensor([0.0, 2.0, 3.0, 0.0, 0.0], dtype=dtype))
+
+
+def test_tau_whose_reciprocal_overflows_is_refused():
+    with pytest.raises(ValueError, match="1/tau overflows torch.float32"):
+        group_normalized_weights(torch.rand(3), torch.zeros(3, dtype=torch.long),
+                                 torch.ones(3, dtype=torch.bool), sign=1, tau=1e-39)
+
+
 def test_no_gradient_and_empty_input():
     log_ppl = torch.rand(4, dtype=torch.float64, requires_grad=True)
     w = group_normalized_weights(log_ppl, torch.zeros(4, dtype=torch.long),

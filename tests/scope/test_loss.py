@@ -173,6 +173,28 @@ def test_sampled_clipping(gen):
     assert metrics["logprob_diff/max"] > 0.1
 
 
+def test_ppo_clip_keeps_the_push_down_of_a_large_ratio():
+    """A token the trainer rates far above the rollout engine (log-ratio 21) with a negative
+    advantage: PPO selects the unclipped branch, -A r, whose gradient is -A r (not clipped to 0);
+    only float32 overflow is guarded."""
+    from scope_megatron.scope import ppo_clip_token_losses
+
+    logprobs = torch.tensor([21.0, 0.1, 21.0], dtype=torch.float32, requires_grad=True)
+    old = torch.zeros(3)
+    adv = torch.tensor([-1.0, -1.0, 1.0])
+    losses, clipped = ppo_clip_token_losses(logprobs, old, adv, 0.2)
+    losses.sum().backward()
+    r = math.exp(21.0)
+    torch.testing.assert_close(losses.detach(), torch.tensor([r, math.exp(0.1), -1.2]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([r, math.exp(0.1), 0.0]), rtol=1e-6, atol=0)
+    assert clipped.tolist() == [False, False, True]
+    # far past float32's exp range: finite, no NaN gradient
+    big = torch.tensor([500.0], requires_grad=True)
+    loss, _ = ppo_clip_token_losses(big, torch.zeros(1), torch.tensor([-1.0]), 0.2)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(big.grad).all()
+
+
 # ---- baselines -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
