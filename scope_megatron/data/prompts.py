@@ -8,7 +8,7 @@ last user message is taken); the reference answer the first non-empty of `answer
 answer, Answer, final_answer, reward_model.ground_truth, ground_truth, target, expected_answer,
 and only when none of those is present solution / Solution); numeric answers 27.0 -> "27". A value
 taken from a solution field is a worked solution: its last `\boxed{}` is the answer (as is, if it
-has none). Dotted keys reach into nested fields. The id is `id_key` (default: id, ID, unique_id,
+has none; a warning and `stats["solution_without_box"]` count those of several words). Dotted keys reach into nested fields. The id is `id_key` (default: id, ID, unique_id,
 idx, problem_id, uid, else the row's index over all files, counted before filtering). Other
 top-level fields go to `meta` (only `meta_keys` when given: DeepMath-103K rows carry three long
 R1 solutions each, pass meta_keys=() or a short list there). A row without a problem or an
@@ -185,6 +185,7 @@ class PromptDataset:
         self.seed = seed
         self.shuffle = shuffle
 
+        self._unboxed = []  # (file, row) of references taken verbatim from a prose solution
         ids, problems, references, metas, suffixed_already, rows = self._read(limit)
         token_lists = self._tokenize([self._user_text(p) for p in problems], progress)
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
@@ -209,12 +210,20 @@ class PromptDataset:
             "longest_kept": int(self._lengths.max()) if len(kept) else 0,
             "mean_len": float(self._lengths.mean()) if len(kept) else 0.0,
             "suffix_already_present": suffixed_already,
+            "solution_without_box": len(self._unboxed),
             "chat_template": self.uses_chat_template,
         }
         names = ", ".join(str(p) for p in self.paths)
         logger.info("prompts from %s: %d of %d kept, %d longer than %s tokens dropped; longest kept %d "
                     "tokens; chat template %s", names, len(kept), rows, self.stats["filtered_too_long"],
                     max_prompt_len, self.stats["longest_kept"], "on" if self.uses_chat_template else "off")
+        if self._unboxed:
+            path, row = self._unboxed[0]
+            logger.warning(
+                "%d of %d references were taken verbatim from a solution with no \\boxed{} answer "
+                "(first: %s row %d); rollouts rarely match a whole worked solution, so those prompts "
+                "will score 0 for every rollout. Name the field holding the final answer "
+                "(answer_key=...) or box the answers in the solutions", len(self._unboxed), rows, path, row)
         if not kept:
             raise ValueError(f"no prompt of {names} fits max_prompt_len={max_prompt_len} "
                              f"(all {rows} are longer); raise max_prompt_len")
@@ -240,7 +249,9 @@ class PromptDataset:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}: row {i} is not an object but {type(row).__name__}")
                 problem, pkey = self._problem(row)
-                answer, akey = self._reference(row)
+                answer, akey, unboxed = self._reference(row)
+                if unboxed:
+                    self._unboxed.append((path, i))
                 if problem is None or answer is None:
                     missing, tried = (("problem", self.prompt_keys) if problem is None
                                       else ("answer", self.answer_keys))
@@ -269,16 +280,20 @@ class PromptDataset:
                 return text, key
         return None, None
 
-    def _reference(self, row) -> Tuple[Optional[str], Optional[str]]:
+    def _reference(self, row) -> Tuple[Optional[str], Optional[str], bool]:
+        """(reference, its key, whether it is a solution field's prose taken whole for want of a
+        \\boxed{} answer: several words, not a short answer such as "42")."""
         for key in self.answer_keys:
             value = _answer(_lookup(row, key))
             if not value:
                 continue
             if key.split(".")[-1] in SOLUTION_FIELDS:
                 boxed = extract_boxed(value)
-                value = boxed.strip() if boxed and boxed.strip() else value
-            return value, key
-        return None, None
+                if boxed and boxed.strip():
+                    return boxed.strip(), key, False
+                return value, key, len(value.split()) > 3
+            return value, key, False
+        return None, None, False
 
     def _row_id(self, row, path: Path, i: int, index: int) -> str:
         if self.id_key is not None:

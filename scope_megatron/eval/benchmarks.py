@@ -73,7 +73,9 @@ def _rows(path: Path) -> List[Dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
+        # split at "\n" only: str.splitlines() also splits at U+2028 / U+2029 / U+0085, which
+        # json.dumps(ensure_ascii=False) writes unescaped inside strings
+        for i, line in enumerate(path.read_text().split("\n")):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

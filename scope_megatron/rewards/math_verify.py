@@ -46,6 +46,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,9 +87,22 @@ class WorkerCrashed(VerificationTimeout):
 # ------------------------------------------------------------------------------------------------
 # Worker side: runs in the child interpreter.
 
+_E_NOTATION = re.compile(r"\s*([+-]?)(\d+\.?\d*|\.\d+)[eE]([+-]?\d+)\s*")
+
+
+def _as_latex(answer: str) -> str:
+    """A number in e-notation ("4.5e-11", as datasets such as Minerva write references) as LaTeX
+    (4.5\\times 10^{-11}): inside $...$ math-verify would read the e as Euler's number."""
+    match = _E_NOTATION.fullmatch(answer)
+    if match is None:
+        return answer
+    sign, mantissa, exponent = match.groups()
+    return f"{sign}{mantissa}\\times 10^{{{int(exponent)}}}"
+
+
 def _parse(answer: str) -> list:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-    return parse(f"${answer}$", extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()),
+    return parse(f"${_as_latex(answer)}$", extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()),
                  parsing_timeout=None)  # the parent enforces the limit
 
 
@@ -211,7 +225,10 @@ class MathVerifyComparator:
     """compare(predicted, reference) -> bool with math-verify, at most `timeout_s` per answer
     (see the module docstring). `workers`: processes used by compare_many (one call uses one).
     Workers start on the first comparison that needs one (exact matches never do); start()
-    starts them all now."""
+    starts them all now. `failures` counts the comparisons scored as not equal because they
+    timed out ("timeout"), crashed a worker ("crash") or raised inside math-verify ("error");
+    each kind is logged once per comparator as a warning (a timeout depends on the machine's
+    load, so the same answer may score differently on another node)."""
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 1,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S):
@@ -225,7 +242,7 @@ class MathVerifyComparator:
         self._slots: list[Optional[_Worker]] = [None] * workers
         self._lock = threading.Lock()
         self._task_ids = itertools.count()
-        self._crash_logged = False
+        self.failures = {"timeout": 0, "crash": 0, "error": 0}
         _live.add(self)
 
     def __call__(self, predicted: str, reference: str) -> bool:
@@ -338,16 +355,19 @@ class MathVerifyComparator:
                     continue
                 _, status, value = reply
                 if status == "error":
-                    logger.debug("math-verify raised %s; scored as not equal", value)
+                    self._failed("error", f"math-verify raised {value} comparing {_short(pairs[index][0])} "
+                                          f"with reference {_short(pairs[index][1])}; scored as not equal")
                 results[index] = status == "ok" and bool(value)
                 idle.append(slot)
             now = time.monotonic()
             for slot, (index, _, deadline) in list(busy.items()):
                 if now >= deadline:
                     del busy[slot]
-                    failed.append((slot, index, VerificationTimeout(
-                        f"math-verify took longer than {limit:g} s comparing "
-                        f"{_short(pairs[index][0])} with reference {_short(pairs[index][1])}")))
+                    message = (f"math-verify took longer than {limit:g} s comparing "
+                               f"{_short(pairs[index][0])} with reference {_short(pairs[index][1])}; "
+                               "scored 0 (raise timeout_s if answers this long are expected)")
+                    self._failed("timeout", message)
+                    failed.append((slot, index, VerificationTimeout(message)))
             for slot, _, _ in failed:
                 self._discard(slot)  # results[index] stays None
             if failed and raise_on_failure:
@@ -366,10 +386,15 @@ class MathVerifyComparator:
             code = None
         message = (f"math-verify worker died (exit status {code}) comparing {_short(pair[0])} "
                    f"with reference {_short(pair[1])}; the answer is scored 0, the worker replaced")
-        if not self._crash_logged:
-            logger.warning("%s (logged once per comparator)", message)
-            self._crash_logged = True
+        self._failed("crash", message)
         return WorkerCrashed(message)
+
+    def _failed(self, kind: str, message: str) -> None:
+        """Counts a comparison scored as not equal for `kind`; logs the first of each kind."""
+        self.failures[kind] += 1
+        if self.failures[kind] == 1:
+            logger.warning("%s (the first %s; logged once per comparator, counted in .failures)",
+                           message, kind)
 
 
 def _short(text: str, limit: int = 80) -> str:

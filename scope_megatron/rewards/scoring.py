@@ -14,10 +14,29 @@ from .verifier import boxed_match
 EosIds = Union[int, Collection[int]]
 
 
+def eos_ids(eos_id) -> set:
+    """The EOS ids as a set of Python ints, from one id (int, NumPy integer, 0-d tensor) or a
+    collection of them (list, tuple, set, 1-D tensor or array)."""
+    def is_id(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    values = eos_id.tolist() if hasattr(eos_id, "tolist") else eos_id  # tensors, NumPy values
+    if is_id(values):
+        return {int(values)}
+    try:
+        values = [v.tolist() if hasattr(v, "tolist") else v for v in values]
+    except TypeError:
+        values = []
+    if not values or not all(is_id(v) for v in values):
+        raise TypeError(f"eos_id must be a token id or a non-empty collection of token ids (ints), got "
+                        f"{eos_id!r}")
+    return {int(v) for v in values}
+
+
 def split_at_eos(ids: Iterable[int], eos_id: EosIds) -> tuple[list[int], bool]:
     """(the ids before the first EOS, whether an EOS occurred). eos_id: one id or a collection
     (models with several end tokens). `ids` may be a list or a 1-D integer tensor."""
-    eos = {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    eos = eos_ids(eos_id)
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     for pos, token in enumerate(ids):
         if token in eos:
@@ -61,9 +80,10 @@ def score_responses(responses: Iterable[Iterable[int]], references: Sequence[str
     if metadata is not None and len(metadata) != len(responses):
         raise ValueError(f"score_responses: {len(responses)} responses but {len(metadata)} "
                          "metadata entries")
+    eos = eos_ids(eos_id)
     rewards, finished, texts = [], [], []
     for i, (ids, reference) in enumerate(zip(responses, references)):
-        kept, done = split_at_eos(ids, eos_id)
+        kept, done = split_at_eos(ids, eos)
         text = decode(kept)
         extra = metadata[i] if metadata is not None else {}
         reward = reward_fn(text, reference, metadata={**extra, "finished": done})

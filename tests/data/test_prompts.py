@@ -359,3 +359,19 @@ def test_large_dataset_loads_in_linear_time(tmp_path):
     assert len(ds) == 20000 and all(len(ds[i].prompt_ids) == world.prompt_len for i in (0, 19999))
     assert len({item.id for item in ds.batch(0, 20000)}) == 20000
     assert loaded < 15.0, f"loading 20k prompts took {loaded:.1f} s"
+
+
+def test_a_prose_solution_without_a_box_is_counted_and_warned(tmp_path, plain_tok, caplog):
+    """A reference taken whole from a worked solution that has no \\boxed{} answer would make
+    every rollout of that prompt score 0: the load says so (a short unboxed answer does not)."""
+    import logging
+
+    rows = [{"problem": "Q1", "solution": "Adding the two gives five, so the answer is 5."},
+            {"problem": "Q2", "solution": "42"},
+            {"problem": "Q3", "solution": "so \\boxed{7}"}]
+    with caplog.at_level(logging.WARNING, logger="scope_megatron.data.prompts"):
+        ds = PromptDataset(make_file(tmp_path, rows), plain_tok)
+    assert [ds[i].reference for i in range(3)] == [rows[0]["solution"], "42", "7"]
+    assert ds.stats["solution_without_box"] == 1
+    warned = [r.getMessage() for r in caplog.records if "no \\boxed{} answer" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 3 references" in warned[0] and "row 0" in warned[0]

@@ -42,6 +42,17 @@ def _write(path, rows):
         pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def test_jsonl_with_unescaped_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 / U+2029 / U+0085 raw inside strings; they
+    are not line breaks of the file."""
+    rows = [{"problem": "Find x.\u2028 Given x\u2029+1 = 2\u0085.", "answer": "1"}, {"problem": "Q", "answer": "2"}]
+    path = tmp_path / "aime24.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    problems = load_benchmark(path).problems
+    assert [(p.problem, p.answer) for p in problems] == [(r["problem"], r["answer"]) for r in rows]
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_each_layout(tmp_path, name):
     pytest.importorskip("pyarrow")

@@ -56,6 +56,10 @@ def compare():
     (r"\{2, 1\}", r"\{1,2\}"),             # sets: order does not matter
     ("1{,}000", "1000"),
     ("(1,2)", "1<x<2"),                    # an interval for an inequality reference
+    (r"4.5 \times 10^{-11}", "4.5e-11"),   # e-notation references (Minerva): not Euler's e
+    ("0.000000000045", "4.5e-11"),
+    ("100000", "1e5"),
+    ("1e5", "100000"),
 ])
 def test_equivalent_forms(compare, predicted, reference):
     assert compare(predicted, reference) is True
@@ -70,6 +74,7 @@ def test_equivalent_forms(compare, predicted, reference):
     ("(3,2,1)", "(1,2,3)"),                # tuples are ordered
     (r"\text{hello}", r"\text{goodbye}"),
     ("@#!", "@#?"),                        # unparseable: exact match decides
+    (r"4.6\times10^{-11}", "4.5e-11"),
     ("1<x<2", "(1,2)"),                    # verify(gold=reference, target=predicted) is
 ])                                         # asymmetric: this is the order swapped
 def test_wrong_answers(compare, predicted, reference):
@@ -100,7 +105,8 @@ def test_reward_function_by_path():
     assert rewards.MathVerifyComparator is MathVerifyComparator
 
 
-def test_timeout_kills_the_worker_and_the_next_answer_works():
+def test_timeout_kills_the_worker_and_the_next_answer_works(caplog):
+    caplog.set_level(logging.WARNING, logger="scope_megatron.rewards.math_verify")
     comparator = MathVerifyComparator(timeout_s=LIMIT_S).start()
     verifier = BoxedMatchVerifier(compare=comparator)
     (first,) = comparator.worker_pids()
@@ -119,6 +125,9 @@ def test_timeout_kills_the_worker_and_the_next_answer_works():
         comparator(*HANGS)
     assert time.monotonic() - start < LIMIT_S + OVERHEAD_S
     assert _dead(second)
+    # counted, and the first one logged (a timeout depends on the machine: it must not be silent)
+    assert comparator.failures == {"timeout": 2, "crash": 0, "error": 0}
+    assert len([r for r in caplog.records if "longer than 1 s" in r.getMessage()]) == 1
     comparator.close()
 
 

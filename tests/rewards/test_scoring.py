@@ -41,6 +41,21 @@ def test_padded_tensor_rows_and_several_eos_ids():
     assert split_at_eos([4, 5], 2) == ([4, 5], False)
 
 
+@pytest.mark.parametrize("eos", [torch.tensor(EOS_ID), torch.tensor([EOS_ID]), [torch.tensor(EOS_ID)],
+                                 __import__("numpy").int64(EOS_ID), __import__("numpy").array([EOS_ID])])
+def test_eos_ids_as_tensors_or_numpy_values(eos):
+    """A tokenizer's EOS ids often come as a tensor or NumPy value: they must be found (a set of
+    0-d tensors never contains the int token)."""
+    scores = score_responses([enc(r"\boxed{81}") + [EOS_ID]], ["81"], decode=TOY_TOKENIZER.decode, eos_id=eos)
+    assert scores.finished.tolist() == [True] and scores.rewards.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("bad", [2.0, "2", [], [2, 2.5], None])
+def test_bad_eos_ids_are_named(bad):
+    with pytest.raises(TypeError, match="eos_id must be a token id"):
+        split_at_eos([1, 2], bad)
+
+
 def test_metadata_reaches_the_reward_fn():
     seen = []
 
