@@ -185,10 +185,25 @@ class Trainer:
         if c.resume and c.save is not None and checkpoint.has_checkpoint(c.save):
             # restores this rank's own RNG streams too (a resume)
             extra = checkpoint.load_checkpoint(c.save, self.student, self.optimizer, self.scheduler)
+            self._configured_optimizer_values()
             return int(extra["step"])
         if c.load is not None:
             checkpoint.load_weights(c.load, self.student, self.optimizer)
         return 0
+
+    def _configured_optimizer_values(self) -> None:
+        """After a resume, this configuration's lr, min_lr and Adam betas / eps (the scheduler's
+        override above covers the schedule only): the loaded optimizer state brings back the saved
+        run's param groups, whose max_lr / min_lr Megatron's scheduler reads ahead of its own, so a
+        resume with a changed --lr would silently keep the old one."""
+        o = self.cfg.optimizer
+        for group in self.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = o.lr, o.min_lr
+            if "betas" in group:
+                group["betas"] = (o.adam_beta1, o.adam_beta2)
+            if "eps" in group:
+                group["eps"] = o.adam_eps
+        self.scheduler.step(0)  # this step's lr and weight decay from the values above
 
     def _save(self, step: int) -> None:
         c = self.cfg.checkpoint

@@ -254,6 +254,19 @@ def test_a_finished_run_continues_with_more_train_iters():
     assert again.num_steps == 4 and again.get_lr(again.optimizer.param_groups[0]) == old.get_lr(old.optimizer.param_groups[0])
 
 
+def test_a_resume_runs_with_the_new_lr_and_adam_values():
+    """Megatron's scheduler reads each param group's max_lr / min_lr ahead of its own, and the
+    checkpoint's optimizer state brings back the saved groups: the trainer writes this run's
+    values back (a resume with a changed --lr once silently kept the old one)."""
+    r = _launch("resume_with_new_optimizer_values")
+    assert r["start"] == 1, r
+    assert r["groups"], r
+    for group in r["groups"]:
+        assert group["lr"] == pytest.approx(1e-5) and group["max_lr"] == pytest.approx(1e-5), r
+        assert group["min_lr"] == pytest.approx(1e-6), r
+        assert tuple(group["betas"]) == pytest.approx((0.5, 0.999)) and group["eps"] == pytest.approx(1e-6), r
+
+
 def test_sequence_parallel_decodes_and_trains():
     """--sequence-parallel true (TP=2): decoding (one token per step, prefixes of any length)
     runs with sequence parallelism off and samples what the model without it samples; the

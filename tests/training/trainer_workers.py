@@ -584,3 +584,23 @@ def trimmed(ctx):
     finally:
         platform.destroy_parallel()
     return out
+
+
+def resume_with_new_optimizer_values(ctx):
+    """One step at lr 3e-4 (constant), then a resume with --lr 1e-5 and other Adam betas / eps:
+    the optimizer must run with the new values, not the checkpoint's param groups."""
+    run_dir = _run_dir(ctx, "new_lr")
+    flags = ["--lr-decay-style", "constant", "--eval-interval", "0", "--save-interval", "1"]
+    _train(ctx, run_dir, flags, iters=1)
+    cfg = load_config(SHORT + flags + ["--train-iters", "2", "--lr", "1e-5", "--min-lr", "1e-6",
+                                       "--adam-beta1", "0.5", "--adam-eps", "1e-6",
+                                       "--log-dir", str(run_dir / "logs"), "--save", str(run_dir / "ckpt"),
+                                       "--seed", str(ctx.seed % 100000)])
+    trainer = Trainer(cfg)
+    try:
+        start = trainer._load()
+        groups = [{k: g[k] for k in ("lr", "max_lr", "min_lr", "betas", "eps") if k in g}
+                  for g in trainer.optimizer.param_groups]
+    finally:
+        trainer.close()
+    return {"start": start, "groups": groups}
