@@ -398,6 +398,13 @@ def resolve_checkpoint(path) -> Path:
                           f"nor {METADATA} (a checkpoint directory)")
 
 
+def is_checkpoint_root(path) -> bool:
+    """Whether `path` has a `latest` file: a checkpoint root that a save has published to,
+    whether or not has_checkpoint() can resume from it (iter_XXXXXXX directories without it are
+    an interrupted first save, which the next save replaces)."""
+    return (Path(path) / LATEST).exists()
+
+
 def has_checkpoint(path) -> bool:
     """Whether `path` designates a complete checkpoint (see resolve_checkpoint); never raises
     for a missing or empty path."""

@@ -88,6 +88,21 @@ def preflight(cfg: TrainConfig, world_size: int, task: Optional[Task] = None) ->
         except ValueError as exc:
             raise ConfigError(f"student/teacher vocabulary mismatch: {exc}") from exc
     c = cfg.checkpoint
+    if c.save is not None and checkpoint.is_checkpoint_root(c.save):
+        # A run that started over here would overwrite or prune the checkpoints already there.
+        if not checkpoint.has_checkpoint(c.save):
+            reason = "no complete checkpoint"
+            try:
+                checkpoint.resolve_checkpoint(c.save)
+            except checkpoint.CheckpointError as exc:
+                reason = str(exc)
+            raise ConfigError(f"checkpoint.save {c.save!r} holds checkpoints but none to resume from ({reason}); "
+                              "starting over would overwrite them. Point `latest` at a complete "
+                              "iter_XXXXXXX directory, move them away, or pass another --save")
+        if not c.resume:
+            raise ConfigError(f"checkpoint.save {c.save!r} already holds a checkpoint and checkpoint.resume is "
+                              "false: this run would overwrite it. Pass another --save (and --log-dir), "
+                              "delete it, or --resume true to continue it")
     resuming = c.resume and c.save is not None and checkpoint.has_checkpoint(c.save)
     if c.load is not None and not resuming and not checkpoint.has_checkpoint(c.load):
         raise ConfigError(f"checkpoint.load {c.load!r} holds no checkpoint; build the toy starting "

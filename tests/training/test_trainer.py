@@ -120,6 +120,27 @@ def test_bad_configs_fail_when_parsed(flags, match):
         _cfg(*flags)
 
 
+def test_a_save_folder_that_cannot_be_resumed_is_refused_in_preflight(tmp_path):
+    """Starting over into a folder of checkpoints would overwrite or prune them: a `latest` that
+    names a missing checkpoint, or --resume false, is an error before any step (once, such a
+    run trained from step 1 and replaced the good iter_0000002)."""
+    from scope_megatron.training import checkpoint
+
+    save = tmp_path / "ckpt"
+    (save / "iter_0000002").mkdir(parents=True)
+    (save / "iter_0000002" / checkpoint.METADATA).write_text("{}")
+    (save / checkpoint.LATEST).write_text("iter_0000004")  # its checkpoint was deleted
+    with pytest.raises(ConfigError, match="holds checkpoints but none to resume from .*iter_0000004"):
+        preflight(_cfg("--save", str(save)), 2)
+    (save / checkpoint.LATEST).write_text("iter_0000002")
+    assert preflight(_cfg("--save", str(save)), 2) == 2  # resumable: a resume
+    with pytest.raises(ConfigError, match="already holds a checkpoint and checkpoint.resume is false"):
+        preflight(_cfg("--save", str(save), "--resume", "false"), 2)
+    assert preflight(_cfg("--save", str(tmp_path / "fresh"), "--resume", "false"), 2) == 2
+    (save / checkpoint.LATEST).unlink()  # an interrupted first save: started over (and replaced)
+    assert preflight(_cfg("--save", str(save)), 2) == 2
+
+
 def test_default_config_passes_preflight_on_two_processes():
     cfg = _cfg("--save", "null")
     assert preflight(cfg, 2) == 2
