@@ -10,6 +10,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 
+# The smallest sampling temperature above 0 (greedy): SGLang's own threshold.
+MIN_TEMPERATURE = 1e-6
+
+
 def logprob_temperature_of(temperature: float) -> float:
     """The temperature of the log-probs an engine returns when sampling at `temperature`: that
     temperature, or 1 for greedy decoding (0). The one rule for engines and config checks."""
@@ -50,6 +54,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # SGLang samples greedily below 1e-6 and returns log-probs at temperature 1; the
+            # trainer would recompute them at this temperature
+            raise ValueError(f"SamplingParams.temperature {self.temperature!r} is below {MIN_TEMPERATURE}: "
+                             "pass 0 for greedy decoding")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -320,11 +320,13 @@ class FakeSGLangServer:
                     tok = self._sample_one(it, logits[r, -1], gens[r])
                     next_tok.append(tok)
                     stop_ids = set(it["params"]["stop_token_ids"] or ())
-                    if not it["params"]["ignore_eos"] and (tok in stop_ids or tok in eos):
-                        it["finish"] = {"type": "stop", "matched": tok}
-                        done[r] = True
-                    elif len(it["output_ids"]) >= limits[r]:
+                    # the length limit first, as SGLang's Req.check_finished: a stop token that
+                    # is the last allowed token is reported as "length"
+                    if len(it["output_ids"]) >= limits[r]:
                         it["finish"] = {"type": "length", "length": len(it["output_ids"])}
+                        done[r] = True
+                    elif not it["params"]["ignore_eos"] and (tok in stop_ids or tok in eos):
+                        it["finish"] = {"type": "stop", "matched": tok}
                         done[r] = True
                 tokens = torch.cat([tokens, torch.tensor(next_tok).unsqueeze(1)], dim=1)
                 step += 1

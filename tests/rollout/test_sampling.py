@@ -76,6 +76,8 @@ def test_same_noise_same_tokens_and_missing_noise_is_an_error(gen):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(n=0), "n must be"), (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+    # SGLang samples greedily below 1e-6 with log-probs at temperature 1: refused, not mismatched
+    (dict(temperature=5e-7), "below 1e-06: pass 0 for greedy"),
 ])
 def test_bad_params(kwargs, match):
     with pytest.raises(ValueError, match=match):

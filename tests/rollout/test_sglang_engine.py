@@ -153,6 +153,10 @@ def test_parse_sample_rules():
     assert parse_sample(trimmed, params) == ([5, 17], [-0.1, -0.2], True)
     length = _item([5, 6, 7, 8], [[-0.1, t, None] for t in (5, 6, 7, 8)], {"type": "length", "length": 4})
     assert parse_sample(length, params)[2] is False
+    # SGLang checks the length limit before the stop tokens: EOS as the last allowed token
+    # comes back as "length", and the response did finish (as LocalEngine says)
+    eos_at_limit = _item([5, 6, 7, EOS], [[-0.1, t, None] for t in (5, 6, 7, EOS)], {"type": "length", "length": 4})
+    assert parse_sample(eos_at_limit, params) == ([5, 6, 7, EOS], [-0.1] * 4, True)
     tiny_positive = _item([5], [[3e-5, 5, None]], {"type": "length", "length": 1})
     assert parse_sample(tiny_positive, params)[1] == [0.0]
     invalid = [

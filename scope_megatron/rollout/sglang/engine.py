@@ -108,7 +108,9 @@ def parse_sample(answer: Any, params: SamplingParams) -> Tuple[List[int], List[f
                                   f"{ids[-1] if ids else None}")
         finished = True
     elif kind == "length":
-        finished = False
+        # SGLang tests the length limit before the stop tokens: a response whose last allowed
+        # token is a stop token reports "length", yet it finished (as LocalEngine says).
+        finished = bool(ids) and ids[-1] in params.stop_token_ids
     else:
         raise SGLangError(f"unexpected finish_reason {reason!r}")
     if len(ids) == 0:
