@@ -34,7 +34,7 @@ from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, Progress
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import (build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
+from .step import (MEAN_OVER, build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
                    teacher_logits_bytes, train_step)
 from .tasks import Task, TaskItem, build_task
 
@@ -527,16 +527,23 @@ def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
 
 def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:
     """One step's metrics from every data-parallel replica's: counts (step.metric_kind), tokens
-    and throughput summed, maxima maximized, everything else averaged (each replica has the same
+    and throughput summed, maxima maximized, means over a path's rollouts (step.MEAN_OVER)
+    weighted by each replica's count of them, everything else averaged (each replica has the same
     number of prompts)."""
     out = {}
     for key in set().union(*reported):
         values = [r[key] for r in reported if key in r]
         kind = "count" if key in ("tokens", "throughput/tokens_per_s") else metric_kind(key)
+        by = MEAN_OVER.get(key)
         if kind == "count":
             out[key] = sum(values)
         elif kind == "max":
             out[key] = max(values)
+        elif by is not None and all(by in r for r in reported if key in r):
+            weights = [r[by] for r in reported if key in r]
+            total = sum(weights)
+            out[key] = (sum(v * w for v, w in zip(values, weights)) / total if total
+                        else sum(values) / len(values))
         else:
             out[key] = sum(values) / len(values)
     return out

@@ -378,6 +378,10 @@ def test_replica_metrics_sum_counts_and_keep_maxima():
     assert out == {"loss": 2.0, "rollouts/total": 16, "groups/all_correct": 1, "tokens": 160,
                    "throughput/tokens_per_s": 80.0, "logprob_diff/max": 0.3, "scope/teacher/weight_max": 0.6,
                    "reward/mean": 0.375}
+    # a mean over a path's rollouts weighs each replica by its count of them
+    out = combine_replicas([{"kl/mean": 0.2, "rollouts/teacher_path": 14},
+                            {"kl/mean": 2.0, "rollouts/teacher_path": 2}])
+    assert out["kl/mean"] == pytest.approx((0.2 * 14 + 2.0 * 2) / 16) and out["rollouts/teacher_path"] == 16
 
 
 def test_log_dir_of_an_unsaved_run_is_restarted_and_of_another_run_refused(tmp_path):
