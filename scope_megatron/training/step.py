@@ -435,6 +435,7 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                 for key in TEACHER_KEYS:
                     mb.extra.pop(key, None)
     update_successful, grad_norm, _ = optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]  # this update's, before the scheduler moves to the next
     scheduler.step(increment=1)
     if not reduced:
         return {}
@@ -457,6 +458,6 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     if step_group_metrics is not None:
         metrics.update(step_group_metrics)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["lr"] = lr
     metrics["update_skipped"] = 0.0 if update_successful else 1.0
     return metrics

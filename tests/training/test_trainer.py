@@ -280,7 +280,9 @@ def test_a_resume_runs_with_the_new_lr_and_adam_values():
     checkpoint's optimizer state brings back the saved groups: the trainer writes this run's
     values back (a resume with a changed --lr once silently kept the old one)."""
     r = _launch("resume_with_new_optimizer_values")
-    assert r["start"] == 1, r
+    # the lr logged with each step is the one its update used (warm-up from 0 over 2 steps)
+    assert r["logged_lr"] == [[1, 0.0], [2, pytest.approx(1.5e-4)]], r
+    assert r["start"] == 2, r
     assert r["groups"], r
     for group in r["groups"]:
         assert group["lr"] == pytest.approx(1e-5) and group["max_lr"] == pytest.approx(1e-5), r

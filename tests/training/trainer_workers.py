@@ -45,6 +45,7 @@ def _train(ctx, run_dir: Path, flags, *, iters: int):
             "loss": [[r["step"], r["loss"]] for r in records if "loss" in r],
             "kl": [[r["step"], r["kl/mean"]] for r in records if "kl/mean" in r],
             "eval": [[r["step"], r["eval/Avg@4"]] for r in records if "eval/Avg@4" in r],
+            "lr": [[r["step"], r["lr"]] for r in records if "lr" in r],
             "checkpoints": sorted(p.name for p in (run_dir / "ckpt").glob("iter_*")),
             "returned": returned if dist.get_rank() == 0 else None}
 
@@ -590,9 +591,10 @@ def resume_with_new_optimizer_values(ctx):
     """One step at lr 3e-4 (constant), then a resume with --lr 1e-5 and other Adam betas / eps:
     the optimizer must run with the new values, not the checkpoint's param groups."""
     run_dir = _run_dir(ctx, "new_lr")
-    flags = ["--lr-decay-style", "constant", "--eval-interval", "0", "--save-interval", "1"]
-    _train(ctx, run_dir, flags, iters=1)
-    cfg = load_config(SHORT + flags + ["--train-iters", "2", "--lr", "1e-5", "--min-lr", "1e-6",
+    flags = ["--lr-decay-style", "constant", "--eval-interval", "0", "--save-interval", "1",
+             "--lr", "3e-4", "--lr-warmup-iters", "2"]
+    first = _train(ctx, run_dir, flags, iters=2)
+    cfg = load_config(SHORT + flags + ["--train-iters", "3", "--lr", "1e-5", "--min-lr", "1e-6",
                                        "--adam-beta1", "0.5", "--adam-eps", "1e-6",
                                        "--log-dir", str(run_dir / "logs"), "--save", str(run_dir / "ckpt"),
                                        "--seed", str(ctx.seed % 100000)])
@@ -603,4 +605,4 @@ def resume_with_new_optimizer_values(ctx):
                   for g in trainer.optimizer.param_groups]
     finally:
         trainer.close()
-    return {"start": start, "groups": groups}
+    return {"start": start, "groups": groups, "logged_lr": first["lr"]}
