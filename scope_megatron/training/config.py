@@ -403,7 +403,9 @@ class TrainConfig:
     task: TaskConfig = section(TaskConfig)
 
     def __post_init__(self):
-        if self.training.micro_batch_size % self.rollout.n and not self.training.split_groups:
+        # (with a token budget micro_batch_size is not used: no constraint on it)
+        if (self.training.micro_batch_size % self.rollout.n and not self.training.split_groups
+                and not self.training.max_tokens_per_micro_batch):
             raise ValueError(f"training.micro_batch_size {self.training.micro_batch_size} must be a "
                              f"multiple of rollout.n {self.rollout.n} (micro-batches hold whole "
                              "prompt groups; --split-groups true lets them cut groups)")
@@ -468,7 +470,7 @@ class TrainConfig:
             raise ConfigError(f"training.prompts_per_step {per_rank} is not divisible by the "
                               f"data-parallel size {dp}")
         rollouts = per_rank // dp * self.rollout.n
-        if rollouts % self.training.micro_batch_size:
+        if rollouts % self.training.micro_batch_size and not self.training.max_tokens_per_micro_batch:
             raise ConfigError(f"each data-parallel rank samples {rollouts} rollouts per step, not a "
                               f"multiple of training.micro_batch_size "
                               f"{self.training.micro_batch_size}")

@@ -141,6 +141,15 @@ def test_a_save_folder_that_cannot_be_resumed_is_refused_in_preflight(tmp_path):
     assert preflight(_cfg("--save", str(save)), 2) == 2
 
 
+def test_a_token_budget_frees_micro_batch_size():
+    """With --max-tokens-per-micro-batch, micro_batch_size is not used: no divisibility rule on it
+    (the run was once refused for a micro_batch_size it would never read)."""
+    cfg = _cfg("--save", "null", "--max-tokens-per-micro-batch", "512", "--micro-batch-size", "24")
+    assert preflight(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="not a multiple of training.micro_batch_size 24"):
+        preflight(_cfg("--save", "null", "--micro-batch-size", "24"), 2)
+
+
 def test_default_config_passes_preflight_on_two_processes():
     cfg = _cfg("--save", "null")
     assert preflight(cfg, 2) == 2
