@@ -47,6 +47,10 @@ class Task:
         """Named subsets of held-out items reported separately (toy world only)."""
         return {}
 
+    def longest_prompt(self) -> int:
+        """Tokens of the longest prompt the run samples from (training and held-out)."""
+        raise NotImplementedError
+
 
 class ToyTask(Task):
     name = "toy_arithmetic"
@@ -78,6 +82,9 @@ class ToyTask(Task):
         from scope_megatron.data.toy_arithmetic import family
 
         return {name: (lambda item, f=family(name): f(item.meta["problem"])) for name in self.family_names}
+
+    def longest_prompt(self) -> int:
+        return self.world.prompt_len
 
 
 class PromptTask(Task):
@@ -130,6 +137,9 @@ class PromptTask(Task):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def longest_prompt(self) -> int:
+        return max(d.stats["longest_kept"] for d in (self.train, self.eval) if d is not None)
 
 
 def build_task(cfg) -> Task:

@@ -82,6 +82,18 @@ def preflight(cfg: TrainConfig, world_size: int, task: Optional[Task] = None) ->
         raise ConfigError(f"student.vocab_size {cfg.student.vocab_size} is smaller than the tokenizer's "
                           f"{vocab} tokens; the model cannot score every token the tokenizer makes")
     remote_teacher = cfg.teacher_serving.engine == "sglang"
+    # prompt + response within the position embeddings of the models that see them (RoPE past
+    # them extrapolates silently; learned positions would index out of range)
+    longest, budget = task.longest_prompt(), cfg.rollout.max_new_tokens
+    seen_by = [("student", cfg.student)] + ([("teacher", cfg.teacher)]
+                                           if cfg.scope.uses_teacher and not remote_teacher else [])
+    for name, model in seen_by:
+        if longest + budget > model.max_position_embeddings:
+            room = model.max_position_embeddings - longest
+            fix = (f"lower --rollout-max-response-len to at most {room}" if room > 0 else
+                   "lower the task's max_prompt_len (--task-max-prompt-len)")
+            raise ConfigError(f"the longest prompt ({longest} tokens) plus rollout.max_new_tokens {budget} "
+                              f"exceeds {name}.max_position_embeddings {model.max_position_embeddings}: {fix}")
     if cfg.scope.uses_teacher and not remote_teacher:
         try:
             models.check_same_vocab(cfg.student, cfg.teacher, cfg.parallel.tensor_model_parallel_size)

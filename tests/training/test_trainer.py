@@ -95,6 +95,11 @@ def _cfg(*flags):
     (["--load", "/nonexistent/student"], 2, "checkpoint.load '/nonexistent/student' holds no checkpoint"),
     (["--teacher-load", "/nonexistent/teacher"], 2, "teacher_load '/nonexistent/teacher' holds no checkpoint"),
     (["--prompts-per-step", "3"], 2, "not divisible by the data-parallel size 2"),
+    # the toy prompt (9 tokens at 3 digits) + 200 > the toy models' 64 positions
+    (["--rollout-max-response-len", "200"], 2,
+     r"longest prompt \(9 tokens\) plus rollout.max_new_tokens 200 exceeds student.max_position_embeddings 64: "
+     "lower --rollout-max-response-len to at most 55"),
+    (["--teacher-max-position-embeddings", "32"], 2, "exceeds teacher.max_position_embeddings 32"),
 ])
 def test_bad_configs_fail_in_preflight(flags, world, match):
     with pytest.raises(ConfigError, match=match):
