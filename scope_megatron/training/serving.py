@@ -199,8 +199,13 @@ class SGLangRollouts(_Served):
         self.engine = ReplicaEngine(inner, device, weight_update=self.update_weights)
 
     def update_weights(self, step: Optional[int]) -> None:
-        """Collective over all ranks: export, global rank 0 pushes and verifies."""
+        """Collective over all ranks: export, global rank 0 pushes and verifies; the leaders'
+        engines then refuse samples of any other weight_version."""
+        from scope_megatron.rollout.sglang import weight_version
+
         self.sync.update(self.client, int(step or 0))
+        if self.engine.engine is not None:  # the replica leaders' SGLangEngine
+            self.engine.engine.weight_version = weight_version(int(step or 0))
 
 
 class SGLangTeacherScorer(_Served):

@@ -184,6 +184,21 @@ def test_disk_sync_catches_a_stale_version(servers, tmp_path):
     engine.close()
 
 
+def test_samples_of_a_server_that_lost_its_update_are_refused(servers, tmp_path):
+    """After an update every sample must carry the pushed weight_version: a server restarted
+    from the base weights (version 'default') serves off-policy rollouts, an error naming it."""
+    engine = _engine(servers, DiskWeightSync(lambda p: perturbed_copy(toy_hf_dir(), p, scale=1.3), tmp_path,
+                                             num_verify=0))
+    engine.update_weights(step=1)
+    engine.generate(PROMPTS * 2, GREEDY)  # both servers at step-1: accepted
+    restarted = servers[1]
+    restarted.model, restarted.weight_version = restarted._load(toy_hf_dir()), "default"
+    with pytest.raises(SGLangError, match=rf"{restarted.url}.*weight_version 'default', but the trainer "
+                                          r"pushed 'step-1'"):
+        engine.generate(PROMPTS * 4, GREEDY)
+    engine.close()
+
+
 def test_disk_sync_reports_a_failed_load(servers, tmp_path):
     def broken(path):
         perturbed_copy(toy_hf_dir(), path)

@@ -138,6 +138,9 @@ class SGLangEngine(RolloutEngine):
     client: an SGLangClient over the servers (or use SGLangEngine.from_urls).
     pad_id: fills unused positions of the Rollouts tensors.
     weight_sync: the WeightSync strategy update_weights uses (None: update_weights raises).
+    weight_version: the version the servers must report with every sample (set by
+      update_weights, or by whoever pushes the weights; None: not checked, e.g. before the first
+      update). A sample of another version is an SGLangError naming the server.
     stream_seed: mixed into every sampling_seed (e.g. to make two engines' streams differ).
     device: where the Rollouts tensors are put.
     """
@@ -179,10 +182,21 @@ class SGLangEngine(RolloutEngine):
         n = params.n
         parsed: List[Optional[list]] = [None] * len(prompts)
 
+        expected = self.weight_version
+
         def validate(i: int, answer: Any) -> None:
             if not isinstance(answer, list) or len(answer) != n:
                 got = len(answer) if isinstance(answer, list) else type(answer).__name__
                 raise ResponseInvalid(f"expected a list of {n} items, got {got}")
+            if expected is not None:  # after an update: on-policy samples only
+                for item in answer:
+                    meta = item.get("meta_info") if isinstance(item, dict) else None
+                    got = meta.get("weight_version") if isinstance(meta, dict) else None
+                    if got is not None and got != expected:
+                        raise SGLangError(f"sampled with weight_version {got!r}, but the trainer pushed "
+                                          f"{expected!r}: the server restarted or missed an update, so its "
+                                          "rollouts would be off-policy. Restart the run (its resume pushes "
+                                          "the weights again) or restart that server")
             parsed[i] = [parse_sample(item, params) for item in answer]
 
         self.client.map("/generate", [self.payload(p, params, key, i) for i, p in enumerate(prompts)],
