@@ -33,7 +33,12 @@ def _train(ctx, run_dir: Path, flags, *, iters: int):
     teacher = [p.detach().clone() for c in trainer.teacher for p in c.parameters()]
     try:
         returned = trainer.run()
-        frozen = all(not p.requires_grad and p.grad is None for c in trainer.teacher for p in c.parameters())
+        # frozen: no gradient, in eval mode (no dropout), and out of the optimizer's reach
+        optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        frozen = (all(not p.requires_grad and p.grad is None and id(p) not in optimized
+                      for c in trainer.teacher for p in c.parameters())
+                  and not any(m.training for c in trainer.teacher for m in c.modules())
+                  and len(optimized) > 0)
         unchanged = all(torch.equal(a, b) for a, b in
                         zip(teacher, [p for c in trainer.teacher for p in c.parameters()]))
         layout = trainer.layout
