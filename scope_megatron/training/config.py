@@ -301,7 +301,8 @@ class TeacherServingConfig:
 class EvalConfig:
     eval_interval: int = option(25, flag="--eval-interval", help=(
         "steps between held-out evaluations (also at step 0 and at the end; 0 = never)"))
-    num_prompts: int = option(256, help="held-out problems per evaluation")
+    num_prompts: int = option(256, help="held-out problems per evaluation (the first ones, rounded down "
+                              "to a multiple of the data-parallel size)")
     k: int = option(8, help="samples per problem (Avg@k, Pass@k)")
     temperature: float = option(1.0, help="sampling temperature of the evaluation")
     top_p: float = option(1.0, help="nucleus sampling of the evaluation")

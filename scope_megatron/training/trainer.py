@@ -99,6 +99,11 @@ def preflight(cfg: TrainConfig, world_size: int, task: Optional[Task] = None) ->
             models.check_same_vocab(cfg.student, cfg.teacher, cfg.parallel.tensor_model_parallel_size)
         except ValueError as exc:
             raise ConfigError(f"student/teacher vocabulary mismatch: {exc}") from exc
+    held_out = len(task.held_out_items(cfg.eval.num_prompts)) if cfg.eval.eval_interval else 0
+    if 0 < held_out < dp:
+        raise ConfigError(f"eval: {held_out} held-out prompt(s) cannot be split over the data-parallel size "
+                          f"{dp} (each replica evaluates an equal share): raise --eval-num-prompts to at "
+                          f"least {dp} (with that many held-out problems), or --eval-interval 0")
     c = cfg.checkpoint
     if c.save is not None and checkpoint.is_checkpoint_root(c.save):
         # A run that started over here would overwrite or prune the checkpoints already there.

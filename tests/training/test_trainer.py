@@ -100,6 +100,7 @@ def _cfg(*flags):
      r"longest prompt \(9 tokens\) plus rollout.max_new_tokens 200 exceeds student.max_position_embeddings 64: "
      "lower --rollout-max-response-len to at most 55"),
     (["--teacher-max-position-embeddings", "32"], 2, "exceeds teacher.max_position_embeddings 32"),
+    (["--eval-num-prompts", "1"], 2, "1 held-out prompt.s. cannot be split over the data-parallel size 2"),
 ])
 def test_bad_configs_fail_in_preflight(flags, world, match):
     with pytest.raises(ConfigError, match=match):
