@@ -71,8 +71,13 @@ class HFCheckpoint:
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
                         piece = f.get_slice(name)
-                        self.tensors[name] = TensorInfo(file, tuple(piece.get_shape()),
-                                                        _DTYPES[piece.get_dtype()])
+                        kind = piece.get_dtype()
+                        if kind not in _DTYPES:
+                            hint = "a quantized checkpoint? " if kind.startswith("F8") else ""
+                            raise ConversionError(f"{file}: tensor {name} has dtype {kind}, which the converter "
+                                                  f"does not read ({hint}convert the bf16 / fp16 / fp32 "
+                                                  "release of the model)")
+                        self.tensors[name] = TensorInfo(file, tuple(piece.get_shape()), _DTYPES[kind])
             except SafetensorError as exc:
                 raise ConversionError(f"{file} is truncated or not a safetensors file ({exc}); "
                                       "download or copy it again") from exc
@@ -119,14 +124,21 @@ class HFCheckpoint:
 
 def parse_size(size) -> int:
     """Bytes of a size given as an int or a string like "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int):
-        return size
     text = str(size).strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9),
-                         ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    return int(text)
+    try:
+        for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9),
+                             ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if text.endswith(unit):
+                value = int(float(text[:-len(unit)]) * factor)
+                break
+        else:
+            value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConversionError(f"max shard size {size!r} is not a size: give bytes (an integer >= 1) or "
+                              "a number with a unit, e.g. 5GB, 500MB, 2GiB")
+    return value
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,11 @@ def hf_model_config(hf_config: dict, *, tp: int = 1, pp: int = 1, vocab_size: Op
     if padded_vocab is not None and make_vocab_size_divisible_by is not None:
         raise ConversionError("give the padded vocabulary either as padded_vocab or through "
                               "make_vocab_size_divisible_by, not both")
+    for name, value in (("tp", tp), ("pp", pp), ("make_vocab_size_divisible_by", make_vocab_size_divisible_by)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConversionError(f"{name} must be an integer >= 1, got {value!r}")
     family = family_for(hf_config)
-    divisible_by = make_vocab_size_divisible_by or DEFAULT_DIVISIBLE_BY
+    divisible_by = DEFAULT_DIVISIBLE_BY if make_vocab_size_divisible_by is None else make_vocab_size_divisible_by
     true_vocab = vocab_size if vocab_size is not None else hf_config.get("vocab_size")
     if padded_vocab is None and isinstance(true_vocab, int) and true_vocab > 0:
         padded_vocab = padded_vocab_size(true_vocab, divisible_by, tp)
@@ -141,6 +144,15 @@ def check_tensors(hf: HFCheckpoint, family: DecoderFamily, cfg: ModelConfig, rul
     if extra:
         raise ConversionError(f"{hf.dir} holds tensors a {family.architecture} of this config has "
                               f"no place for (parts the converter does not support?): {_listing(extra)}")
+    # A tied model that saved its own lm_head: dropping it is right only if it is the embedding
+    # (transformers loads a different one untied, and the model it evaluates would not be ours).
+    if not cfg.untie_embeddings_and_output_weights and "lm_head.weight" in hf.tensors:
+        embedding = "model.embed_tokens.weight"
+        if not torch.equal(hf.read("lm_head.weight"), hf.read(embedding)):
+            raise ConversionError(f"{hf.dir}: config.json ties the output layer to the embedding "
+                                  f"(tie_word_embeddings), but lm_head.weight differs from {embedding}. "
+                                  "If the model's output layer is its own, set tie_word_embeddings: false "
+                                  "in config.json; else remove lm_head.weight from the checkpoint")
 
 
 class _HFProducer(TensorProducer):

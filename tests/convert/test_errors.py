@@ -63,6 +63,59 @@ def test_layout_not_dividing_the_model(workspace, tmp_path, tp, pp, message):
     _nothing_written(out)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(vocab_size=60), "vocab_size 60 exceeds config.json's 50"),
+    (dict(max_position_embeddings=100000), "max_position_embeddings 100000 exceeds config.json's"),
+    (dict(tp=0), "tp must be an integer >= 1, got 0"),
+    (dict(make_vocab_size_divisible_by=0), "make_vocab_size_divisible_by must be an integer >= 1, got 0"),
+])
+def test_settings_beyond_the_hf_model_are_refused(workspace, tmp_path, kwargs, message):
+    """A vocabulary or context longer than config.json's would train rows / positions the HF
+    model never had (zero embeddings as real tokens; RoPE extrapolation), and bad layout numbers
+    are named, not a traceback."""
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=message):
+        convert_hf_to_megatron(workspace / "hf" / "llama_gqa_untied", out, **kwargs)
+    _nothing_written(out)
+
+
+def test_quantized_checkpoints_are_refused(workspace, tmp_path):
+    """FP8 releases (quantization_config, float8 tensors): a message, not a KeyError."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    hf = _copy(workspace, "llama_gqa_untied", tmp_path)
+    weights = load_file(str(hf / "model.safetensors"))
+    save_file({k: (v.to(torch.float8_e4m3fn) if k.endswith("proj.weight") else v) for k, v in weights.items()},
+              str(hf / "model.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="has dtype F8_E4M3, which the converter does not read .a quantized"):
+        convert_hf_to_megatron(hf, out)
+    config = json.loads((hf / "config.json").read_text())
+    save_file(weights, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "fp8"})))
+    with pytest.raises(ConversionError, match=r"quantized weights \(fp8; convert the bf16"):
+        convert_hf_to_megatron(hf, out)
+    _nothing_written(out)
+
+
+def test_a_tied_model_with_its_own_lm_head_is_refused(workspace, tmp_path):
+    """tie_word_embeddings with a saved lm_head.weight that is not the embedding: transformers
+    would load it untied, so dropping it would convert another model."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _copy(workspace, "llama_tied", tmp_path)
+    weights = load_file(str(hf / "model.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    save_file(dict(weights, **{"lm_head.weight": embedding.clone()}), str(hf / "model.safetensors"))
+    convert_hf_to_megatron(hf, tmp_path / "same")  # the embedding itself: dropped, as before
+    save_file(dict(weights, **{"lm_head.weight": embedding + 1}), str(hf / "model.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        convert_hf_to_megatron(hf, out)
+    _nothing_written(out)
+
+
 def test_existing_outputs_are_refused(workspace, tmp_path):
     hf = workspace / "hf" / "llama_tied"
     held = tmp_path / "held"
@@ -97,3 +150,12 @@ def test_export_refuses_a_template_of_another_model(workspace, single, tmp_path)
     with pytest.raises(ConversionError, match="holds no checkpoint"):
         export_hf(tmp_path, template, out)
     _nothing_written(out)
+
+
+@pytest.mark.parametrize("size", ["5G", "0", "-1MB", "lots", 0, -5])
+def test_bad_shard_sizes_are_named(size):
+    from scope_megatron.convert.hf_io import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1000) == 1000
+    with pytest.raises(ConversionError, match="is not a size: give bytes"):
+        parse_size(size)

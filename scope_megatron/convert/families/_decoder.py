@@ -95,7 +95,7 @@ def rope_settings(hf: dict) -> Tuple[float, str]:
     (`rope_parameters`) or the older one (`rope_theta`, `rope_scaling`)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", scaling.get("rope_theta", 10000.0)))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return float(theta), kind
 
@@ -124,6 +124,9 @@ class DecoderFamily:
             found.append(f"RoPE scaling {kind!r} (ModelConfig has plain RoPE only)")
         if hf.get("mlp_bias"):
             found.append("mlp_bias (Megatron's layers here have no MLP biases)")
+        if hf.get("quantization_config"):
+            method = (hf["quantization_config"] or {}).get("quant_method", "?")
+            found.append(f"quantized weights ({method}; convert the bf16 / fp16 release of the model)")
         if hf.get("use_sliding_window"):
             found.append("use_sliding_window (sliding-window attention)")
         layer_types = set(hf.get("layer_types") or ["full_attention"])
@@ -150,6 +153,17 @@ class DecoderFamily:
                                   f"support: {'; '.join(unsupported)}")
         heads = hf["num_attention_heads"]
         theta, _ = rope_settings(hf)
+        if vocab_size is not None and vocab_size > hf["vocab_size"]:
+            raise ConversionError(f"vocab_size {vocab_size} exceeds config.json's {hf['vocab_size']}: the rows "
+                                  f"beyond it would be zero embeddings trained as real tokens, and the export "
+                                  "back would refuse them. Resize the HF model's embeddings first (e.g. "
+                                  "model.resize_token_embeddings), or leave vocab_size unset")
+        hf_positions = hf.get("max_position_embeddings")
+        if max_position_embeddings is not None and hf_positions is not None and max_position_embeddings > hf_positions:
+            raise ConversionError(f"max_position_embeddings {max_position_embeddings} exceeds config.json's "
+                                  f"{hf_positions}: the model was not trained for longer sequences (RoPE scaling is "
+                                  "not supported here), and SGLang serving the export would keep the "
+                                  f"config's limit. Pass at most {hf_positions}")
         try:
             return ModelConfig.preset(
                 self.preset,

@@ -1,6 +1,6 @@
-"""LlamaForCausalLM (Llama 2/3, DeepSeek-R1-Distill-Llama): no biases, untied output layer by
-default, RoPE base from config.json (Llama 3: 500000). Llama 3.1's "llama3" RoPE scaling is
-refused (ModelConfig has plain RoPE)."""
+"""LlamaForCausalLM (Llama 2 / 3 with plain RoPE): no biases, untied output layer by default, RoPE
+base from config.json (Llama 3: 500000). Llama 3.1's "llama3" RoPE scaling (also used by
+DeepSeek-R1-Distill-Llama) is refused (ModelConfig has plain RoPE)."""
 from typing import List
 
 from ._decoder import DecoderFamily
