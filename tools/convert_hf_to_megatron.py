@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--role", choices=("student", "teacher"), default="student",
                    help="section of the YAML written next to the checkpoint")
     p.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="longest sequence the trainer serves (default: config.json's)")
+                   help="longest sequence the trainer serves (default and maximum: config.json's)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at --out")
     return p.parse_args(argv)
 
