@@ -48,6 +48,23 @@ def test_runs_are_reused_when_finished_and_rerun_after_a_kill_mid_line(tmp_path,
     log_dir.mkdir(parents=True)
     metrics = log_dir / "metrics.jsonl"
     metrics.write_text('{"step": 2, "wall_time": 1.0, "eval/Avg@2": 0.5}\n{"step": 2, "lo')
-    assert tool.run_one("scope", 1, args) == log_dir and not launched  # finished: reused
+    assert tool.run_one("scope", 1, args) == log_dir and len(launched) == 1  # no recorded arguments: run
+    launched.clear()
+    assert tool.run_one("scope", 1, args) == log_dir and not launched  # finished, same arguments: reused
+    other = tool.parse_args(["--smoke", "--out", str(tmp_path), "--world", str(tmp_path / "other")])
+    assert tool.run_one("scope", 1, other) == log_dir and len(launched) == 1  # another world: run again
+    assert launched[0][launched[0].index("--load") + 1] == str(tmp_path / "other" / "student")
+    launched.clear()
+    tool.run_one("scope", 1, args)  # record the smoke arguments again
     metrics.write_text('{"step": 0, "wall_time": 1.0, "eval/Avg@2": 0.5}\n{"step": 1, "lo')
-    assert tool.run_one("scope", 1, args) == log_dir and len(launched) == 1  # killed: run again
+    assert tool.run_one("scope", 1, args) == log_dir and len(launched) == 2  # killed: run again
+
+
+def test_the_report_takes_the_evaluation_at_the_requested_step():
+    """A run that also holds later evaluations (a longer run before it) reports --steps' one."""
+    tool = _tool()
+    args = tool.parse_args(["--smoke", "--steps", "2"])
+    key = f"eval/Avg@{args.eval_k}"
+    run = {"evals": {0: {key: 0.0}, 2: {key: 0.2}, 4: {key: 0.4}}, "train": []}
+    tables = tool.aggregate({"scope": {1: run}}, args)
+    assert tables["summary"]["scope"]["Avg"][0] == 0.2

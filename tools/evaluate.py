@@ -57,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="response budget (prompt + this must fit the model's positions)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"response budget (prompt + this must fit the model's positions; default "
+                        f"{d.max_new_tokens}, with --toy the toy world's response length)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pass-ks", type=int, nargs="+", default=None,
                    help="k values of Pass@k (default: 1 and --k); Avg@k is always reported")
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sglang_urls and args.toy:
         p.error("--sglang-urls serves HF models; the toy world runs with the local engine")
     if not args.toy and not (args.tokenizer or args.hf_dir):
-        p.error("--megatron-dir needs --tokenizer (the Hugging Face tokenizer of the model)")
+        p.error("give --tokenizer (or --hf-dir): the prompts are built with the model's Hugging Face tokenizer")
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
     if args.toy_problems < 1:  # (--limit is load_benchmark's to check: a ValueError, exit status 2)
@@ -122,7 +123,8 @@ def settings_from(args):
     except (ImportError, AttributeError, TypeError) as exc:
         raise ValueError(f"--reward-fn: {exc}") from exc
     return EvalSettings(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed, pass_ks=pass_ks,
+                        max_new_tokens=d.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                        seed=args.seed, pass_ks=pass_ks,
                         bootstrap=args.bootstrap, prompt_template=args.prompt_template,
                         chat_template=not args.no_chat_template,
                         reward_fn=reward_fn,
@@ -176,7 +178,7 @@ def run(args, settings, say) -> int:
         bench, world = ev.toy_benchmark(args.toy_problems)
         benchmarks = [bench]
         encoder = ev.PromptEncoder(world.tokenizer, settings, toy_world=world)
-        if args.max_new_tokens == ev.EvalSettings().max_new_tokens:  # the paper's default: fit the toy
+        if args.max_new_tokens is None:  # not given: fit the toy
             settings = dataclasses.replace(settings, max_new_tokens=world.max_response_len)
     else:
         from transformers import AutoTokenizer

@@ -50,29 +50,36 @@ WEIGHT_KEYS = ["teacher_path/weight_entropy", "teacher_path/weight_max", "studen
                "groups/all_correct", "groups/all_wrong", "kl/mean", "mle/mean", "reward/mean"]
 
 
+RUN_ARGS = "run_args.json"  # the training arguments of a run, beside its metrics
+
+
 def run_one(method: str, seed: int, args) -> Path:
-    """Trains one (method, seed); returns its log dir. Skips a run whose log reached the end."""
+    """Trains one (method, seed); returns its log dir. Skips a run whose log reached the end with
+    the same training arguments (recorded in its log dir: another --steps, world, evaluation or
+    method flags train again instead of reporting the old run)."""
     from scope_megatron.utils.logging import read_metrics
 
     log_dir = Path(args.out) / "runs" / method / f"seed{seed}"
     metrics = log_dir / "metrics.jsonl"
-    if metrics.exists():
+    world = Path(args.world)
+    train_args = ["--load", str(world / "student"), "--teacher-load", str(world / "teacher"),
+                  "--train-iters", str(args.steps), "--eval-interval", str(args.eval_interval),
+                  "--eval-num-prompts", str(args.eval_prompts), "--eval-k", str(args.eval_k),
+                  "--eval-pass-ks", f"1,{args.eval_k}", "--task-eval-families", FAMILY,
+                  "--seed", str(seed), "--save", "null", "--log-dir", str(log_dir),
+                  "--logging-overwrite", "true", "--log-interval", "1000000"] + METHODS[method]
+    recorded = log_dir / RUN_ARGS
+    if metrics.exists() and recorded.exists() and json.loads(recorded.read_text()) == train_args:
         try:  # read_metrics skips the unterminated last line of a run killed mid-write
             records = read_metrics(metrics)
         except ValueError:
             records = []
         if any(r["step"] == args.steps and f"eval/Avg@{args.eval_k}" in r for r in records):
             return log_dir
-    world = Path(args.world)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           str(REPO / "examples" / "pretrain_scope.py"),
-           "--load", str(world / "student"), "--teacher-load", str(world / "teacher"),
-           "--train-iters", str(args.steps), "--eval-interval", str(args.eval_interval),
-           "--eval-num-prompts", str(args.eval_prompts), "--eval-k", str(args.eval_k),
-           "--eval-pass-ks", f"1,{args.eval_k}", "--task-eval-families", FAMILY,
-           "--seed", str(seed), "--save", "null", "--log-dir", str(log_dir),
-           "--logging-overwrite", "true", "--log-interval", "1000000"] + METHODS[method]
+           str(REPO / "examples" / "pretrain_scope.py")] + train_args
     log_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(train_args))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log_dir / "stdout.log", "w") as out:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -113,7 +120,7 @@ def aggregate(runs: dict, args) -> dict:
     for method, seeds in runs.items():
         final[method] = {}
         for seed, run in seeds.items():
-            last_step = max(run["evals"])
+            last_step = args.steps if args.steps in run["evals"] else max(run["evals"])
             final[method][seed] = {name: run["evals"][last_step].get(key) for name, key in keys.items()}
             start[seed] = {name: run["evals"][min(run["evals"])].get(key) for name, key in keys.items()}
     summary = {}

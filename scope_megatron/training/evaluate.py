@@ -42,12 +42,21 @@ class EvalSettings:
     top_k: int = 0
     max_new_tokens: int = 16384
     seed: int = 0
-    pass_ks: Sequence[int] = (1, 32)
+    pass_ks: Optional[Sequence[int]] = None  # None: (1, k)
     bootstrap: bool = False
     prompt_template: str = DEFAULT_PROMPT
     chat_template: bool = True
     reward_fn: str = "scope_megatron.rewards.verifier:boxed_match"
     decode_micro_batch_size: int = 64
+
+    def __post_init__(self):
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"EvalSettings.k must be an integer >= 1, got {self.k!r}")
+        if self.pass_ks is None:
+            object.__setattr__(self, "pass_ks", tuple(sorted({1, self.k})))
+        bad = [k for k in self.pass_ks if not 1 <= k <= self.k]
+        if bad:  # Pass@k of more samples than drawn would silently go missing from the report
+            raise ValueError(f"EvalSettings.pass_ks {bad} must lie in [1, k={self.k}]; e.g. pass_ks=(1, {self.k})")
 
 
 class PromptEncoder:

@@ -176,7 +176,7 @@ def test_sglang_servers_sample_the_evaluation(tmp_path, teacher_hf):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--megatron-dir", TEACHER, "--benchmarks", "x.jsonl"], "--megatron-dir needs --tokenizer"),
+    (["--megatron-dir", TEACHER, "--benchmarks", "x.jsonl"], "give --tokenizer (or --hf-dir): the prompts are built"),
     (["--megatron-dir", TEACHER, "--toy", "--k", "4", "--pass-ks", "8"], "--pass-ks [8] must lie in [1, --k=4]"),
     (["--megatron-dir", "/nonexistent/ckpt", "--toy"], "/nonexistent/ckpt does not exist"),
     (["--megatron-dir", TEACHER, "--tokenizer", REPO, "--benchmarks", "/nonexistent/b.jsonl"],

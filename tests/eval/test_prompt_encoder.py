@@ -70,3 +70,11 @@ def test_stop_ids_outside_the_vocabulary_are_refused(tmp_path):
     encoder = PromptEncoder(AutoTokenizer.from_pretrained(str(d)), EvalSettings())
     with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id \[151645\]"):
         encoder.stop_ids
+
+
+def test_eval_settings_pass_ks_follow_k():
+    """Pass@k needs k samples: the default is (1, k), and a k above the samples drawn is an error
+    (it used to vanish from the report)."""
+    assert EvalSettings().pass_ks == (1, 32) and EvalSettings(k=8).pass_ks == (1, 8)
+    with pytest.raises(ValueError, match=r"pass_ks \[32\] must lie in \[1, k=8\]"):
+        EvalSettings(k=8, pass_ks=(1, 32))
