@@ -17,7 +17,7 @@ its first row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -329,6 +329,31 @@ def metric_kind(key: str) -> str:
     return "max" if key.endswith("max") else "mean"
 
 
+def merge_metrics(parts: Sequence[Mapping[str, float]], weights: Sequence[float], *,
+                  counts: Sequence[str] = ()) -> Dict[str, float]:
+    """Metrics of several parts (micro-batches, data-parallel replicas) as one: counts
+    (metric_kind, and `counts`) summed, maxima maximized, means over a path's rollouts (MEAN_OVER)
+    weighted by each part's count of them, other means by `weights` (one per part). A key missing
+    from some parts combines over the parts that have it."""
+    out = {}
+    for key in set().union(*parts):
+        present = [(p[key], p, w) for p, w in zip(parts, weights) if key in p]
+        values = [v for v, _, _ in present]
+        kind = "count" if key in counts else metric_kind(key)
+        by = MEAN_OVER.get(key)
+        if kind == "count":
+            out[key] = sum(values)
+        elif kind == "max":
+            out[key] = max(values)
+        else:
+            by_count = by is not None and all(by in p for _, p, _ in present)
+            scale = [p[by] if by_count else w for _, p, w in present]
+            total = sum(scale)
+            out[key] = (sum(v * s for v, s in zip(values, scale)) / total if total
+                        else sum(values) / len(values))
+    return out
+
+
 TEACHER_KEYS = ("teacher_logits", "teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs")
 
 
@@ -440,20 +465,8 @@ def train_step(student_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
     if not reduced:
         return {}
     total = sum(r["owned"] for r in reduced)  # the groups (each counted in one micro-batch)
-    keys = set().union(*(r["metrics"] for r in reduced))
-    metrics = {}
-    for key in keys:
-        # a mean over a path's rollouts weighted by the micro-batches' members (exact), others by groups
-        by = MEAN_OVER.get(key)
-        present = [(r["metrics"][key], r["metrics"][by] if by else r["groups"])
-                   for r in reduced if key in r["metrics"]]
-        kind = metric_kind(key)
-        if kind == "count":
-            metrics[key] = sum(v for v, _ in present)
-        elif kind == "max":
-            metrics[key] = max(v for v, _ in present)
-        else:
-            metrics[key] = sum(v * g for v, g in present) / sum(g for _, g in present)
+    # a mean over a path's rollouts weighted by the micro-batches' members (exact), others by groups
+    metrics = merge_metrics([r["metrics"] for r in reduced], [r["groups"] for r in reduced])
     metrics["loss"] = sum(r["metrics"]["loss"] * r["groups"] for r in reduced) / total
     if step_group_metrics is not None:
         metrics.update(step_group_metrics)

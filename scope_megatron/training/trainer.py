@@ -34,7 +34,7 @@ from scope_megatron.utils.logging import (RESERVED_KEYS, MetricsLogger, Progress
 from . import checkpoint, models, parallel, platform
 from .config import TrainConfig
 from .schedule import MegatronDecoder, is_last_stage
-from .step import (MEAN_OVER, build_inputs, group_weights_pass, metric_kind, micro_batches, score_with_teacher,
+from .step import (build_inputs, group_weights_pass, merge_metrics, micro_batches, score_with_teacher,
                    teacher_logits_bytes, train_step)
 from .tasks import Task, TaskItem, build_task
 
@@ -107,15 +107,12 @@ def preflight(cfg: TrainConfig, world_size: int, task: Optional[Task] = None) ->
     c = cfg.checkpoint
     if c.save is not None and checkpoint.is_checkpoint_root(c.save):
         # A run that started over here would overwrite or prune the checkpoints already there.
-        if not checkpoint.has_checkpoint(c.save):
-            reason = "no complete checkpoint"
-            try:
-                checkpoint.resolve_checkpoint(c.save)
-            except checkpoint.CheckpointError as exc:
-                reason = str(exc)
-            raise ConfigError(f"checkpoint.save {c.save!r} holds checkpoints but none to resume from ({reason}); "
+        try:
+            checkpoint.resolve_checkpoint(c.save)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"checkpoint.save {c.save!r} holds checkpoints but none to resume from ({exc}); "
                               "starting over would overwrite them. Point `latest` at a complete "
-                              "iter_XXXXXXX directory, move them away, or pass another --save")
+                              "iter_XXXXXXX directory, move them away, or pass another --save") from exc
         if not c.resume:
             raise ConfigError(f"checkpoint.save {c.save!r} already holds a checkpoint and checkpoint.resume is "
                               "false: this run would overwrite it. Pass another --save (and --log-dir), "
@@ -543,24 +540,6 @@ def _log_dir_verdict(log_dir: Path, save: Optional[str]) -> Optional[str]:
 
 
 def combine_replicas(reported: List[Dict[str, float]]) -> Dict[str, float]:
-    """One step's metrics from every data-parallel replica's: counts (step.metric_kind), tokens
-    and throughput summed, maxima maximized, means over a path's rollouts (step.MEAN_OVER)
-    weighted by each replica's count of them, everything else averaged (each replica has the same
-    number of prompts)."""
-    out = {}
-    for key in set().union(*reported):
-        values = [r[key] for r in reported if key in r]
-        kind = "count" if key in ("tokens", "throughput/tokens_per_s") else metric_kind(key)
-        by = MEAN_OVER.get(key)
-        if kind == "count":
-            out[key] = sum(values)
-        elif kind == "max":
-            out[key] = max(values)
-        elif by is not None and all(by in r for r in reported if key in r):
-            weights = [r[by] for r in reported if key in r]
-            total = sum(weights)
-            out[key] = (sum(v * w for v, w in zip(values, weights)) / total if total
-                        else sum(values) / len(values))
-        else:
-            out[key] = sum(values) / len(values)
-    return out
+    """One step's metrics from every data-parallel replica's (step.merge_metrics): tokens and
+    throughput summed too, plain means averaged (each replica has the same number of prompts)."""
+    return merge_metrics(reported, [1.0] * len(reported), counts=("tokens", "throughput/tokens_per_s"))
