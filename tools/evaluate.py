@@ -111,8 +111,8 @@ def settings_from(args):
     from scope_megatron.training.evaluate import EvalSettings
 
     d = EvalSettings()
-    pass_ks = tuple(args.pass_ks) if args.pass_ks else tuple(sorted({1, args.k}))
-    bad = [k for k in pass_ks if not 1 <= k <= args.k]
+    pass_ks = tuple(args.pass_ks) if args.pass_ks else None  # None: EvalSettings' (1, k)
+    bad = [k for k in pass_ks or () if not 1 <= k <= args.k]
     if bad:
         raise ValueError(f"--pass-ks {bad} must lie in [1, --k={args.k}]")
     reward_fn = args.reward_fn or (d.reward_fn if args.toy else MATH_REWARD)

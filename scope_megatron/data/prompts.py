@@ -8,7 +8,8 @@ last user message is taken); the reference answer the first non-empty of `answer
 answer, Answer, final_answer, reward_model.ground_truth, ground_truth, target, expected_answer,
 and only when none of those is present solution / Solution); numeric answers 27.0 -> "27". A value
 taken from a solution field is a worked solution: its last `\boxed{}` is the answer (as is, if it
-has none; a warning and `stats["solution_without_box"]` count those of several words). Dotted keys reach into nested fields. The id is `id_key` (default: id, ID, unique_id,
+has none; a warning and `stats["solution_without_box"]` count those of several words). Dotted
+keys reach into nested fields. The id is `id_key` (default: id, ID, unique_id,
 idx, problem_id, uid, else the row's index over all files, counted before filtering). Other
 top-level fields go to `meta` (only `meta_keys` when given: DeepMath-103K rows carry three long
 R1 solutions each, pass meta_keys=() or a short list there). A row without a problem or an

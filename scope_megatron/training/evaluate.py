@@ -186,7 +186,7 @@ def evaluate_benchmarks(engine, encoder: PromptEncoder, benchmarks: Sequence[Ben
             inverse = torch.empty(len(order), dtype=torch.long)
             inverse[torch.tensor(order)] = torch.arange(len(order))
             table = table[inverse]
-            results[bench.name] = summarize(table, ks=[k for k in settings.pass_ks if k <= settings.k],
+            results[bench.name] = summarize(table, ks=list(settings.pass_ks),
                                             bootstrap=settings.bootstrap)
             results[bench.name]["per_problem_correct"] = table.sum(-1).tolist()
             if progress:
