@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ops import KERNEL_BATCH, copy_bandwidth, cuda_event_times, raw_op_call  # noqa: E402
+from bench_ops import KERNEL_BATCH, copy_bandwidth, cuda_event_times, make_inputs, raw_op_call  # noqa: E402
 SIZES = "16384x151936,4096x151936,16384x75968,16384x37984,16384x18992"
 # bytes per element (bf16) of the two floors: two-pass / one-pass
 FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
@@ -36,22 +36,18 @@ FLOOR_BYTES = {"kl": (10, 6), "logprob": (6, 4), "kl_fused": (10, 6)}
 def _child(sizes, repeats, fused, only_fused=False):
     import torch
 
-    def timed(op):
-        times = cuda_event_times(raw_op_call(op, s, q, target, w), warmup=2, repeats=repeats, batch=KERNEL_BATCH)
+    def timed(op, inputs):
+        times = cuda_event_times(raw_op_call(op, *inputs), warmup=2, repeats=repeats, batch=KERNEL_BATCH)
         return sorted(times)[len(times) // 2]
 
     out = {}
     for size in sizes:
         t, v = (int(x) for x in size.split("x"))
-        g = torch.Generator(device="cuda").manual_seed(0)
-        s = torch.empty(t, v, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
-        q = torch.empty(t, v, dtype=torch.bfloat16, device="cuda").normal_(generator=g)
-        w = torch.rand(t, device="cuda", generator=g)
-        target = torch.randint(0, v, (t,), device="cuda", generator=g)
-        out[size] = {} if only_fused else {"kl": timed("kl"), "logprob": timed("logprob")}
+        inputs = make_inputs({"rows": t, "vocab": v, "dtype": "bf16", "device": "cuda"})
+        out[size] = {} if only_fused else {"kl": timed("kl", inputs), "logprob": timed("logprob", inputs)}
         if fused:
-            out[size]["kl_fused"] = timed("kl_fused")
-        del s, q
+            out[size]["kl_fused"] = timed("kl_fused", inputs)
+        del inputs
         torch.cuda.empty_cache()
     return out
 
@@ -70,8 +66,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     if args.child is not None:
-        print(json.dumps(_child(sizes, args.repeats, fused=args.child in ("fused", "cluster"),
-                                only_fused=args.child == "cluster")))
+        print(json.dumps(_child(sizes, args.repeats, fused=args.child in ("fused", "fused_only"),
+                                only_fused=args.child == "fused_only")))
         return 0
 
     bandwidth = copy_bandwidth("cuda")
@@ -87,34 +83,28 @@ def main(argv=None):
             continue
         results[variant] = json.loads(res.stdout.strip().splitlines()[-1])
 
-    # The fused KL with rows split over clusters (opt-in: SCOPE_CUDA_FUSED_CLUSTER=1), at the
-    # sizes one block cannot hold.
-    cluster = None
-    long_sizes = [s for s in sizes if int(s.split("x")[1]) > 40960]
-    if long_sizes:
-        env = dict(os.environ, SCOPE_CUDA_FUSED_CLUSTER="1")
-        cmd = [sys.executable, __file__, "--sizes", ",".join(long_sizes), "--repeats", str(args.repeats),
-               "--child", "cluster"]
+    def fused_alone(env_overrides: dict, run_sizes: list, what: str):
+        """The fused KL alone at `run_sizes` in a child process with these settings, or None."""
+        env = dict(os.environ, **env_overrides)
+        cmd = [sys.executable, __file__, "--sizes", ",".join(run_sizes), "--repeats", str(args.repeats),
+               "--child", "fused_only"]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-        if res.returncode == 0:
-            cluster = json.loads(res.stdout.strip().splitlines()[-1])
-        else:
-            print(f"[tune] fused clusters failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
+        if res.returncode != 0:
+            print(f"[tune] {what} failed: {(res.stderr or res.stdout).strip()[-300:]}", file=sys.stderr)
+            return None
+        return json.loads(res.stdout.strip().splitlines()[-1])
 
-    # The fused KL with larger blocks than its default shape (SCOPE_CUDA_FUSED_THREADS), at the
-    # sizes one block holds.
-    fused_threads = {}
+    # The fused KL with rows split over clusters (opt-in: SCOPE_CUDA_FUSED_CLUSTER=1), at the
+    # sizes one block cannot hold; and with larger blocks than its default shape
+    # (SCOPE_CUDA_FUSED_THREADS), at the sizes one block holds.
+    long_sizes = [s for s in sizes if int(s.split("x")[1]) > 40960]
     short_sizes = [s for s in sizes if int(s.split("x")[1]) <= 40960]
+    cluster = fused_alone({"SCOPE_CUDA_FUSED_CLUSTER": "1"}, long_sizes, "fused clusters") if long_sizes else None
+    fused_threads = {}
     for threads in [t for t in args.fused_threads.split(",") if t] if short_sizes else []:
-        env = dict(os.environ, SCOPE_CUDA_FUSED_THREADS=threads)
-        cmd = [sys.executable, __file__, "--sizes", ",".join(short_sizes), "--repeats", str(args.repeats),
-               "--child", "cluster"]  # the fused KL alone
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-        if res.returncode == 0:
-            fused_threads[threads] = json.loads(res.stdout.strip().splitlines()[-1])
-        else:
-            print(f"[tune] fused threads {threads} failed: {(res.stderr or res.stdout).strip()[-300:]}",
-                  file=sys.stderr)
+        res = fused_alone({"SCOPE_CUDA_FUSED_THREADS": threads}, short_sizes, f"fused threads {threads}")
+        if res is not None:
+            fused_threads[threads] = res
 
     def floor_ms(op, size, which):
         t, v = (int(x) for x in size.split("x"))
@@ -135,25 +125,20 @@ def main(argv=None):
     for variant, res in results.items():
         cells = [f"{res[s][op]:.2f} ({res[s][op] / floor_ms(op, s, 0):.2f})" for s in sizes for op in ("kl", "logprob")]
         print(f"| {variant}{' (best)' if variant == best else ''} | " + " | ".join(cells) + " |")
-    first = results.get(variants[0], {})
-    if first and "kl_fused" in first[sizes[0]]:
-        cells = []
-        for s in sizes:
-            cells += [f"{first[s]['kl_fused']:.2f} ({first[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)", ""]
-        print("| fused KL (ops.kl_fused) | " + " | ".join(cells) + " |")
-    if cluster:
-        cells = []
-        for s in sizes:
-            cells += [f"{cluster[s]['kl_fused']:.2f} ({cluster[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)"
-                      if s in cluster else "", ""]
-        print("| fused KL, clusters of 4 (SCOPE_CUDA_FUSED_CLUSTER=1) | " + " | ".join(cells) + " |")
-    for threads, res in fused_threads.items():
+    def fused_row(label: str, res: dict) -> None:
         cells = []
         for s in sizes:
             cells += [f"{res[s]['kl_fused']:.2f} ({res[s]['kl_fused'] / floor_ms('kl', s, 1):.2f} x one-pass)"
-                      if s in res else "", ""]
-        print(f"| fused KL, blocks of at least {threads} threads (SCOPE_CUDA_FUSED_THREADS={threads}) | "
-              + " | ".join(cells) + " |")
+                      if s in res and "kl_fused" in res[s] else "", ""]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    first = results.get(variants[0], {})
+    if first and "kl_fused" in first[sizes[0]]:
+        fused_row("fused KL (ops.kl_fused)", first)
+    if cluster:
+        fused_row("fused KL, clusters of 4 (SCOPE_CUDA_FUSED_CLUSTER=1)", cluster)
+    for threads, res in fused_threads.items():
+        fused_row(f"fused KL, blocks of at least {threads} threads (SCOPE_CUDA_FUSED_THREADS={threads})", res)
     if args.json:
         Path(args.json).write_text(json.dumps({"bandwidth": bandwidth, "results": results, "best": best,
                                                "fused_clusters": cluster, "fused_threads": fused_threads,
